@@ -1,0 +1,31 @@
+# One command to set up and run each job; every target creates .venv if needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.silorec-installed
+DATA   := data
+
+.PHONY: install demo test test-all clean
+
+install: $(STAMP)
+
+# torch first: on CPU-only machines the pinned CPU wheel must win over a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/silorec-sim fetch-data movielens-100k --out $(DATA)/ml-100k
+	$(BIN)/silorec-sim partition $(DATA)/ml-100k --merchants 10 --scheme region --out $(DATA)/silos --force
+
+test: install
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,62 @@
+"""User records for training: one record per user, so that a DP sample is a user.
+
+A record is a prefix of the user's training history and the item that came
+next. Every epoch draws a fresh cut point per user from a generator seeded by
+(seed, epoch, user), so the records are reproducible and each user still
+contributes exactly one record to each pass, which is what user-level DP-SGD
+with Poisson sampling over users assumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from common.split import Split
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """`history` (catalog indices, oldest first) → `target`, for user `user` of the split."""
+
+    user: int
+    history: np.ndarray
+    target: int
+
+
+class UserRecords:
+    """A map-style data set (usable by torch's DataLoader) over the users who can train.
+
+    A user can train when their training history has at least two items.
+    `cut="random"` draws the prefix length uniformly per epoch; `cut="last"`
+    always predicts the last training item from everything before it.
+    """
+
+    def __init__(self, split: Split, *, seed: int = 0, cut: Literal["random", "last"] = "random") -> None:
+        self.histories = split.train
+        self.users = np.array([u for u, h in enumerate(split.train) if len(h) >= 2], dtype=np.int64)
+        self.seed = seed
+        self.cut = cut
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new cut points: each epoch gives every user a fresh record."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, i: int) -> UserRecord:
+        user = int(self.users[i])
+        seq = self.histories[user]
+        if self.cut == "last":
+            t = len(seq) - 1
+        else:
+            t = int(np.random.default_rng((self.seed, self.epoch, user)).integers(1, len(seq)))
+        return UserRecord(user=user, history=seq[:t], target=int(seq[t]))
+
+    def records(self) -> list[UserRecord]:
+        """This epoch's records, one per trainable user."""
+        return [self[i] for i in range(len(self))]
