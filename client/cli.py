@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
-from common.cli import CONTEXT, RoleGroup
+from common.cli import CONTEXT, RoleGroup, quiet_libraries
+from common.errors import SilorecError
 from common.silo import load_silo
 from common.summary import summarize
+
+DEFAULT_CACHE = Path("~/.cache/silorec/items").expanduser()
+adapter_option = click.option(
+    "--adapter", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+    help="Adapter folder written by silorec (peft format, with silorec_model.json).",
+)
+data_option = click.option("--data", type=click.Path(path_type=Path), required=True, help="The merchant's silo folder.")
+cache_option = click.option("--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors.")
 
 
 @click.group(cls=RoleGroup, context_settings=CONTEXT)
 @click.version_option(package_name="silorec")
 def main() -> None:
-    """silorec merchant tools: check a silo's data before it takes part in a federation.
+    """silorec merchant tools: check a silo, serve and evaluate recommendations.
 
     A silo is a folder with an interactions file (user_id, item_id, timestamp[, event])
     and an items file (item_id, title[, category, brand, description]), as .csv,
     .parquet or RecBole atomic files (.inter, .item). Raw interactions never leave it.
     """
+    quiet_libraries()
 
 
 @main.command("check-data")
@@ -34,3 +45,54 @@ def check_data(silo: Path) -> None:
     for line in summary.lines():
         click.echo(line)
     click.secho("ok: the silo is valid", fg="green")
+
+
+@main.command("recommend")
+@adapter_option
+@data_option
+@click.option("--user", "user_id", required=True, help="A user id of the silo.")
+@click.option("-k", "k", type=int, default=10, show_default=True, help="How many items.")
+@cache_option
+def recommend(adapter: Path, data: Path, user_id: str, k: int, cache: Path) -> None:
+    """Print the top-k items for one user of the silo, from their whole history.
+
+    Items the user already interacted with are never recommended.
+    """
+    from common.serve import load_for_silo, score_histories, top_k
+    from common.split import user_sequences
+
+    silo = load_silo(data)
+    users, sequences = user_sequences(silo.interactions)
+    if user_id not in users:
+        raise SilorecError(f"{data}: user '{user_id}' has no interactions in this silo")
+    history = sequences[users.index(user_id)]
+    model = load_for_silo(adapter, silo, cache_dir=cache)
+    titles = list(silo.items["title"])
+    scores = score_histories(model, [history], titles)[0]
+    click.echo(f"user {user_id}: {len(history)} interactions, most recent: {titles[history[-1]]}")
+    for rank, (item, score) in enumerate(top_k(scores, history, k), start=1):
+        click.echo(f"{rank:>3}. {score:8.3f}  {titles[item]}  [{silo.items['item_id'][item]}]")
+
+
+@main.command("evaluate")
+@adapter_option
+@data_option
+@cache_option
+def evaluate_cmd(adapter: Path, data: Path, cache: Path) -> None:
+    """Print full-ranking validation and test metrics of an adapter on a silo, as JSON (with MostPop)."""
+    from common.metrics import evaluate, most_pop
+    from common.serve import load_for_silo, scorer
+    from common.split import leave_one_out
+
+    silo = load_silo(data)
+    split = leave_one_out(silo.interactions, silo.n_items)
+    model = load_for_silo(adapter, silo, cache_dir=cache)
+    score = scorer(model, list(silo.items["title"]))
+    report = {
+        "silo": silo.name,
+        "adapter": str(adapter),
+        "valid": evaluate(score, split.valid),
+        "test": evaluate(score, split.test),
+        "most_pop": most_pop(split),
+    }
+    click.echo(json.dumps(report, indent=2))

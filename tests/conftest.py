@@ -17,3 +17,24 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny random BERT (2 layers, hidden 32) with a word-level vocabulary of the synthetic silos."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from simulations.synthetic import vocabulary
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ";", ".", ",", "(", ")"] + vocabulary()
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True).save_pretrained(folder)
+    import torch
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=160,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder

@@ -1,0 +1,77 @@
+"""Full-ranking metrics as EVAL.md defines them, and the MostPop baseline.
+
+rank = 1 + the number of other unmasked candidates scoring at least as high
+as the target (ties count against the model). HR@K, NDCG@K and MRR@K are
+averaged over evaluated users, for K = 10 and 20.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from common.split import EvalCase, Split
+
+KS = (10, 20)
+ScoreFn = Callable[[list[EvalCase]], torch.Tensor]
+
+
+def target_ranks(scores: torch.Tensor, cases: Sequence[EvalCase]) -> torch.Tensor:
+    """Rank of each case's target in its row of `scores` (users × items), history masked."""
+    if not torch.isfinite(scores).all():
+        raise ValueError("non-finite scores: the model produced NaN or infinity")
+    scores = scores.float()
+    rows = torch.arange(len(cases), device=scores.device)
+    targets = torch.tensor([c.target for c in cases], device=scores.device)
+    target_scores = scores[rows, targets]
+    at_least = scores >= target_scores[:, None]
+    for r, case in enumerate(cases):
+        masked = case.masked_items()
+        if len(masked):
+            at_least[r, torch.as_tensor(masked, device=scores.device)] = False
+    at_least[rows, targets] = False
+    return 1 + at_least.sum(1)
+
+
+def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
+    """HR@K, NDCG@K, MRR@K averaged over users, and the number of users."""
+    ranks = np.asarray(torch.as_tensor(ranks).cpu(), dtype=np.float64)
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = ranks <= k
+        out[f"hr@{k}"] = float(hit.mean()) if len(ranks) else 0.0
+        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1), 0.0).mean()) if len(ranks) else 0.0
+        out[f"mrr@{k}"] = float(np.where(hit, 1.0 / ranks, 0.0).mean()) if len(ranks) else 0.0
+    out["users"] = len(ranks)
+    return out
+
+
+def evaluate(score: ScoreFn, cases: Sequence[EvalCase], *, batch_size: int = 256, desc: str | None = None) -> dict[str, float]:
+    """Metrics of a scoring function over `cases`, scoring `batch_size` users at a time."""
+    ranks = []
+    batches = range(0, len(cases), batch_size)
+    for start in tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch"):
+        batch = list(cases[start : start + batch_size])
+        ranks.append(target_ranks(score(batch), batch).cpu())
+    return metrics_from_ranks(torch.cat(ranks) if ranks else torch.zeros(0))
+
+
+def popularity(split: Split) -> np.ndarray:
+    """Interaction counts per item over the training histories."""
+    counts = np.zeros(split.n_items, dtype=np.float64)
+    for h in split.train:
+        np.add.at(counts, h, 1.0)
+    return counts
+
+
+def most_pop(split: Split) -> dict[str, dict[str, float]]:
+    """MostPop (training-set popularity) on the split's validation and test cases."""
+    pop = torch.as_tensor(popularity(split))
+
+    def score(batch: list[EvalCase]) -> torch.Tensor:
+        return pop.expand(len(batch), -1)
+
+    return {"valid": evaluate(score, split.valid), "test": evaluate(score, split.test)}

@@ -1,0 +1,218 @@
+"""The one training function: used by the centralised baseline and by every federated client.
+
+Records are users (one per user per pass; see `common.records`); the loss is
+cross-entropy over the whole catalog, history items masked. With a privacy
+budget or a noise multiplier it runs DP-SGD built from Opacus's parts: Poisson
+sampling over users, per-user clipping to `max_grad_norm`, Gaussian noise, and
+an accountant whose history a caller can keep across calls (the federated
+ledger does). Without one it trains normally.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from tqdm.auto import tqdm
+
+from common.records import UserRecord, UserRecords
+from common.split import Split
+from common.text import history_text
+from common.towers import Recommender
+
+AccountantHistory = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps), as Opacus keeps it
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128  # expected batch: with DP the sample rate is batch_size / users
+    lr: float = 5e-3  # LoRA adapter
+    head_lr: float = 5e-2  # local item head: a linear classifier that must move far from zero in few steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    epsilon: float | None = None  # target ε for this call; None and no noise_multiplier: no DP
+    delta: float | None = None  # default: 1 / (10 · users)
+    noise_multiplier: float | None = None  # set directly (the federated ledger plans it across rounds)
+    accountant: str = "prv"
+    max_history_items: int = 50
+    seed: int = 0
+
+    @property
+    def private(self) -> bool:
+        return self.epsilon is not None or self.noise_multiplier is not None
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # mean loss per epoch
+    steps: int = 0
+    epochs: int = 0
+    users: int = 0
+    sample_rate: float = 0.0
+    noise_multiplier: float = 0.0
+    epsilon: float | None = None  # over the whole accountant history, this call included
+    delta: float | None = None
+    accountant_history: AccountantHistory = field(default_factory=list)
+    seconds: float = 0.0
+
+
+EpochCallback = Callable[[int, TrainResult], bool]  # return True to stop early
+
+
+def default_delta(users: int) -> float:
+    """δ well below 1/users, as user-level DP asks."""
+    return 1.0 / (10 * max(users, 1))
+
+
+def plan_noise(
+    cfg: TrainConfig, users: int, *, steps: int, history: AccountantHistory | None = None
+) -> tuple[float, float, float]:
+    """(sample rate, noise multiplier, δ) for `steps` steps over `users` users under `cfg`."""
+    sample_rate = min(1.0, cfg.batch_size / max(users, 1))
+    delta = cfg.delta if cfg.delta is not None else default_delta(users)
+    if cfg.noise_multiplier is not None:
+        return sample_rate, cfg.noise_multiplier, delta
+    if cfg.epsilon is None:
+        return sample_rate, 0.0, delta
+    if history:
+        raise ValueError("a target ε with earlier history needs the ledger to choose the noise; pass noise_multiplier")
+    sigma = get_noise_multiplier(
+        target_epsilon=cfg.epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=cfg.accountant
+    )
+    return sample_rate, float(sigma), delta
+
+
+def epsilon_of(history: AccountantHistory, delta: float, accountant: str = "prv") -> float:
+    """ε spent by a whole accountant history at δ."""
+    if not history:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def train(
+    model: Recommender,
+    split: Split,
+    titles: Sequence[str],
+    cfg: TrainConfig,
+    *,
+    history: AccountantHistory | None = None,
+    on_epoch: EpochCallback | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model` in place on the split's training histories; return losses and privacy spent."""
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    records = UserRecords(split, seed=cfg.seed)
+    users = len(records)
+    result = TrainResult(users=users, accountant_history=[tuple(h) for h in (history or [])])
+    if users == 0:
+        return result
+    steps_per_epoch = max(1, math.ceil(users / cfg.batch_size))
+    sample_rate, sigma, delta = plan_noise(cfg, users, steps=cfg.epochs * steps_per_epoch, history=history)
+    result.sample_rate, result.noise_multiplier = sample_rate, sigma
+    head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
+    tower = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    groups = [{"params": tower, "lr": cfg.lr}] + ([{"params": head, "lr": cfg.head_lr}] if head else [])
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    net: torch.nn.Module = model
+    accountant = None
+    if cfg.private:
+        net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        generator = torch.Generator(device=model.device).manual_seed(cfg.seed + 1)
+        optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=sigma,
+            max_grad_norm=cfg.max_grad_norm,
+            expected_batch_size=max(1, round(sample_rate * users)),
+            generator=generator,
+        )
+        accountant = create_accountant(cfg.accountant)
+        accountant.history = list(result.accountant_history)
+        result.delta = delta
+    rng = np.random.default_rng(cfg.seed)
+    model.train()
+    try:
+        for epoch in range(cfg.epochs):
+            records.set_epoch(epoch)
+            batches = _poisson_batches(rng, users, sample_rate, steps_per_epoch) if cfg.private else _shuffled_batches(rng, users, cfg.batch_size)
+            losses = []
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, disable=not progress)
+            for idx in bar:
+                if len(idx):
+                    loss = _step(net, model, optimizer, [records[i] for i in idx], titles, cfg)
+                    losses.append(loss)
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                # An empty Poisson draw still counts: the accountant assumed this step happened.
+                if accountant is not None:
+                    accountant.step(noise_multiplier=sigma, sample_rate=sample_rate)
+                result.steps += 1
+            result.losses.append(float(np.mean(losses)) if losses else float("nan"))
+            result.epochs = epoch + 1
+            if accountant is not None:
+                result.accountant_history = [tuple(h) for h in accountant.history]
+                result.epsilon = epsilon_of(result.accountant_history, delta, cfg.accountant)
+            if on_epoch is not None and on_epoch(epoch, result):
+                break
+    finally:
+        if isinstance(net, GradSampleModule):
+            net._close()  # remove Opacus hooks and grad_sample buffers from the model
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _step(
+    net: torch.nn.Module,
+    model: Recommender,
+    optimizer: torch.optim.Optimizer,
+    batch: list[UserRecord],
+    titles: Sequence[str],
+    cfg: TrainConfig,
+) -> float:
+    texts = [history_text(r.history, titles, max_items=cfg.max_history_items) for r in batch]
+    inputs = model.tokenize_histories(texts)
+    targets = torch.tensor([r.target for r in batch], device=model.device)
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+        logits = net(**inputs)
+    logits = mask_history(logits.float(), batch)
+    loss = F.cross_entropy(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def mask_history(logits: torch.Tensor, batch: Sequence[UserRecord]) -> torch.Tensor:
+    """Push already-seen items out of the softmax (never the target), as evaluation does."""
+    rows, cols = [], []
+    for r, rec in enumerate(batch):
+        seen = np.unique(rec.history)
+        seen = seen[seen != rec.target]
+        rows.append(np.full(len(seen), r))
+        cols.append(seen)
+    if not rows or not sum(len(c) for c in cols):
+        return logits
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    mask[torch.as_tensor(np.concatenate(rows)), torch.as_tensor(np.concatenate(cols))] = True
+    return logits.masked_fill(mask, float("-inf"))
+
+
+def _poisson_batches(rng: np.random.Generator, n: int, q: float, steps: int) -> list[np.ndarray]:
+    """Each user independently in each step with probability q (Poisson sampling)."""
+    return [np.flatnonzero(rng.random(n) < q) for _ in range(steps)]
+
+
+def _shuffled_batches(rng: np.random.Generator, n: int, batch_size: int) -> list[np.ndarray]:
+    order = rng.permutation(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]

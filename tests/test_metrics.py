@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.metrics import evaluate, metrics_from_ranks, most_pop, target_ranks
+from common.silo import load_silo
+from common.split import EvalCase, leave_one_out
+
+
+def test_hand_worked_ranking():
+    # items:        0    1    2    3    4    5
+    scores = torch.tensor(
+        [
+            [0.9, 0.5, 0.7, 0.7, 0.1, 0.8],  # target 2 (0.7): 0 and 5 above, 3 ties -> 4; mask 0 -> 3
+            [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],  # target 5: best -> 1
+            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # all alike: ties count against -> last of 6 -> 6
+        ]
+    )
+    cases = [EvalCase("a", np.array([0]), 2), EvalCase("b", np.array([], dtype=np.int64), 5), EvalCase("c", np.array([5, 5]), 1)]
+    ranks = target_ranks(scores, cases)
+    assert ranks.tolist() == [3, 1, 5]  # row c: item 5 masked, so 5 candidates remain
+    m = metrics_from_ranks(ranks, ks=(1, 3))
+    assert m["hr@1"] == pytest.approx(1 / 3)
+    assert m["hr@3"] == pytest.approx(2 / 3)
+    assert m["ndcg@3"] == pytest.approx((1 / math.log2(4) + 1.0) / 3)
+    assert m["mrr@3"] == pytest.approx((1 / 3 + 1.0) / 3)
+    assert m["users"] == 3
+
+
+def test_nonfinite_scores_are_an_error():
+    with pytest.raises(ValueError, match="non-finite"):
+        target_ranks(torch.tensor([[0.0, float("nan")]]), [EvalCase("a", np.array([]), 0)])
+
+
+def test_batched_evaluation_equals_unbatched():
+    rng = np.random.default_rng(0)
+    table = torch.as_tensor(rng.normal(size=(50, 30)))
+    cases = [EvalCase(str(u), rng.choice(30, size=4, replace=False), int(rng.integers(30))) for u in range(50)]
+
+    def score(batch):
+        return table[[int(c.user_id) for c in batch]]
+
+    assert evaluate(score, cases, batch_size=7) == evaluate(score, cases, batch_size=1000)
+
+
+def test_most_pop_ranks_by_training_counts(synthetic_silo):
+    s = load_silo(synthetic_silo)
+    split = leave_one_out(s.interactions, s.n_items)
+    mp = most_pop(split)
+    assert mp["test"]["users"] == len(split.test)
+    assert 0.0 < mp["test"]["hr@20"] < 1.0
