@@ -1,7 +1,8 @@
 """User records for training: one record per user, so that a DP sample is a user.
 
-A record is a prefix of the user's training history and the item that came
-next. Every epoch draws a fresh cut point per user from a generator seeded by
+A record is a prefix of the user's training history and the items that came
+next (the first `next_items` of them: several targets per user give the
+model more to learn from per step at no extra forward pass). Every epoch draws a fresh cut point per user from a generator seeded by
 (seed, epoch, user), so the records are reproducible and each user still
 contributes exactly one record to each pass, which is what user-level DP-SGD
 with Poisson sampling over users assumes.
@@ -19,11 +20,16 @@ from common.split import Split
 
 @dataclass(frozen=True)
 class UserRecord:
-    """`history` (catalog indices, oldest first) → `target`, for user `user` of the split."""
+    """`history` (catalog indices, oldest first) → `targets` (what came next, in order), for user `user`."""
 
     user: int
     history: np.ndarray
-    target: int
+    targets: np.ndarray
+
+    @property
+    def target(self) -> int:
+        """The item that came immediately after the history."""
+        return int(self.targets[0])
 
 
 class UserRecords:
@@ -34,8 +40,13 @@ class UserRecords:
     always predicts the last training item from everything before it.
     """
 
-    def __init__(self, split: Split, *, seed: int = 0, cut: Literal["random", "last"] = "random") -> None:
+    def __init__(
+        self, split: Split, *, seed: int = 0, cut: Literal["random", "last"] = "random", next_items: int = 1
+    ) -> None:
+        if next_items < 1:
+            raise ValueError(f"next_items must be at least 1, not {next_items}")
         self.histories = split.train
+        self.next_items = next_items
         self.users = np.array([u for u, h in enumerate(split.train) if len(h) >= 2], dtype=np.int64)
         self.seed = seed
         self.cut = cut
@@ -55,7 +66,7 @@ class UserRecords:
             t = len(seq) - 1
         else:
             t = int(np.random.default_rng((self.seed, self.epoch, user)).integers(1, len(seq)))
-        return UserRecord(user=user, history=seq[:t], target=int(seq[t]))
+        return UserRecord(user=user, history=seq[:t], targets=seq[t : t + self.next_items])
 
     def records(self) -> list[UserRecord]:
         """This epoch's records, one per trainable user."""

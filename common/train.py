@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -45,6 +44,7 @@ class TrainConfig:
     noise_multiplier: float | None = None  # set directly (the federated ledger plans it across rounds)
     accountant: str = "prv"
     max_history_items: int = 50
+    next_items: int = 5  # targets per user record: the items that followed the history prefix
     seed: int = 0
 
     @property
@@ -114,7 +114,7 @@ def train(
     """Train `model` in place on the split's training histories; return losses and privacy spent."""
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    records = UserRecords(split, seed=cfg.seed)
+    records = UserRecords(split, seed=cfg.seed, next_items=cfg.next_items)
     users = len(records)
     result = TrainResult(users=users, accountant_history=[tuple(h) for h in (history or [])])
     if users == 0:
@@ -126,6 +126,9 @@ def train(
     tower = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     groups = [{"params": tower, "lr": cfg.lr}] + ([{"params": head, "lr": cfg.head_lr}] if head else [])
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * steps_per_epoch
+    # Cosine decay to zero over the planned steps: the last epochs settle instead of jumping around.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
     net: torch.nn.Module = model
     accountant = None
     if cfg.private:
@@ -154,6 +157,7 @@ def train(
                     loss = _step(net, model, optimizer, [records[i] for i in idx], titles, cfg)
                     losses.append(loss)
                     bar.set_postfix(loss=f"{loss:.3f}")
+                schedule.step()
                 # An empty Poisson draw still counts: the accountant assumed this step happened.
                 if accountant is not None:
                     accountant.step(noise_multiplier=sigma, sample_rate=sample_rate)
@@ -182,23 +186,35 @@ def _step(
 ) -> float:
     texts = [history_text(r.history, titles, max_items=cfg.max_history_items) for r in batch]
     inputs = model.tokenize_histories(texts)
-    targets = torch.tensor([r.target for r in batch], device=model.device)
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
         logits = net(**inputs)
-    logits = mask_history(logits.float(), batch)
-    loss = F.cross_entropy(logits, targets)
+    loss = next_items_loss(mask_history(logits.float(), batch), batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
 
 
+def next_items_loss(logits: torch.Tensor, batch: Sequence[UserRecord]) -> torch.Tensor:
+    """Cross-entropy over the catalog, averaged over each record's targets, then over records."""
+    k = max(len(r.targets) for r in batch)
+    targets = torch.zeros(len(batch), k, dtype=torch.long)
+    weights = torch.zeros(len(batch), k)
+    for i, r in enumerate(batch):
+        targets[i, : len(r.targets)] = torch.as_tensor(r.targets)
+        weights[i, : len(r.targets)] = 1.0 / len(r.targets)
+    targets, weights = targets.to(logits.device), weights.to(logits.device)
+    log_p = torch.log_softmax(logits, dim=-1).gather(1, targets)
+    log_p = torch.where(weights > 0, log_p, torch.zeros_like(log_p))  # padding may sit on a masked item
+    return -(log_p * weights).sum(1).mean()
+
+
 def mask_history(logits: torch.Tensor, batch: Sequence[UserRecord]) -> torch.Tensor:
-    """Push already-seen items out of the softmax (never the target), as evaluation does."""
+    """Push already-seen items out of the softmax (never a target), as evaluation does."""
     rows, cols = [], []
     for r, rec in enumerate(batch):
         seen = np.unique(rec.history)
-        seen = seen[seen != rec.target]
+        seen = seen[~np.isin(seen, rec.targets)]
         rows.append(np.full(len(seen), r))
         cols.append(seen)
     if not rows or not sum(len(c) for c in cols):

@@ -39,3 +39,11 @@ def test_last_cut_predicts_last_training_item(synthetic_silo):
     for r in UserRecords(split, cut="last").records():
         assert r.target == split.train[r.user][-1]
         assert np.array_equal(r.history, split.train[r.user][:-1])
+
+
+def test_next_items_are_what_followed_the_prefix(synthetic_silo):
+    split = split_of(synthetic_silo)
+    for r in UserRecords(split, seed=2, next_items=3).records():
+        seq = split.train[r.user]
+        t = len(r.history)
+        assert r.targets.tolist() == seq[t : t + 3].tolist() and 1 <= len(r.targets) <= 3

@@ -3,7 +3,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
@@ -14,7 +13,7 @@ from common.silo import load_silo
 from common.split import leave_one_out
 from common.text import history_text, item_texts
 from common.towers import ModelConfig, build_recommender
-from common.train import TrainConfig, epsilon_of, mask_history, train
+from common.train import TrainConfig, epsilon_of, mask_history, next_items_loss, train
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 
 
@@ -28,8 +27,7 @@ def setup(path, tiny_bert, **model):
 
 def batch_loss(net, model, records, titles):
     inputs = model.tokenize_histories([history_text(r.history, titles) for r in records])
-    logits = mask_history(net(**inputs), records)
-    return F.cross_entropy(logits, torch.tensor([r.target for r in records]))
+    return next_items_loss(mask_history(net(**inputs), records), records)
 
 
 def perturb(model):
@@ -43,7 +41,7 @@ def test_per_user_gradients_are_exact(tiny_bert, synthetic_silo):
     torch.manual_seed(0)
     model, split, titles = setup(synthetic_silo, tiny_bert)
     perturb(model)
-    records = UserRecords(split).records()[:5]
+    records = UserRecords(split, next_items=3).records()[:5]
     names = model.trainable_names()
     assert any("head" in n for n in names) and any("lora_A" in n for n in names)
     expected = []
@@ -143,3 +141,16 @@ def test_training_on_planted_structure_beats_most_pop(tmp_path, tiny_bert):
     trained = evaluate(scorer(model, titles), split.test)["ndcg@10"]
     assert trained > 1.5 * baseline, (trained, baseline, untrained)
     assert trained > untrained
+
+
+def test_next_items_loss_averages_over_each_users_targets():
+    from common.records import UserRecord
+
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    batch = [UserRecord(0, np.array([3]), np.array([0, 2])), UserRecord(1, np.array([1]), np.array([2]))]
+    masked = mask_history(logits, batch)
+    assert masked[0, 3] == float("-inf") and masked[1, 1] == float("-inf")
+    log_p0 = torch.log_softmax(torch.tensor([2.0, 0.0, 1.0]), 0)
+    log_p1 = torch.log_softmax(torch.tensor([0.0, 0.0, 0.0]), 0)
+    expected = -((log_p0[0] + log_p0[2]) / 2 + log_p1[2]) / 2
+    assert next_items_loss(masked, batch).item() == pytest.approx(expected.item(), rel=1e-6)
