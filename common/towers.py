@@ -283,6 +283,16 @@ def build_recommender(
     tokenizer, encoder = load_encoder(cfg.base_model)
     encoder.to(device)
     vectors = cached_item_vectors(encoder, tokenizer, item_texts, cfg, device=device, cache_dir=cache_dir)
+    tower = attach_adapter(encoder, cfg, adapter_dir=adapter_dir)
+    model = Recommender(tower, tokenizer, vectors, cfg, item_ids).to(device)
+    if adapter_dir is not None and (Path(adapter_dir) / HEAD_FILE).is_file():
+        state, saved_ids = load_head(Path(adapter_dir) / HEAD_FILE)
+        model.load_head_state(state, saved_ids)
+    return model
+
+
+def attach_adapter(encoder: nn.Module, cfg: ModelConfig, *, adapter_dir: Path | None = None) -> PeftModel:
+    """The user tower: `encoder` with a fresh LoRA adapter (seeded init) or the one saved in `adapter_dir`."""
     torch.manual_seed(cfg.seed)  # the LoRA init (and FFA's frozen A) is a function of the seed
     if adapter_dir is not None:
         tower = PeftModel.from_pretrained(encoder, str(adapter_dir), is_trainable=True)
@@ -293,11 +303,7 @@ def build_recommender(
         for name, p in tower.named_parameters():
             if "lora_A" in name:
                 p.requires_grad_(False)
-    model = Recommender(tower, tokenizer, vectors, cfg, item_ids).to(device)
-    if adapter_dir is not None and (Path(adapter_dir) / HEAD_FILE).is_file():
-        state, saved_ids = load_head(Path(adapter_dir) / HEAD_FILE)
-        model.load_head_state(state, saved_ids)
-    return model
+    return tower
 
 
 def load_head(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -327,6 +333,7 @@ __all__ = [
     "BUNDLED",
     "ModelConfig",
     "Recommender",
+    "attach_adapter",
     "build_recommender",
     "default_device",
     "encode_items",

@@ -23,7 +23,7 @@ from common.split import leave_one_out
 from common.text import item_texts
 from common.towers import ModelConfig, build_recommender, default_device
 from common.train import TrainConfig, TrainResult, train
-from simulations.plots import plot_curves
+from common.plots import plot_curves
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,14 @@ import click
 from common.cli import CONTEXT, RoleGroup, model_options, quiet_libraries
 from common.silo import load_silo
 from common.summary import summarize
+import json
+import time
 from dataclasses import replace
 
+from common.round import RoundConfig
 from common.train import TrainConfig
+from server.settings import ServerSettings
+from server.updates import AGGREGATIONS
 from simulations.central import CentralConfig, run_central
 from simulations.movielens import WHEEL_REQUIREMENT, fetch_movielens_100k
 from simulations.partition import SCHEMES, plan, write_partition
@@ -136,3 +141,83 @@ def format_table(m: dict) -> str:
     ratio = m["test"]["ndcg@10"] / max(m["most_pop"]["test"]["ndcg@10"], 1e-12)
     rows.append(f"NDCG@10 is {ratio:.2f}x MostPop's over {m['test']['users']} users")
     return "\n".join(rows)
+
+
+@main.command("run")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder to split into merchants.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder (silos, checkpoint, metrics, adapter, plots).")
+@click.option("--merchants", type=int, default=10, show_default=True, help="Merchants (see silorec-sim partition --help).")
+@click.option("--scheme", type=click.Choice(SCHEMES), default="region", show_default=True, help="How users are split into merchants.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Dirichlet concentration (dirichlet scheme).")
+@click.option("--rounds", type=int, default=ServerSettings.rounds, show_default=True, help="Federated rounds.")
+@click.option("--local-epochs", type=int, default=RoundConfig.local_epochs, show_default=True, help="Passes over its users per merchant per round.")
+@click.option("--epsilon", type=float, default=RoundConfig.epsilon, show_default=True, help="Per-merchant user-level ε budget over the whole run; 0 trains without DP.")
+@click.option("--delta", type=float, default=None, help="DP δ (default per merchant: 1/(10·users)).")
+@click.option("--batch-size", type=int, default=RoundConfig.batch_size, show_default=True, help="Expected users per DP step.")
+@click.option("--lr", type=float, default=RoundConfig.lr, show_default=True, help="LoRA learning rate.")
+@click.option("--head-lr", type=float, default=RoundConfig.head_lr, show_default=True, help="Local item head learning rate.")
+@click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="fedavg", show_default=True, help="fedavg (users-weighted) or a robust rule.")
+@click.option("--max-update-norm", type=float, default=ServerSettings.max_update_norm, show_default=True, help="Updates with a larger L2 norm are rejected.")
+@click.option("--min-fit-clients", type=int, default=ServerSettings.min_fit_clients, show_default=True, help="Fewest accepted updates that change the global adapter.")
+@click.option("--gpu-fraction", type=float, default=0.0, show_default=True, help="GPU share per merchant (e.g. 0.25: four at a time on one GPU).")
+@click.option("--local-only", is_flag=True, help="Also train every merchant alone (the no-federation baseline) and report it.")
+@click.option("--central", "central_path", type=click.Path(exists=True, path_type=Path), help="metrics.json of a `silorec-sim central` run to compare with.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last complete round.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-v", "--verbose", is_flag=True, help="Flower's debug logging.")
+@model_options
+def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delta, batch_size, lr, head_lr, aggregation,
+        max_update_norm, min_fit_clients, gpu_fraction, local_only, central_path, resume, seed, verbose, model_cfg):
+    """Simulate a federation of merchants on one machine and report its test metrics.
+
+    Splits DATA into merchant silos (OUT/silos), runs silorec's ServerApp and
+    ClientApps in Flower's simulation engine for ROUNDS rounds (each merchant
+    trains with Opacus DP-SGD under its own ε budget), then prints federated
+    vs MostPop (and local-only / centralised when asked). Writes
+    OUT/metrics.jsonl, OUT/metrics.json, OUT/adapter/ (peft format, with a model
+    card) and OUT/rounds.png, OUT/privacy.png.
+    """
+    from simulations.federated import SimulationSpec, central_most_pop, run_local_only, run_simulation
+
+    if (out / "metrics.json").exists() and not resume:
+        raise FileExistsError(f"{out} holds a finished run; choose another --out (or --resume to rerun its last rounds)")
+    if (out / "checkpoint").exists() and not resume:
+        raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
+    round_cfg = RoundConfig(
+        local_epochs=local_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, epsilon=epsilon, delta=delta or 0.0, seed=seed,
+        base_model=model_cfg.base_model, lora_r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha,
+        lora_targets=",".join(model_cfg.lora_targets), ffa=model_cfg.ffa, max_tokens=model_cfg.max_tokens,
+        temperature=model_cfg.temperature, local_head=model_cfg.local_head,
+    )
+    settings = ServerSettings(
+        rounds=rounds, out_dir=str(out), resume=resume, min_fit_clients=min_fit_clients, aggregation=aggregation,
+        max_update_norm=max_update_norm, round=round_cfg,
+    )
+    spec = SimulationSpec(data=data, out=out, merchants=merchants, scheme=scheme, alpha=alpha, gpu_fraction=gpu_fraction)
+    started = time.perf_counter()
+    metrics = run_simulation(spec, settings, verbose=verbose)
+    fed_seconds = time.perf_counter() - started
+    rows = {"federated": metrics["test"], "MostPop (all data)": central_most_pop(data), "MostPop (each merchant)": metrics["most_pop_local"]}
+    if local_only:
+        click.echo("training every merchant alone (no federation)...")
+        rows["local-only"] = run_local_only(out / "silos", settings, out, log=click.echo)["test"]
+    if central_path:
+        rows["centralised"] = json.loads(Path(central_path).read_text())["test"]
+    click.echo("")
+    click.echo(comparison_table(rows, users=int(metrics["test"]["users"])))
+    eps = metrics["epsilon_max"]
+    click.echo(
+        f"ε per merchant ≤ {eps:.2f} (max over {len(metrics['merchants'])} merchants)" if eps is not None else "non-private run"
+    )
+    click.echo(f"update: {metrics['update_bytes']:,} bytes per merchant per round; federation wall time {fed_seconds:.0f} s")
+    click.echo(f"wrote {out}/metrics.json, metrics.jsonl, adapter/, rounds.png")
+
+
+def comparison_table(rows: dict[str, dict], *, users: int) -> str:
+    keys = ["hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20"]
+    lines = [f"{'test, ' + str(users) + ' users':<26}" + "".join(f"{k.upper():>10}" for k in keys)]
+    for name, m in rows.items():
+        lines.append(f"{name:<26}" + "".join(f"{m.get(k, float('nan')):>10.4f}" for k in keys))
+    return "\n".join(lines)
+if __name__ == "__main__":
+    main()

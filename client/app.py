@@ -1,0 +1,63 @@
+"""silorec ClientApp: a merchant's side of each round (Flower Message API).
+
+Node config (set by the SuperNode, e.g. `silorec-client start`):
+  data-path   the silo folder (in simulation: partition-id picks one under the run's silos)
+  state-path  where the ledger and local head live (default: <data-path>/.silorec-state)
+  budget      this merchant's ε budget (default: the run's epsilon)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.merchant import Merchant, merchant_for
+from common.arrays import from_record, to_record
+from common.round import RoundConfig
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = RoundConfig.from_record(msg.content["config"])
+    merchant = _merchant(context, cfg)
+    budget = context.node_config.get("budget")
+    outcome = merchant.train_round(from_record(msg.content["arrays"]), cfg, budget=float(budget) if budget else None)
+    content = RecordDict({"metrics": MetricRecord(outcome.metrics), "info": _info(merchant, outcome.reason)})
+    if outcome.update is not None:
+        content["update"] = to_record(outcome.update)
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = RoundConfig.from_record(msg.content["config"])
+    merchant = _merchant(context, cfg)
+    metrics = merchant.evaluate(from_record(msg.content["arrays"]), cfg)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics), "info": _info(merchant)}), reply_to=msg)
+
+
+def _merchant(context: Context, cfg: RoundConfig) -> Merchant:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    silo = silo_path(context.node_config, cfg)
+    state = Path(str(context.node_config.get("state-path") or silo / ".silorec-state"))
+    return merchant_for(silo, state, cfg.model())
+
+
+def silo_path(node_config: dict, cfg: RoundConfig) -> Path:
+    """The node's silo: `data-path`, or in simulation the partition-id-th folder of the run's silos."""
+    if "data-path" in node_config:
+        return Path(str(node_config["data-path"]))
+    if cfg.silos_dir and "partition-id" in node_config:
+        silos = sorted(p for p in Path(cfg.silos_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
+        return silos[int(node_config["partition-id"]) % len(silos)]
+    raise ValueError("node config has no data-path (and this is not a simulation with silos-dir)")
+
+
+def _info(merchant: Merchant, reason: str = "") -> ConfigRecord:
+    return ConfigRecord({"silo": merchant.silo.name, "reason": reason})

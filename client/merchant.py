@@ -1,0 +1,143 @@
+"""One merchant's side of a round: train on the silo under its privacy ledger, or evaluate.
+
+A Merchant holds its silo, split and model for as long as its process lives
+(a SuperNode or a simulation actor may serve many rounds), and keeps what
+must survive a restart in the silo's state folder: the privacy ledger and
+the local item head. Only the LoRA update (new − global) ever leaves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from client.ledger import PrivacyBudgetExceeded, PrivacyLedger
+from common import atomic
+from common.arrays import to_numpy, to_torch
+from common.metrics import evaluate, most_pop
+from common.records import UserRecords
+from common.round import RoundConfig
+from common.serve import scorer
+from common.silo import Silo, load_silo
+from common.split import Split, leave_one_out
+from common.text import item_texts
+from common.towers import ModelConfig, Recommender, build_recommender
+from common.train import default_delta, train
+
+HEAD_FILE = "head.safetensors"
+
+
+@dataclass
+class TrainOutcome:
+    update: dict[str, np.ndarray] | None  # None: the merchant did not train (budget exhausted, no users)
+    metrics: dict[str, float]
+    reason: str = ""
+
+
+class Merchant:
+    """A silo, its state folder, and a recommender over its catalog."""
+
+    def __init__(self, silo_dir: Path, state_dir: Path, model_cfg: ModelConfig, *, cache_dir: Path | None = None) -> None:
+        self.silo: Silo = load_silo(silo_dir)
+        self.split: Split = leave_one_out(self.silo.interactions, self.silo.n_items)
+        self.titles = list(self.silo.items["title"])
+        self.state_dir = Path(state_dir)
+        self.model_cfg = model_cfg
+        self.model: Recommender = build_recommender(
+            model_cfg, list(self.silo.items["item_id"]), item_texts(self.silo.items), cache_dir=cache_dir
+        )
+        self.trainable_users = len(UserRecords(self.split))
+
+    # --- state that stays in the silo ------------------------------------------
+
+    def _load_head(self) -> None:
+        path = self.state_dir / HEAD_FILE
+        if path.is_file() and self.model.head is not None:
+            state = load_file(str(path))
+            self.model.head.weight.data.copy_(state["weight"])
+            self.model.head.bias.data.copy_(state["bias"])
+
+    def _save_head(self) -> None:
+        if self.model.head is None:
+            return
+        tmp = self.state_dir / (HEAD_FILE + ".partial")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.model.head_state().items()}, str(tmp))
+        atomic.write_bytes(self.state_dir / HEAD_FILE, tmp.read_bytes())
+        tmp.unlink()
+
+    def ledger(self, cfg: RoundConfig, budget: float | None) -> PrivacyLedger:
+        delta = cfg.delta or default_delta(self.split.n_users)
+        return PrivacyLedger.open(self.state_dir, budget=budget if budget is not None else cfg.epsilon, delta=delta)
+
+    # --- a round --------------------------------------------------------------------
+
+    def set_global(self, global_arrays: dict[str, np.ndarray]) -> None:
+        self.model.load_adapter_state(to_torch(global_arrays))
+        self._load_head()
+
+    def train_round(self, global_arrays: dict[str, np.ndarray], cfg: RoundConfig, *, budget: float | None = None) -> TrainOutcome:
+        """Train from the global adapter; return the update and metrics, or why there is none."""
+        self.set_global(global_arrays)
+        shared_before = to_numpy(self.model.adapter_state())
+        users = self.trainable_users
+        base = {"users": float(users), "budget-exhausted": 0.0}
+        if users == 0:
+            return TrainOutcome(None, base | {"no-users": 1.0}, "no user with two or more training interactions")
+        noise, delta, ledger, spent_before = None, None, None, 0.0
+        if cfg.private:
+            ledger = self.ledger(cfg, budget)
+            spent_before = ledger.spent()
+            sample_rate = min(1.0, cfg.batch_size / users)
+            steps = cfg.local_epochs * max(1, math.ceil(users / cfg.batch_size))
+            try:
+                noise = ledger.plan(sample_rate=sample_rate, steps_per_round=steps, rounds_left=cfg.rounds - cfg.round + 1)
+            except PrivacyBudgetExceeded as e:
+                metrics = base | {"budget-exhausted": 1.0, "epsilon-total": spent_before, "epsilon-round": 0.0}
+                return TrainOutcome(None, metrics, str(e))
+            delta = ledger.delta
+        result = train(self.model, self.split, self.titles, cfg.train(noise_multiplier=noise, delta=delta), progress=False)
+        metrics = base | {"loss": float(result.losses[-1]) if result.losses else float("nan"), "steps": float(result.steps)}
+        if ledger is not None:
+            total = ledger.record(
+                run=cfg.run_id, round=cfg.round, noise_multiplier=result.noise_multiplier,
+                sample_rate=result.sample_rate, steps=result.steps,
+            )
+            metrics |= {
+                "epsilon-total": total,
+                "epsilon-round": total - spent_before,
+                "delta": ledger.delta,
+                "noise-multiplier": result.noise_multiplier,
+            }
+        self._save_head()
+        shared_after = to_numpy(self.model.adapter_state())
+        update = {k: shared_after[k] - shared_before[k] for k in shared_after}
+        return TrainOutcome(update, metrics)
+
+    @torch.no_grad()
+    def evaluate(self, global_arrays: dict[str, np.ndarray], cfg: RoundConfig) -> dict[str, float]:
+        """Full-ranking metrics of the global adapter (with this silo's head) on `cfg.split`, and MostPop's."""
+        self.set_global(global_arrays)
+        cases = self.split.test if cfg.split == "test" else self.split.valid
+        ours = evaluate(scorer(self.model, self.titles), cases)
+        pop = most_pop(self.split)["test" if cfg.split == "test" else "valid"]
+        out = {k: float(v) for k, v in ours.items() if k != "users"}
+        out |= {f"most-pop-{k}": float(v) for k, v in pop.items() if k != "users"}
+        out["users"] = float(len(cases))
+        return out
+
+
+_MERCHANTS: dict[tuple, Merchant] = {}
+
+
+def merchant_for(silo_dir: Path, state_dir: Path, model_cfg: ModelConfig, *, cache_dir: Path | None = None) -> Merchant:
+    """This process's Merchant for a silo (built once: loading BERT costs seconds)."""
+    key = (str(Path(silo_dir).resolve()), str(Path(state_dir).resolve()), repr(model_cfg))
+    if key not in _MERCHANTS:
+        _MERCHANTS[key] = Merchant(silo_dir, state_dir, model_cfg, cache_dir=cache_dir)
+    return _MERCHANTS[key]

@@ -1,0 +1,30 @@
+"""Adapter tensors in and out of Flower's ArrayRecord, as float32 numpy arrays keyed by peft name."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+
+def to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().float().numpy() for k, v in state.items()}
+
+
+def to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in arrays.items()}
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: record[k].numpy() for k in record.keys()}
+
+
+def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Payload size of the tensors themselves (what an update costs on the wire, before framing)."""
+    return int(sum(a.nbytes for a in arrays.values()))

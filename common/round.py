@@ -1,0 +1,91 @@
+"""What the coordinator tells merchants each round: declared once, sent as a Flower ConfigRecord.
+
+The run config (`[tool.flwr.app.config]` in pyproject.toml, overridable with
+`flwr run --run-config` or `silorec-sim run` options) is read by the
+ServerApp alone; everything a ClientApp needs for a round travels in its
+message, so the same ClientApp works under `flwr run`, the simulation engine
+and a real deployment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+from common.towers import ModelConfig
+from common.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    run_id: str = "run"
+    round: int = 1
+    rounds: int = 1
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = TrainConfig.lr
+    head_lr: float = TrainConfig.head_lr
+    max_grad_norm: float = TrainConfig.max_grad_norm
+    next_items: int = TrainConfig.next_items
+    epsilon: float = 8.0  # the run's per-merchant ε budget; 0 trains without DP
+    delta: float = 0.0  # 0: each silo uses 1/(10·users)
+    seed: int = 0
+    split: str = "valid"  # which targets an evaluate message scores: valid or test
+    silos_dir: str = ""  # simulation only: partition-id picks a silo folder under it
+    threads: int = 0  # torch threads per ClientApp; 0 keeps torch's default
+    # the model
+    base_model: str = ModelConfig.base_model
+    lora_r: int = ModelConfig.lora_r
+    lora_alpha: int = ModelConfig.lora_alpha
+    lora_targets: str = ",".join(ModelConfig.lora_targets)
+    ffa: bool = ModelConfig.ffa
+    max_tokens: int = ModelConfig.max_tokens
+    temperature: float = ModelConfig.temperature
+    local_head: bool = ModelConfig.local_head
+
+    @property
+    def private(self) -> bool:
+        return self.epsilon > 0
+
+    def model(self) -> ModelConfig:
+        return ModelConfig(
+            base_model=self.base_model,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_targets=tuple(t for t in self.lora_targets.split(",") if t),
+            ffa=self.ffa,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            local_head=self.local_head,
+            seed=self.seed,
+        )
+
+    def train(self, *, noise_multiplier: float | None, delta: float | None) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            head_lr=self.head_lr,
+            max_grad_norm=self.max_grad_norm,
+            next_items=self.next_items,
+            noise_multiplier=noise_multiplier,
+            delta=delta,
+            seed=self.seed + 1009 * self.round,  # fresh records each round, reproducible
+        )
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(asdict(self))
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord | dict[str, Any]) -> RoundConfig:
+        known = {f.name: f.type for f in fields(cls)}
+        return cls(**{k: v for k, v in dict(record).items() if k in known})
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any], **overrides: Any) -> RoundConfig:
+        """Take the fields named in a Flower run config (kebab-case keys), then `overrides`."""
+        names = {f.name for f in fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in run_config.items() if k.replace("-", "_") in names}
+        return replace(cls(**values), **overrides)

@@ -1,0 +1,56 @@
+"""The coordinator's checkpoint: after every round, the global adapter and where the run stands.
+
+The adapter file is written first under a round-specific name, then
+`state.json`, which names it, replaces the previous one atomically: it is the
+commit point. A coordinator killed at any moment restarts from the last
+complete round.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from common import atomic
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class Checkpoint:
+    run_id: str
+    round: int
+    global_arrays: dict[str, np.ndarray]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    strategy: dict[str, Any] = field(default_factory=dict)
+
+
+def save(folder: Path, ckpt: Checkpoint) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"global-round-{ckpt.round:04d}.safetensors"
+    tmp = folder / (name + ".partial")
+    save_file({k: np.ascontiguousarray(v) for k, v in ckpt.global_arrays.items()}, str(tmp))
+    atomic.write_bytes(folder / name, tmp.read_bytes())
+    tmp.unlink()
+    atomic.write_json(
+        folder / STATE_FILE,
+        {"run_id": ckpt.run_id, "round": ckpt.round, "adapter": name, "history": ckpt.history, "strategy": ckpt.strategy},
+    )
+    for old in folder.glob("global-round-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def load(folder: Path) -> Checkpoint | None:
+    """The last complete round's checkpoint, or None if there is none."""
+    path = folder / STATE_FILE
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    arrays = load_file(str(folder / state["adapter"]))
+    return Checkpoint(state["run_id"], int(state["round"]), dict(arrays), state["history"], state.get("strategy", {}))

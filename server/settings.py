@@ -1,0 +1,34 @@
+"""The coordinator's settings for one run, read once from the Flower run config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from common.round import RoundConfig
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    rounds: int = 3
+    out_dir: str = "runs/flwr"
+    resume: bool = False
+    min_fit_clients: int = 2  # a round's update is applied only if at least this many merchants' updates pass screening
+    min_available_clients: int = 2
+    fraction_train: float = 1.0
+    aggregation: str = "fedavg"  # fedavg | median | trimmed-mean
+    trim: float = 0.1  # trimmed-mean: fraction dropped at each end
+    max_update_norm: float = 25.0  # L2 bound on one merchant's update; larger ones are rejected
+    round_timeout: float = 3600.0
+    round: RoundConfig = field(default_factory=RoundConfig)  # what merchants are told
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> ServerSettings:
+        """Settings from a run config with Flower's kebab-case keys (`num-server-rounds`, `local-epochs`, ...)."""
+        values = {k.replace("-", "_"): v for k, v in run_config.items()}
+        if "num_server_rounds" in values:
+            values["rounds"] = values.pop("num_server_rounds")
+        own = {f.name for f in fields(cls)} - {"round"}
+        settings = cls(**{k: v for k, v in values.items() if k in own})
+        round_cfg = RoundConfig.from_run_config({k: v for k, v in values.items() if k not in own})
+        return replace(settings, round=replace(round_cfg, rounds=settings.rounds))

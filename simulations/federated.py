@@ -1,0 +1,138 @@
+"""Simulated federations: many merchants on one machine, in Flower's simulation engine.
+
+The ServerApp and ClientApp are the very apps a real deployment runs; only
+the transport differs (Ray actors instead of SuperNodes). Also the
+"no federation" baseline: every merchant trains alone on its own silo.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.ledger import PrivacyLedger
+from common import atomic
+from common.errors import SilorecError
+from common.metrics import evaluate, most_pop
+from common.serve import scorer
+from common.silo import load_silo
+from common.split import leave_one_out
+from common.text import item_texts
+from common.towers import build_recommender
+from common.train import default_delta, train
+from server.settings import ServerSettings
+from simulations.partition import plan, write_partition
+
+
+@dataclass(frozen=True)
+class SimulationSpec:
+    data: Path
+    out: Path
+    merchants: int = 10
+    scheme: str = "region"
+    alpha: float = 0.5
+    partition_seed: int = 0
+    gpu_fraction: float = 0.0  # of a GPU per ClientApp; 0 runs on CPU
+    cpus_per_client: int = 1
+
+
+def partition_for_run(spec: SimulationSpec) -> Path:
+    """Write the run's merchant silos under OUT/silos (kept when resuming)."""
+    silos = spec.out / "silos"
+    if not silos.exists():
+        silo = load_silo(spec.data)
+        shares = plan(silo, spec.merchants, spec.scheme, seed=spec.partition_seed, alpha=spec.alpha)  # type: ignore[arg-type]
+        write_partition(silo, shares, silos, scheme=spec.scheme, seed=spec.partition_seed)
+    return silos
+
+
+def run_simulation(spec: SimulationSpec, settings: ServerSettings, *, verbose: bool = False, client_app=None) -> dict[str, Any]:
+    """Run the federation in Flower's simulation engine and return its metrics.json.
+
+    `client_app` replaces silorec's own ClientApp (tests use it to play a misbehaving merchant).
+    """
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from server.app import make_app
+
+    if client_app is None:
+        from client.app import app as client_app
+
+    silos = partition_for_run(spec)
+    n = sum(1 for p in silos.iterdir() if p.is_dir())
+    cpus = os.cpu_count() or 1
+    threads = max(1, spec.cpus_per_client)
+    overrides = _as_run_config(settings, out_dir=str(spec.out), silos_dir=str(silos), threads=threads)
+    backend = {
+        "client_resources": {"num_cpus": spec.cpus_per_client, "num_gpus": spec.gpu_fraction},
+        "init_args": {"num_cpus": cpus, "num_gpus": 1 if spec.gpu_fraction > 0 else 0},
+    }
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    flwr_run_simulation(
+        server_app=make_app(overrides), client_app=client_app, num_supernodes=n,
+        backend_config=backend, verbose_logging=verbose,
+    )
+    result = spec.out / "metrics.json"
+    if not result.is_file():  # Flower logs a ServerApp failure but does not raise it
+        raise SilorecError(f"the federated run did not finish: no {result}; see the log above")
+    metrics = json.loads(result.read_text())
+    if metrics.get("rounds") != settings.rounds:
+        raise SilorecError(f"{result} is from another run (rounds {metrics.get('rounds')} ≠ {settings.rounds})")
+    return metrics
+
+
+def _as_run_config(settings: ServerSettings, **round_overrides: Any) -> dict[str, Any]:
+    """ServerSettings back to a flat Flower run config (kebab-case), with round fields overridden."""
+    flat = {k.replace("_", "-"): v for k, v in vars(settings).items() if k != "round"}
+    flat["num-server-rounds"] = flat.pop("rounds")
+    round_cfg = replace(settings.round, **{k: v for k, v in round_overrides.items() if k != "out_dir"})
+    flat.update({k.replace("_", "-"): v for k, v in vars(round_cfg).items()})
+    if "out_dir" in round_overrides:
+        flat["out-dir"] = round_overrides["out_dir"]
+    return flat
+
+
+def central_most_pop(data: Path) -> dict[str, float]:
+    """MostPop with the whole data set's popularity, on the same split as the federated test sets."""
+    silo = load_silo(data)
+    return most_pop(leave_one_out(silo.interactions, silo.n_items))["test"]
+
+
+def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=print) -> dict[str, Any]:
+    """Each merchant trains alone (same epochs in all, same ε budget) and is tested on its own silo."""
+    cfg = settings.round
+    results = []
+    for folder in sorted(p for p in silos.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        silo = load_silo(folder)
+        split = leave_one_out(silo.interactions, silo.n_items)
+        model = build_recommender(cfg.model(), list(silo.items["item_id"]), item_texts(silo.items))
+        titles = list(silo.items["title"])
+        epochs = settings.rounds * cfg.local_epochs
+        tcfg = replace(cfg.train(noise_multiplier=None, delta=None), epochs=epochs, seed=cfg.seed)
+        epsilon = None
+        if cfg.private:
+            users = sum(len(h) >= 2 for h in split.train)
+            delta = cfg.delta or default_delta(split.n_users)
+            ledger = PrivacyLedger(path=out / "local-only" / folder.name / "ledger.json", budget=cfg.epsilon, delta=delta)
+            q = min(1.0, cfg.batch_size / max(users, 1))
+            steps = epochs * max(1, math.ceil(users / cfg.batch_size))
+            tcfg = replace(tcfg, noise_multiplier=ledger.plan(sample_rate=q, steps_per_round=steps, rounds_left=1), delta=delta)
+        result = train(model, split, titles, tcfg, progress=False)
+        if cfg.private:
+            epsilon = ledger.cost(result.noise_multiplier, result.sample_rate, result.steps)
+        test = evaluate(scorer(model, titles), split.test)
+        results.append({"silo": folder.name, "epsilon": epsilon, **test})
+        log(f"  local-only {folder.name:<14} users {test['users']:>4}  NDCG@10 {test['ndcg@10']:.4f}" + (f"  ε {epsilon:.2f}" if epsilon else ""))
+    total = sum(r["users"] for r in results)
+    keys = [k for k in results[0] if "@" in k]
+    summary = {k: float(np.sum([r[k] * r["users"] for r in results]) / total) for k in keys}
+    summary["users"] = total
+    report = {"test": summary, "per_merchant": results, "epsilon_max": max((r["epsilon"] or 0 for r in results), default=0)}
+    atomic.write_json(out / "local-only.json", report)
+    return report

@@ -1,0 +1,142 @@
+"""Federated runs in Flower's simulation engine, with the real ServerApp and ClientApp on a tiny BERT."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.clientapp import ClientApp
+from peft import PeftModel
+
+import client.app as merchant_app
+from client.ledger import PrivacyLedger
+from common.arrays import from_record, to_record
+from common.round import RoundConfig
+from common.towers import load_encoder
+from server.settings import ServerSettings
+from simulations.federated import SimulationSpec, run_simulation
+from simulations.synthetic import SyntheticSpec, make_synthetic_silo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def settings(tiny_bert, out, rounds=2, **kw):
+    round_cfg = RoundConfig(base_model=str(tiny_bert), local_epochs=2, batch_size=16, epsilon=8.0, delta=1e-3, threads=1)
+    server = {k: kw.pop(k) for k in list(kw) if k in ServerSettings.__dataclass_fields__}
+    from dataclasses import replace
+
+    return ServerSettings(rounds=rounds, out_dir=str(out), round=replace(round_cfg, **kw), **server)
+
+
+def test_two_dp_rounds_beat_round_zero_and_write_every_output(tmp_path, tiny_bert):
+    data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=120, seed=1))
+    out = tmp_path / "run"
+    m = run_simulation(SimulationSpec(data=data, out=out, merchants=3), settings(tiny_bert, out))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert lines[2]["valid"]["ndcg@10"] > lines[0]["valid"]["ndcg@10"]
+    assert all(0 < eps <= 8.0 for line in lines[1:] for eps in line["epsilon"].values())
+    assert all(line["bytes_received"] == 3 * m["update_bytes"] for line in lines[1:])
+    assert m["rounds"] == 2 and m["test"]["users"] == 120 and 0 < m["epsilon_max"] <= 8.0
+    assert {"ndcg@10", "hr@10", "mrr@20"} <= set(m["most_pop_local"])
+    for name in ("metrics.json", "rounds.png", "privacy.png", "adapter/README.md", "adapter/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    card = (out / "adapter" / "README.md").read_text()
+    assert "ε spent" in card and all(s["silo"] in card for s in m["merchants"])
+    PeftModel.from_pretrained(load_encoder(str(tiny_bert))[1], str(out / "adapter"))  # peft's own loader
+
+
+def _tamper(update: dict[str, np.ndarray], how: str) -> dict[str, np.ndarray]:
+    name = sorted(update)[0]
+    if how == "nan":
+        update[name] = update[name].copy()
+        update[name].flat[0] = np.nan
+    elif how == "shape":
+        update[name] = np.zeros((3, 3), np.float32)
+    elif how == "missing":
+        del update[name]
+    elif how == "norm":
+        update[name] = update[name] + 1e4
+    return update
+
+
+TAMPER = {0: "nan", 1: "shape", 2: "missing", 3: "norm"}
+hostile = ClientApp()
+
+
+@hostile.train()
+def _hostile_train(msg, context):
+    reply = merchant_app.train(msg, context)
+    how = TAMPER.get(int(context.node_config["partition-id"]))
+    if how and "update" in reply.content.array_records:
+        reply.content["update"] = to_record(_tamper(from_record(reply.content["update"]), how))
+    return reply
+
+
+@hostile.evaluate()
+def _hostile_evaluate(msg, context):
+    return merchant_app.evaluate(msg, context)
+
+
+def test_bad_updates_and_spent_budgets_are_left_out_and_the_round_completes(tmp_path, tiny_bert, caplog):
+    data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=120, seed=2))
+    out = tmp_path / "run"
+    spec = SimulationSpec(data=data, out=out, merchants=6)
+    from simulations.federated import partition_for_run
+
+    silos = sorted(p for p in partition_for_run(spec).iterdir() if p.is_dir())
+    # merchant 5 has already spent its whole budget in an earlier run
+    spent = PrivacyLedger.open(silos[5] / ".silorec-state", budget=8.0, delta=1e-3)
+    spent.record(run="earlier", round=1, noise_multiplier=0.5, sample_rate=1.0, steps=200)
+    caplog.set_level(logging.INFO, logger="flwr")
+    m = run_simulation(spec, settings(tiny_bert, out, rounds=1, min_fit_clients=1), client_app=hostile)
+    line = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1]
+    reasons = {r["silo"]: r["reason"] for r in line["rejected"]}
+    assert line["accepted"] == 1 and line["merchants"] == 6
+    assert "non-finite" in reasons[silos[0].name]
+    assert "shape" in reasons[silos[1].name]
+    assert "missing tensor" in reasons[silos[2].name]
+    assert "exceeds the bound" in reasons[silos[3].name]
+    assert line["no_update"] == [{"silo": silos[5].name, "reason": line["no_update"][0]["reason"]}]
+    assert "budget" in line["no_update"][0]["reason"]
+    for silo in (s.name for s in silos[:4]):
+        assert any(f"rejected update from {silo}" in r.getMessage() for r in caplog.records)
+    assert m["rounds"] == 1 and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_killed_run_resumes_from_its_last_round(tmp_path, tiny_bert):
+    data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=60, seed=3))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "simulations.cli", "run", "--data", str(data), "--out", str(out), "--merchants", "2",
+           "--rounds", "4", "--local-epochs", "1", "--batch-size", "16", "--delta", "1e-3", "--base-model", str(tiny_bert)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if state.is_file() and json.loads(state.read_text())["round"] >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the process group we started: the CLI and its Ray workers
+        proc.wait()
+    killed_at = json.loads(state.read_text())["round"]
+    assert 1 <= killed_at < 4 and not (out / "metrics.json").exists()
+    done = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2, 3, 4]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["rounds"] == 4
+    PeftModel.from_pretrained(load_encoder(str(tiny_bert))[1], str(out / "adapter"))
+    assert "federated" in done.stdout and "MostPop" in done.stdout

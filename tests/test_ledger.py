@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from client.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
+from common.train import epsilon_of
+
+
+def test_planned_rounds_fit_the_budget_and_use_most_of_it(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, budget=8.0, delta=1e-3)
+    rounds = 3
+    for r in range(1, rounds + 1):
+        sigma = ledger.plan(sample_rate=0.3, steps_per_round=6, rounds_left=rounds - r + 1)
+        ledger.record(run="run", round=r, noise_multiplier=sigma, sample_rate=0.3, steps=6)
+    assert 7.5 < ledger.spent() <= 8.0
+
+
+def test_epsilon_accumulates_across_rounds_and_reopening(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, budget=100.0, delta=1e-3)
+    e1 = ledger.record(run="a", round=1, noise_multiplier=1.0, sample_rate=0.2, steps=10)
+    again = PrivacyLedger.open(tmp_path, budget=100.0, delta=1e-3)
+    e2 = again.record(run="b", round=1, noise_multiplier=1.0, sample_rate=0.2, steps=10)
+    assert e2 > e1
+    assert e2 == pytest.approx(epsilon_of([(1.0, 0.2, 20)], 1e-3, "rdp"), rel=1e-6)  # never reset per round
+    saved = json.loads((tmp_path / "ledger.json").read_text())
+    assert [e["run"] for e in saved["entries"]] == ["a", "b"] and saved["epsilon"] == pytest.approx(e2)
+
+
+def test_a_silo_past_its_budget_refuses(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, budget=1.0, delta=1e-3)
+    ledger.record(run="a", round=1, noise_multiplier=0.5, sample_rate=0.5, steps=50)
+    assert ledger.spent() > 1.0
+    with pytest.raises(PrivacyBudgetExceeded, match="budget 1"):
+        ledger.plan(sample_rate=0.5, steps_per_round=5, rounds_left=1)
+
+
+def test_delta_cannot_change_once_spent(tmp_path):
+    PrivacyLedger.open(tmp_path, budget=8, delta=1e-3).record(run="a", round=1, noise_multiplier=1, sample_rate=0.1, steps=1)
+    with pytest.raises(LedgerError, match="δ=0.001"):
+        PrivacyLedger.open(tmp_path, budget=8, delta=1e-4)
+
+
+def test_crash_during_write_leaves_previous_ledger_intact(tmp_path, monkeypatch):
+    ledger = PrivacyLedger.open(tmp_path, budget=50, delta=1e-3)
+    ledger.record(run="a", round=1, noise_multiplier=1.0, sample_rate=0.1, steps=5)
+    before = (tmp_path / "ledger.json").read_bytes()
+
+    def crash(src, dst):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="power cut"):
+        ledger.record(run="a", round=2, noise_multiplier=1.0, sample_rate=0.1, steps=5)
+    monkeypatch.undo()
+    assert (tmp_path / "ledger.json").read_bytes() == before
+    assert len(PrivacyLedger.open(tmp_path, budget=50, delta=1e-3).entries) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ledger.json"]  # no temporary file left behind
+
+
+def test_damaged_ledger_is_an_error_not_a_reset(tmp_path):
+    (tmp_path / "ledger.json").write_text("{ half")
+    with pytest.raises(LedgerError, match="never delete it"):
+        PrivacyLedger.open(tmp_path, budget=8, delta=1e-3)
