@@ -3,6 +3,7 @@
 Node config (set by the SuperNode, e.g. `silorec-client start`):
   data-path   the silo folder (in simulation: partition-id picks one under the run's silos)
   state-path  where the ledger and local head live (default: <data-path>/.silorec-state)
+  cache-path  cache of item vectors (default: <state-path>/cache; in simulation one shared by all silos)
   budget      this merchant's ε budget (default: the run's epsilon)
 """
 
@@ -46,7 +47,8 @@ def _merchant(context: Context, cfg: RoundConfig) -> Merchant:
         torch.set_num_threads(cfg.threads)
     silo = silo_path(context.node_config, cfg)
     state = Path(str(context.node_config.get("state-path") or silo / ".silorec-state"))
-    return merchant_for(silo, state, cfg.model())
+    cache = context.node_config.get("cache-path") or (Path(cfg.silos_dir).parent / "cache" if cfg.silos_dir else state / "cache")
+    return merchant_for(silo, state, cfg.model(), cache_dir=Path(str(cache)))
 
 
 def silo_path(node_config: dict, cfg: RoundConfig) -> Path:

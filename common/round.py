@@ -24,9 +24,9 @@ class RoundConfig:
     round: int = 1
     rounds: int = 1
     local_epochs: int = 2
-    batch_size: int = 32
-    lr: float = TrainConfig.lr
-    head_lr: float = TrainConfig.head_lr
+    batch_size: int = 64  # small silos: a large sample rate keeps the DP noise per step down
+    lr: float = 1e-3  # the DP preset of common.train
+    head_lr: float = 0.1
     max_grad_norm: float = TrainConfig.max_grad_norm
     next_items: int = TrainConfig.next_items
     epsilon: float = 8.0  # the run's per-merchant ε budget; 0 trains without DP

@@ -69,14 +69,25 @@ def resolve_base_model(name: str) -> str:
 
 def load_encoder(name: str) -> tuple[PreTrainedTokenizerBase, nn.Module]:
     """The frozen base encoder and its tokenizer (dropout off, no pooler)."""
+    from transformers.utils import logging as hf_logging
+
     path = resolve_base_model(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the unused pooler's weights are reported as unexpected: expected
     try:
-        # The pooler is unused, and LoRA targets named `dense` would also hit it.
-        encoder = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
-    except TypeError:
-        encoder = AutoModel.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            # The pooler is unused, and LoRA targets named `dense` would also hit it.
+            encoder = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
+        except TypeError:
+            encoder = AutoModel.from_pretrained(path, **kwargs)
+    except OSError as e:
+        from common.errors import SilorecError
+
+        raise SilorecError(f"cannot load base model {name!r} ({path}): {e}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     encoder.requires_grad_(False)
     return tokenizer, encoder
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 
 from common.round import RoundConfig
-from common.train import TrainConfig
+from common.train import TrainConfig, preset
 from server.settings import ServerSettings
 from server.updates import AGGREGATIONS
 from simulations.central import CentralConfig, run_central
@@ -102,9 +102,9 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
 @click.option("--patience", type=int, default=CentralConfig.patience, show_default=True, help="Stop after this many epochs without a better validation NDCG@10.")
 @click.option("--epsilon", type=float, default=None, help="Train with user-level DP-SGD to this ε (default: non-private).")
 @click.option("--delta", type=float, default=None, help="DP δ (default 1/(10·users), below 1/users).")
-@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True, help="Expected users per step.")
-@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True, help="Learning rate of the LoRA adapter.")
-@click.option("--head-lr", type=float, default=TrainConfig.head_lr, show_default=True, help="Learning rate of the local item head.")
+@click.option("--batch-size", type=int, default=None, help="Expected users per step [64; 256 with --epsilon].")
+@click.option("--lr", type=float, default=None, help="Learning rate of the LoRA adapter [5e-3; 1e-3 with --epsilon].")
+@click.option("--head-lr", type=float, default=None, help="Learning rate of the local item head [0.02; 0.1 with --epsilon].")
 @click.option("--max-grad-norm", type=float, default=TrainConfig.max_grad_norm, show_default=True, help="Per-user clipping bound (DP).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @model_options
@@ -120,9 +120,9 @@ def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr
     """
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
-    train_cfg = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, max_grad_norm=max_grad_norm,
-        epsilon=epsilon, delta=delta, seed=seed,
+    train_cfg = preset(
+        epsilon is not None, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
+        max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, seed=seed,
     )
     cfg = CentralConfig(model=replace(model_cfg, seed=seed), train=train_cfg, patience=patience)
     m = run_central(data, out, cfg, cache_dir=cache / "items", force=force, log=click.echo)
@@ -163,11 +163,12 @@ def format_table(m: dict) -> str:
 @click.option("--local-only", is_flag=True, help="Also train every merchant alone (the no-federation baseline) and report it.")
 @click.option("--central", "central_path", type=click.Path(exists=True, path_type=Path), help="metrics.json of a `silorec-sim central` run to compare with.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last complete round.")
+@click.option("--force", is_flag=True, help="Delete an earlier run in OUT first.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Flower's debug logging.")
 @model_options
 def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delta, batch_size, lr, head_lr, aggregation,
-        max_update_norm, min_fit_clients, gpu_fraction, local_only, central_path, resume, seed, verbose, model_cfg):
+        max_update_norm, min_fit_clients, gpu_fraction, local_only, central_path, resume, force, seed, verbose, model_cfg):
     """Simulate a federation of merchants on one machine and report its test metrics.
 
     Splits DATA into merchant silos (OUT/silos), runs silorec's ServerApp and
@@ -179,8 +180,13 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
     """
     from simulations.federated import SimulationSpec, central_most_pop, run_local_only, run_simulation
 
+    if force and not resume and out.exists():
+        import shutil
+
+        click.echo(f"--force: deleting the earlier run in {out}")
+        shutil.rmtree(out)
     if (out / "metrics.json").exists() and not resume:
-        raise FileExistsError(f"{out} holds a finished run; choose another --out (or --resume to rerun its last rounds)")
+        raise FileExistsError(f"{out} holds a finished run; choose another --out or pass --force to replace it")
     if (out / "checkpoint").exists() and not resume:
         raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
     round_cfg = RoundConfig(

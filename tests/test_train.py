@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 
 from common.metrics import evaluate, most_pop
 from common.records import UserRecords
@@ -13,7 +12,7 @@ from common.silo import load_silo
 from common.split import leave_one_out
 from common.text import history_text, item_texts
 from common.towers import ModelConfig, build_recommender
-from common.train import TrainConfig, epsilon_of, mask_history, next_items_loss, train
+from common.train import TrainConfig, clip_bounds, dp_optimizer, epsilon_of, mask_history, next_items_loss, train
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 
 
@@ -63,38 +62,38 @@ def test_dp_step_clips_each_user_and_adds_noise(tiny_bert, synthetic_silo):
     torch.manual_seed(0)
     model, split, titles = setup(synthetic_silo, tiny_bert)
     perturb(model)
-    records = UserRecords(split).records()[:8]
-    params = [p for p in model.parameters() if p.requires_grad]
+    records = UserRecords(split, next_items=3).records()[:8]
     C = 1e-3  # far below the raw gradient norms, so clipping is active
+    cfg = TrainConfig(max_grad_norm=C)
+    bounds = clip_bounds(model, cfg)
+    assert sum(b * b for b in bounds.values()) == pytest.approx(C * C)  # the groups share C², no more
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    opt = DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=8)
+    opt = dp_optimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, 0.0, expected_batch_size=8)
     batch_loss(gsm, model, records, titles).backward()
-    per_user = torch.stack([p.grad_sample.reshape(8, -1).norm(dim=1) for p in params], dim=1).norm(dim=1)
-    assert (per_user > C).all()  # so the check below is not vacuous
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    raw = torch.stack([p.grad_sample.reshape(8, -1).norm(dim=1) for _, p in params], dim=1)
+    assert (raw.norm(dim=1) > C).all()  # so the check below is not vacuous
     opt.clip_and_accumulate()
-    factor = (C / (per_user + 1e-6)).clamp(max=1.0)
-    clipped_norms = torch.stack(
-        [(p.grad_sample.reshape(8, -1) * factor[:, None]).norm(dim=1) for p in params], dim=1
-    ).norm(dim=1)
-    assert (clipped_norms <= C * (1 + 1e-5)).all()
-    for p in params:
-        expected = torch.einsum("i,i...->...", factor, p.grad_sample)
-        torch.testing.assert_close(p.summed_grad, expected, rtol=1e-4, atol=1e-9)
-    # the summed clipped gradient can be no larger than C per user
-    total = torch.cat([p.summed_grad.flatten() for p in params]).norm()
-    assert total <= 8 * C * (1 + 1e-5)
+    clipped = []
+    for j, (name, p) in enumerate(params):
+        factor = (bounds[name] / (raw[:, j] + 1e-6)).clamp(max=1.0)
+        per_user = p.grad_sample * factor.view(-1, *[1] * (p.grad_sample.dim() - 1))
+        torch.testing.assert_close(p.summed_grad, per_user.sum(0), rtol=1e-4, atol=1e-9)
+        clipped.append(per_user.reshape(8, -1).norm(dim=1))
+    per_user_norm = torch.stack(clipped, dim=1).norm(dim=1)
+    assert (per_user_norm <= C * (1 + 1e-4)).all()  # every user's whole gradient within max_grad_norm
     gsm._close()
 
     # now with noise: the released gradient differs from the clipped mean by N(0, (σC/B)²)
     torch.manual_seed(0)
     model2, _, _ = setup(synthetic_silo, tiny_bert)
     perturb(model2)
-    params2 = [p for p in model2.parameters() if p.requires_grad]
     sigma = 2.0
     gsm2 = GradSampleModule(model2, batch_first=True, loss_reduction="mean")
-    opt2 = DPOptimizer(torch.optim.SGD(params2, lr=0.1), noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=8)
+    opt2 = dp_optimizer(model2, torch.optim.SGD(model2.parameters(), lr=0.1), cfg, sigma, expected_batch_size=8)
     batch_loss(gsm2, model2, records, titles).backward()
     opt2.pre_step()
+    params2 = [p for p in model2.parameters() if p.requires_grad]
     noise = torch.cat([(p.grad - p.summed_grad / 8).flatten() for p in params2])
     assert noise.std().item() == pytest.approx(sigma * C / 8, rel=0.1)
     gsm2._close()

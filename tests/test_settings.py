@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+from common.round import RoundConfig
+from server.settings import ServerSettings
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def run_config() -> dict:
+    return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_every_run_config_key_is_a_setting():
+    known = {f.name for f in fields(ServerSettings)} | {f.name for f in fields(RoundConfig)} | {"num_server_rounds"}
+    unknown = [k for k in run_config() if k.replace("-", "_") not in known]
+    assert not unknown, f"pyproject.toml run config keys that nothing reads: {unknown}"
+
+
+def test_run_config_reaches_server_and_merchants():
+    s = ServerSettings.from_run_config(run_config() | {"num-server-rounds": 7, "local-epochs": 3, "ffa": True})
+    assert s.rounds == 7 and s.round.rounds == 7 and s.round.local_epochs == 3 and s.round.model().ffa
+    back = RoundConfig.from_record(s.round.to_record())
+    assert back == s.round
