@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_curves(
@@ -26,6 +27,7 @@ def plot_curves(
         for label, values in series.items():
             ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
         ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for label, value in (reference or {}).items():
         axes[1].axhline(value, linestyle="--", color="grey", label=label)
