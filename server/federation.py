@@ -68,9 +68,10 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict[str, Any]:
         history.append(line)
         report.write_rounds(out, history)
         checkpoint.save(ckpt_dir, checkpoint.Checkpoint(run_id, rnd, global_arrays, history, {"aggregation": settings.aggregation}))
-        log(INFO, "round %d/%d: %d/%d updates accepted, loss %.3f, valid NDCG@10 %.4f, max ε %.2f, %.0f s",
+        eps = f"max ε {max(line['epsilon'].values()):.2f}" if line["epsilon"] else "non-private"
+        log(INFO, "round %d/%d: %d/%d updates accepted, loss %.3f, valid NDCG@10 %.4f, %s, %.0f s",
             rnd, settings.rounds, line["accepted"], line["merchants"], line.get("loss", float("nan")),
-            valid.get("ndcg@10", float("nan")), max(line["epsilon"].values(), default=0.0), line["seconds"])
+            valid.get("ndcg@10", float("nan")), eps, line["seconds"])
 
     test, per_merchant = _evaluate(strategy, grid, global_arrays, replace(base, round=settings.rounds, split="test"))
     final_eps = _last_epsilons(history)
