@@ -30,7 +30,7 @@ from common.plots import plot_curves
 class CentralConfig:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
-    patience: int = 2  # epochs without a better validation NDCG@10 before stopping
+    patience: int = 3  # epochs without a better validation NDCG@10 before stopping
 
 
 def run_central(data: Path, out: Path, cfg: CentralConfig, *, cache_dir: Path | None = None, force: bool = False, log=print) -> dict:

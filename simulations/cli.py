@@ -98,7 +98,7 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
 @main.command("central")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder (all users pooled).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: metrics.json, adapter/, training.png.")
-@click.option("--epochs", type=int, default=TrainConfig.epochs, show_default=True, help="At most this many passes over the users.")
+@click.option("--epochs", type=int, default=None, help="At most this many passes over the users [15; 10 with --epsilon].")
 @click.option("--patience", type=int, default=CentralConfig.patience, show_default=True, help="Stop after this many epochs without a better validation NDCG@10.")
 @click.option("--epsilon", type=float, default=None, help="Train with user-level DP-SGD to this ε (default: non-private).")
 @click.option("--delta", type=float, default=None, help="DP δ (default 1/(10·users), below 1/users).")
