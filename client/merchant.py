@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as to_bytes
 
 from client.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from common import atomic
@@ -65,11 +66,8 @@ class Merchant:
     def _save_head(self) -> None:
         if self.model.head is None:
             return
-        tmp = self.state_dir / (HEAD_FILE + ".partial")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.model.head_state().items()}, str(tmp))
-        atomic.write_bytes(self.state_dir / HEAD_FILE, tmp.read_bytes())
-        tmp.unlink()
+        state = {k: v.contiguous() for k, v in self.model.head_state().items()}
+        atomic.write_bytes(self.state_dir / HEAD_FILE, to_bytes(state))
 
     def ledger(self, cfg: RoundConfig, budget: float | None) -> PrivacyLedger:
         delta = cfg.delta or default_delta(self.split.n_users)

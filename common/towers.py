@@ -167,13 +167,13 @@ def cached_item_vectors(
             return load_file(path)["vectors"]
     vectors = encode_items(encoder, tokenizer, texts, max_tokens=cfg.item_max_tokens, device=device)
     if path is not None:
+        # Several merchants (processes) may fill the same cache at once: serialise in memory and
+        # let the atomic writer pick a unique temporary name.
+        from safetensors.torch import save as to_bytes
+
         from common import atomic
 
-        tmp = path.with_suffix(".partial")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"vectors": vectors.contiguous()}, tmp)
-        atomic.write_bytes(path, tmp.read_bytes())
-        tmp.unlink()
+        atomic.write_bytes(path, to_bytes({"vectors": vectors.contiguous()}))
     return vectors
 
 

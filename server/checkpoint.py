@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save as to_bytes
 
 from common import atomic
 
@@ -33,10 +34,7 @@ class Checkpoint:
 def save(folder: Path, ckpt: Checkpoint) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     name = f"global-round-{ckpt.round:04d}.safetensors"
-    tmp = folder / (name + ".partial")
-    save_file({k: np.ascontiguousarray(v) for k, v in ckpt.global_arrays.items()}, str(tmp))
-    atomic.write_bytes(folder / name, tmp.read_bytes())
-    tmp.unlink()
+    atomic.write_bytes(folder / name, to_bytes({k: np.ascontiguousarray(v) for k, v in ckpt.global_arrays.items()}))
     atomic.write_json(
         folder / STATE_FILE,
         {"run_id": ckpt.run_id, "round": ckpt.round, "adapter": name, "history": ckpt.history, "strategy": ckpt.strategy},

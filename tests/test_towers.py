@@ -115,3 +115,22 @@ def test_head_aligns_by_item_id_across_catalogs(tiny_bert, synthetic_silo):
     reordered.load_head_state(state, ids)
     assert reordered.head.bias[0] == len(ids) - 1 and reordered.head.bias[-1] == 0
     assert np.allclose(reordered.head.weight[1].detach(), state["weight"][len(ids) - 2])
+
+
+def test_many_writers_can_fill_the_same_item_cache_at_once(tmp_path, tiny_bert, synthetic_silo):
+    # simulation actors of several merchants share one cache; a fixed temporary name raced here
+    from concurrent.futures import ThreadPoolExecutor
+
+    from common.towers import cached_item_vectors
+
+    _, texts, _ = catalog(synthetic_silo)
+    cfg = ModelConfig(base_model=str(tiny_bert))
+    tok, enc = load_encoder(str(tiny_bert))
+
+    def fill(_):
+        return cached_item_vectors(enc, tok, texts, cfg, device=torch.device("cpu"), cache_dir=tmp_path / "cache")
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(fill, range(12)))
+    assert all(torch.allclose(r, results[0]) for r in results)
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".safetensors"]
