@@ -14,11 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as to_bytes
 
 from client.ledger import PrivacyBudgetExceeded, PrivacyLedger
-from common import atomic
 from common.arrays import to_numpy, to_torch
 from common.metrics import evaluate, most_pop
 from common.records import UserRecords
@@ -53,21 +50,10 @@ class Merchant:
             model_cfg, list(self.silo.items["item_id"]), item_texts(self.silo.items), cache_dir=cache_dir
         )
         self.trainable_users = len(UserRecords(self.split))
+        self.model.restore_head(self.state_dir / HEAD_FILE)  # the head lives on in memory between rounds
+        self.most_pop = most_pop(self.split)  # fixed for the silo: computed once, not every round
 
     # --- state that stays in the silo ------------------------------------------
-
-    def _load_head(self) -> None:
-        path = self.state_dir / HEAD_FILE
-        if path.is_file() and self.model.head is not None:
-            state = load_file(str(path))
-            self.model.head.weight.data.copy_(state["weight"])
-            self.model.head.bias.data.copy_(state["bias"])
-
-    def _save_head(self) -> None:
-        if self.model.head is None:
-            return
-        state = {k: v.contiguous() for k, v in self.model.head_state().items()}
-        atomic.write_bytes(self.state_dir / HEAD_FILE, to_bytes(state))
 
     def ledger(self, cfg: RoundConfig, budget: float | None) -> PrivacyLedger:
         delta = cfg.delta or default_delta(self.split.n_users)
@@ -77,7 +63,6 @@ class Merchant:
 
     def set_global(self, global_arrays: dict[str, np.ndarray]) -> None:
         self.model.load_adapter_state(to_torch(global_arrays))
-        self._load_head()
 
     def train_round(self, global_arrays: dict[str, np.ndarray], cfg: RoundConfig, *, budget: float | None = None) -> TrainOutcome:
         """Train from the global adapter; return the update and metrics, or why there is none."""
@@ -112,7 +97,7 @@ class Merchant:
                 "delta": ledger.delta,
                 "noise-multiplier": result.noise_multiplier,
             }
-        self._save_head()
+        self.model.save_head(self.state_dir / HEAD_FILE)
         shared_after = to_numpy(self.model.adapter_state())
         update = {k: shared_after[k] - shared_before[k] for k in shared_after}
         return TrainOutcome(update, metrics)
@@ -123,7 +108,7 @@ class Merchant:
         self.set_global(global_arrays)
         cases = self.split.test if cfg.split == "test" else self.split.valid
         ours = evaluate(scorer(self.model, self.titles), cases)
-        pop = most_pop(self.split)["test" if cfg.split == "test" else "valid"]
+        pop = self.most_pop["test" if cfg.split == "test" else "valid"]
         out = {k: float(v) for k, v in ours.items() if k != "users"}
         out |= {f"most-pop-{k}": float(v) for k, v in pop.items() if k != "users"}
         out["users"] = float(len(cases))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -61,8 +62,6 @@ def model_options(f):
             max_tokens=max_tokens, temperature=temperature, local_head=not no_head,
         )
         return f(*args, **kwargs)
-
-    import functools
 
     wrapper = functools.wraps(f)(wrapper)
     for option in reversed(options):

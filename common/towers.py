@@ -24,9 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as tensors_to_bytes
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from common import atomic
+from common.errors import SilorecError
 
 BUNDLED = "bundled"
 MODEL_FILE = "silorec_model.json"
@@ -83,8 +87,6 @@ def load_encoder(name: str) -> tuple[PreTrainedTokenizerBase, nn.Module]:
         except TypeError:
             encoder = AutoModel.from_pretrained(path, **kwargs)
     except OSError as e:
-        from common.errors import SilorecError
-
         raise SilorecError(f"cannot load base model {name!r} ({path}): {e}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -169,11 +171,7 @@ def cached_item_vectors(
     if path is not None:
         # Several merchants (processes) may fill the same cache at once: serialise in memory and
         # let the atomic writer pick a unique temporary name.
-        from safetensors.torch import save as to_bytes
-
-        from common import atomic
-
-        atomic.write_bytes(path, to_bytes({"vectors": vectors.contiguous()}))
+        atomic.write_bytes(path, tensors_to_bytes({"vectors": vectors.contiguous()}))
     return vectors
 
 
@@ -259,6 +257,19 @@ class Recommender(nn.Module):
                     self.head.weight[j] = state["weight"][i]
                     self.head.bias[j] = state["bias"][i]
 
+    def save_head(self, path: Path) -> None:
+        """Write the local head with the item ids it is aligned to (atomically; several processes may write)."""
+        if self.head is None:
+            return
+        state = {k: v.contiguous() for k, v in self.head_state().items()}
+        atomic.write_bytes(Path(path), tensors_to_bytes(state, metadata={"item_ids": json.dumps(self.item_ids)}))
+
+    def restore_head(self, path: Path) -> None:
+        """Load a head written by `save_head`, aligned to this catalog by item id; no file, no change."""
+        if self.head is not None and Path(path).is_file():
+            state, item_ids = load_head(Path(path))
+            self.load_head_state(state, item_ids)
+
     # --- saving -----------------------------------------------------------------
 
     def save(self, folder: Path) -> None:
@@ -267,12 +278,7 @@ class Recommender(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         self.user_tower.save_pretrained(str(folder))
         (folder / MODEL_FILE).write_text(json.dumps(self.cfg.to_json(), indent=2) + "\n")
-        if self.head is not None:
-            save_file(
-                {k: v.contiguous() for k, v in self.head_state().items()},
-                str(folder / HEAD_FILE),
-                metadata={"item_ids": json.dumps(self.item_ids)},
-            )
+        self.save_head(folder / HEAD_FILE)
 
 
 def build_recommender(
@@ -296,9 +302,8 @@ def build_recommender(
     vectors = cached_item_vectors(encoder, tokenizer, item_texts, cfg, device=device, cache_dir=cache_dir)
     tower = attach_adapter(encoder, cfg, adapter_dir=adapter_dir)
     model = Recommender(tower, tokenizer, vectors, cfg, item_ids).to(device)
-    if adapter_dir is not None and (Path(adapter_dir) / HEAD_FILE).is_file():
-        state, saved_ids = load_head(Path(adapter_dir) / HEAD_FILE)
-        model.load_head_state(state, saved_ids)
+    if adapter_dir is not None:
+        model.restore_head(Path(adapter_dir) / HEAD_FILE)
     return model
 
 
@@ -330,8 +335,6 @@ def load_model_config(adapter_dir: Path) -> ModelConfig:
     """The ModelConfig saved beside an adapter, with a clear error if it is not a silorec adapter."""
     path = Path(adapter_dir) / MODEL_FILE
     if not path.is_file():
-        from common.errors import SilorecError
-
         raise SilorecError(f"{adapter_dir}: no {MODEL_FILE}; is this an adapter folder written by silorec?")
     return ModelConfig.from_json(json.loads(path.read_text()))
 

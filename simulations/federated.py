@@ -68,7 +68,8 @@ def run_simulation(spec: SimulationSpec, settings: ServerSettings, *, verbose: b
     n = sum(1 for p in silos.iterdir() if p.is_dir())
     cpus = os.cpu_count() or 1
     threads = max(1, spec.cpus_per_client)
-    overrides = _as_run_config(settings, out_dir=str(spec.out), silos_dir=str(silos), threads=threads)
+    settings = replace(settings, out_dir=str(spec.out), round=replace(settings.round, silos_dir=str(silos), threads=threads))
+    overrides = _as_run_config(settings)
     backend = {
         "client_resources": {"num_cpus": spec.cpus_per_client, "num_gpus": spec.gpu_fraction},
         "init_args": {"num_cpus": cpus, "num_gpus": 1 if spec.gpu_fraction > 0 else 0},
@@ -87,15 +88,12 @@ def run_simulation(spec: SimulationSpec, settings: ServerSettings, *, verbose: b
     return metrics
 
 
-def _as_run_config(settings: ServerSettings, **round_overrides: Any) -> dict[str, Any]:
-    """ServerSettings back to a flat Flower run config (kebab-case), with round fields overridden."""
-    flat = {k.replace("_", "-"): v for k, v in vars(settings).items() if k != "round"}
-    flat["num-server-rounds"] = flat.pop("rounds")
-    round_cfg = replace(settings.round, **{k: v for k, v in round_overrides.items() if k != "out_dir"})
-    flat.update({k.replace("_", "-"): v for k, v in vars(round_cfg).items()})
-    if "out_dir" in round_overrides:
-        flat["out-dir"] = round_overrides["out_dir"]
-    return flat
+def _as_run_config(settings: ServerSettings) -> dict[str, Any]:
+    """ServerSettings back to a flat Flower run config with kebab-case keys."""
+    merchant = {k: v for k, v in vars(settings.round).items() if k != "rounds"}  # set from the server's count
+    server = {k: v for k, v in vars(settings).items() if k not in ("round", "rounds")}
+    flat = {"num_server_rounds": settings.rounds} | server | merchant
+    return {k.replace("_", "-"): v for k, v in flat.items()}
 
 
 def central_most_pop(data: Path) -> dict[str, float]:

@@ -10,6 +10,7 @@ into a silo folder.
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 import tempfile
@@ -105,8 +106,6 @@ def fetch_movielens_100k(
 
 
 def _already_fetched(meta_path: Path, checksums: Mapping[str, str]) -> bool:
-    import json
-
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
