@@ -50,7 +50,6 @@ class Merchant:
             model_cfg, list(self.silo.items["item_id"]), item_texts(self.silo.items), cache_dir=cache_dir
         )
         self.trainable_users = len(UserRecords(self.split))
-        self.model.restore_head(self.state_dir / HEAD_FILE)  # the head lives on in memory between rounds
         self.most_pop = most_pop(self.split)  # fixed for the silo: computed once, not every round
 
     # --- state that stays in the silo ------------------------------------------
@@ -63,6 +62,9 @@ class Merchant:
 
     def set_global(self, global_arrays: dict[str, np.ndarray]) -> None:
         self.model.load_adapter_state(to_torch(global_arrays))
+        # The state folder, not this process, holds the latest head: a simulation may serve this
+        # silo from another actor in the next round, so read it every time.
+        self.model.restore_head(self.state_dir / HEAD_FILE)
 
     def train_round(self, global_arrays: dict[str, np.ndarray], cfg: RoundConfig, *, budget: float | None = None) -> TrainOutcome:
         """Train from the global adapter; return the update and metrics, or why there is none."""
