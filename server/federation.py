@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import replace
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +18,22 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from peft import get_peft_model_state_dict
 
-from common import atomic
+from common import atomic, seal
 from common.arrays import nbytes, to_numpy, to_record
 from common.errors import SilorecError
 from common.round import RoundConfig
 from common.towers import attach_adapter, load_encoder
-from server import checkpoint, report
+from server import checkpoint, report, sealing
 from server.settings import ServerSettings
 from server.strategy import ScreenedFedAvg, summarize_evaluation
 from server.updates import spec_of
 
 
-def run_federation(grid: Grid, settings: ServerSettings) -> dict[str, Any]:
-    """Run (or resume) the federation described by `settings`; write its outputs; return the final metrics."""
+def run_federation(grid: Grid, settings: ServerSettings, *, state_key: bytes | None = None) -> dict[str, Any]:
+    """Run (or resume) the federation described by `settings`; write its outputs; return the final metrics.
+
+    `state_key` encrypts the run's sealing key at rest so that `resume` keeps it.
+    """
     out = Path(settings.out_dir)
     ckpt_dir = out / "checkpoint"
     model_cfg = settings.round.model()
@@ -38,12 +41,22 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict[str, Any]:
     tower = attach_adapter(encoder, model_cfg)
     initial = to_numpy(get_peft_model_state_dict(tower))
     shared = {k: v for k, v in initial.items() if "lora_B" in k} if model_cfg.ffa else initial
-    strategy = ScreenedFedAvg(spec_of(shared), settings)
 
     ckpt = checkpoint.load(ckpt_dir) if settings.resume else None
     if ckpt is None and (ckpt_dir / checkpoint.STATE_FILE).exists():
         raise SilorecError(f"{out} holds an earlier run; resume it with --resume or choose another output folder")
     run_id = ckpt.run_id if ckpt else uuid.uuid4().hex[:12]
+    key = None
+    if settings.seal_updates:
+        key, kept = sealing.load_or_create_key(ckpt_dir, resuming=ckpt is not None, state_key=state_key)
+        if ckpt is not None and not kept:
+            run_id = uuid.uuid4().hex[:12]
+            log(WARNING, "no state key to recover run %s's sealing key: continuing as run %s with a new key pair "
+                "(set %s to keep the key across restarts)", ckpt.run_id, run_id, sealing.STATE_KEY_ENV)
+    else:
+        log(WARNING, "sealing is OFF (seal-updates = false): updates travel and are stored in the clear")
+    envelope = sealing.Envelope(run_id, key)
+    strategy = ScreenedFedAvg(spec_of(shared), settings, envelope)
     global_arrays = ckpt.global_arrays if ckpt else initial
     history: list[dict[str, Any]] = ckpt.history if ckpt else []
     start_round = ckpt.round + 1 if ckpt else 1
@@ -59,12 +72,16 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict[str, Any]:
     for rnd in range(start_round, settings.rounds + 1):
         t0 = time.perf_counter()
         cfg = replace(base, round=rnd)
-        messages = strategy.configure_train(rnd, to_record(global_arrays), cfg.to_record(), grid)
+        messages = list(strategy.configure_train(rnd, to_record(global_arrays), cfg.to_record(), grid))
+        if (record := envelope.train_record()) is not None:
+            for message in messages:
+                message.content[seal.KEY_RECORD] = record
         result = strategy.screen_and_aggregate(rnd, grid.send_and_receive(messages, timeout=settings.round_timeout))
         if result.delta is not None:
             global_arrays = {k: (v + result.delta[k]).astype(v.dtype) if k in result.delta else v for k, v in global_arrays.items()}
         valid, _ = _evaluate(strategy, grid, global_arrays, replace(cfg, split="valid"))
         line = _round_line(rnd, result, valid, time.perf_counter() - t0)
+        line["open_seconds"] = round(envelope.open_seconds, 6)
         history.append(line)
         report.write_rounds(out, history)
         checkpoint.save(ckpt_dir, checkpoint.Checkpoint(run_id, rnd, global_arrays, history, {"aggregation": settings.aggregation}))
@@ -89,6 +106,7 @@ def run_federation(grid: Grid, settings: ServerSettings) -> dict[str, Any]:
         "epsilon_max": max((e["epsilon"] for e in final_eps.values()), default=None),
         "merchants": merchants,
         "update_bytes": nbytes(shared),
+        "sealed": settings.seal_updates,
         "seed": settings.round.seed,
         "config": {"server": {k: v for k, v in vars(settings).items() if k != "round"}, "round": vars(base)},
     }
@@ -115,6 +133,7 @@ def _round_line(rnd: int, result, valid: dict, seconds: float) -> dict[str, Any]
         "epsilon": {m.silo: m.metrics["epsilon-total"] for m in result.merchants if "epsilon-total" in m.metrics},
         "delta": {m.silo: m.metrics["delta"] for m in result.merchants if "delta" in m.metrics},
         "bytes_received": result.bytes_received,
+        "seal_seconds": round(sum(m.metrics.get("seal-seconds", 0.0) for m in result.merchants), 6),
         "seconds": round(seconds, 2),
         "rejected": [{"silo": m.silo, "node": m.node, "reason": m.reason} for m in result.merchants if m.status in ("rejected", "error")],
         "no_update": [{"silo": m.silo, "reason": m.reason} for m in result.merchants if m.status == "no-update"],

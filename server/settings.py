@@ -20,6 +20,9 @@ class ServerSettings:
     trim: float = 0.1  # trimmed-mean: fraction dropped at each end
     max_update_norm: float = 25.0  # L2 bound on one merchant's update; larger ones are rejected
     round_timeout: float = 3600.0
+    secure_aggregation: bool = False  # SecAgg+: the coordinator sees only the sum of updates (no screening, no robust aggregation)
+    seal_updates: bool = True  # merchants seal updates to the run's key; off only for debugging
+    state_key_file: str = ""  # a file holding the key that encrypts the run's sealing key at rest (else $SILOREC_STATE_KEY)
     round: RoundConfig = field(default_factory=RoundConfig)  # what merchants are told
 
     @classmethod

@@ -11,7 +11,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 
-from common.arrays import from_record, nbytes, to_record
+from common.arrays import to_record
+from server.sealing import Envelope
 from server.settings import ServerSettings
 from server.updates import TensorSpec, UpdateRejected, aggregate, screen
 
@@ -42,9 +43,9 @@ class TrainRound:
 
 
 class ScreenedFedAvg(FedAvg):
-    """FedAvg weighted by users, over LoRA updates that each pass screening first."""
+    """FedAvg weighted by users, over LoRA updates that are opened (unsealed) and screened first."""
 
-    def __init__(self, spec: dict[str, TensorSpec], settings: ServerSettings) -> None:
+    def __init__(self, spec: dict[str, TensorSpec], settings: ServerSettings, envelope: Envelope) -> None:
         super().__init__(
             fraction_train=settings.fraction_train,
             fraction_evaluate=1.0,
@@ -55,10 +56,12 @@ class ScreenedFedAvg(FedAvg):
         )
         self.spec = spec
         self.settings = settings
+        self.envelope = envelope
 
     def screen_and_aggregate(self, server_round: int, replies: Iterable[Message]) -> TrainRound:
         """Open every reply, screen its update, and aggregate those that pass."""
         result = TrainRound(delta=None)
+        self.envelope.open_seconds = 0.0
         updates, weights = [], []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -71,12 +74,11 @@ class ScreenedFedAvg(FedAvg):
             metrics = {k: float(v) for k, v in reply.content["metrics"].items()} if "metrics" in reply.content.metric_records else {}
             report = MerchantReport(node, silo, metrics, "no-update", str(info["reason"]) if info else "")
             result.merchants.append(report)
-            if "update" not in reply.content.array_records:
+            if not self.envelope.has_update(reply):
                 log(INFO, "round %d: %s (node %d) sent no update: %s", server_round, silo, node, report.reason or "no reason given")
                 continue
-            update = from_record(reply.content["update"])
-            report.update_bytes = nbytes(update)
             try:
+                update, report.update_bytes = self.envelope.open(reply, server_round)
                 report.norm = screen(update, self.spec, self.settings.max_update_norm)
                 if metrics.get("users", 0) <= 0:
                     raise UpdateRejected("reported no users to weight the update by")

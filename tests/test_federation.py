@@ -9,16 +9,19 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
 import client.app as merchant_app
 from client.ledger import PrivacyLedger
-from common.arrays import from_record, to_record
+from common import seal
+from common.arrays import pack, to_record
 from common.round import RoundConfig
 from common.towers import load_encoder
 from server.settings import ServerSettings
@@ -31,8 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def settings(tiny_bert, out, rounds=2, **kw):
     round_cfg = RoundConfig(base_model=str(tiny_bert), local_epochs=2, batch_size=16, epsilon=8.0, delta=1e-3, threads=1)
     server = {k: kw.pop(k) for k in list(kw) if k in ServerSettings.__dataclass_fields__}
-    from dataclasses import replace
-
     return ServerSettings(rounds=rounds, out_dir=str(out), round=replace(round_cfg, **kw), **server)
 
 
@@ -44,7 +45,9 @@ def test_two_dp_rounds_beat_round_zero_and_write_every_output(tmp_path, tiny_ber
     assert [line["round"] for line in lines] == [0, 1, 2]
     assert lines[2]["valid"]["ndcg@10"] > lines[0]["valid"]["ndcg@10"]
     assert all(0 < eps <= 8.0 for line in lines[1:] for eps in line["epsilon"].values())
-    assert all(line["bytes_received"] == 3 * m["update_bytes"] for line in lines[1:])
+    # sealed: each update is its tensors plus a small safetensors header and the seal's 65 bytes
+    assert m["sealed"] and all(3 * m["update_bytes"] < line["bytes_received"] < 3 * (m["update_bytes"] + 4096) for line in lines[1:])
+    assert all(0 < line["seal_seconds"] < 1 and 0 < line["open_seconds"] < 1 for line in lines[1:])
     assert m["rounds"] == 2 and m["test"]["users"] == 120 and 0 < m["epsilon_max"] <= 8.0
     assert {"ndcg@10", "hr@10", "mrr@20"} <= set(m["most_pop_local"])
     for name in ("metrics.json", "rounds.png", "privacy.png", "adapter/README.md", "adapter/adapter_model.safetensors"):
@@ -68,16 +71,33 @@ def _tamper(update: dict[str, np.ndarray], how: str) -> dict[str, np.ndarray]:
     return update
 
 
-TAMPER = {0: "nan", 1: "shape", 2: "missing", 3: "norm"}
+TAMPER = {0: "nan", 1: "shape", 2: "missing", 3: "norm", 6: "flipped", 7: "replayed", 8: "wrong-key", 9: "unsealed"}
 hostile = ClientApp()
 
 
 @hostile.train()
 def _hostile_train(msg, context):
-    reply = merchant_app.train(msg, context)
+    merchant, outcome = merchant_app.train_locally(msg, context)
     how = TAMPER.get(int(context.node_config["partition-id"]))
-    if how and "update" in reply.content.array_records:
-        reply.content["update"] = to_record(_tamper(from_record(reply.content["update"]), how))
+    if outcome.update is not None and how in ("nan", "shape", "missing", "norm"):
+        outcome = replace(outcome, update=_tamper(outcome.update, how))
+    reply = merchant_app.train_reply(msg, context, merchant, outcome)
+    if outcome.update is None or how is None:
+        return reply
+    cfg = RoundConfig.from_record(msg.content["config"])
+    key = bytes(msg.content["seal"]["public-key"])
+    if how == "flipped":  # one bit of the ciphertext altered on the way
+        blob = bytearray(reply.content["sealed"]["update"])
+        blob[-40] ^= 1
+        reply.content["sealed"] = ConfigRecord({"update": bytes(blob)})
+    elif how == "replayed":  # an update sealed for another node (or lifted from it), passed off as ours
+        other = seal.update_context(cfg.run_id, cfg.round, context.node_id + 1)
+        reply.content["sealed"] = ConfigRecord({"update": seal.seal(pack(outcome.update), key, other)})
+    elif how == "wrong-key":
+        reply.content["sealed"] = ConfigRecord({"update": seal.seal(pack(outcome.update), seal.public_bytes(seal.generate_key()), seal.update_context(cfg.run_id, cfg.round, context.node_id))})
+    elif how == "unsealed":
+        del reply.content["sealed"]
+        reply.content["update"] = to_record(outcome.update)
     return reply
 
 
@@ -89,7 +109,7 @@ def _hostile_evaluate(msg, context):
 def test_bad_updates_and_spent_budgets_are_left_out_and_the_round_completes(tmp_path, tiny_bert, caplog):
     data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=120, seed=2))
     out = tmp_path / "run"
-    spec = SimulationSpec(data=data, out=out, merchants=6)
+    spec = SimulationSpec(data=data, out=out, merchants=10)
     from simulations.federated import partition_for_run
 
     silos = sorted(p for p in partition_for_run(spec).iterdir() if p.is_dir())
@@ -100,14 +120,17 @@ def test_bad_updates_and_spent_budgets_are_left_out_and_the_round_completes(tmp_
     m = run_simulation(spec, settings(tiny_bert, out, rounds=1, min_fit_clients=1), client_app=hostile)
     line = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1]
     reasons = {r["silo"]: r["reason"] for r in line["rejected"]}
-    assert line["accepted"] == 1 and line["merchants"] == 6
+    assert line["accepted"] == 1 and line["merchants"] == 10
     assert "non-finite" in reasons[silos[0].name]
     assert "shape" in reasons[silos[1].name]
     assert "missing tensor" in reasons[silos[2].name]
     assert "exceeds the bound" in reasons[silos[3].name]
+    for i in (6, 7, 8):
+        assert "sealed update does not open (OpenError)" in reasons[silos[i].name]
+    assert "unsealed update" in reasons[silos[9].name]
     assert line["no_update"] == [{"silo": silos[5].name, "reason": line["no_update"][0]["reason"]}]
     assert "budget" in line["no_update"][0]["reason"]
-    for silo in (s.name for s in silos[:4]):
+    for silo in (s.name for s in silos[:4] + silos[6:]):
         assert any(f"rejected update from {silo}" in r.getMessage() for r in caplog.records)
     assert m["rounds"] == 1 and (out / "adapter" / "adapter_model.safetensors").is_file()
 
