@@ -9,28 +9,52 @@ Node config (set by the SuperNode, e.g. `silorec-client start`):
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.merchant import Merchant, merchant_for
-from common.arrays import from_record, to_record
+from client.merchant import Merchant, TrainOutcome, merchant_for
+from client.secagg import secure_aggregation_mod
+from common import seal
+from common.arrays import from_record, pack, to_record
 from common.round import RoundConfig
 
-app = ClientApp()
+app = ClientApp(mods=[secure_aggregation_mod])  # SecAgg+ messages go to Flower's secaggplus_mod, all others pass through
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    return train_reply(msg, context, *train_locally(msg, context))
+
+
+def train_locally(msg: Message, context: Context) -> tuple[Merchant, TrainOutcome]:
+    """Train this merchant's silo from the global adapter in `msg` (the update is still in the clear)."""
     cfg = RoundConfig.from_record(msg.content["config"])
     merchant = _merchant(context, cfg)
     budget = context.node_config.get("budget")
-    outcome = merchant.train_round(from_record(msg.content["arrays"]), cfg, budget=float(budget) if budget else None)
-    content = RecordDict({"metrics": MetricRecord(outcome.metrics), "info": _info(merchant, outcome.reason)})
+    return merchant, merchant.train_round(from_record(msg.content["arrays"]), cfg, budget=float(budget) if budget else None)
+
+
+def train_reply(msg: Message, context: Context, merchant: Merchant, outcome: TrainOutcome) -> Message:
+    """The reply: metrics, and the update sealed to the run's key (in the clear only if the server asked no sealing)."""
+    metrics = dict(outcome.metrics)
+    content = RecordDict({"info": _info(merchant, outcome.reason)})
     if outcome.update is not None:
-        content["update"] = to_record(outcome.update)
+        seal_cfg = msg.content.config_records.get(seal.KEY_RECORD)
+        if seal_cfg is None:
+            content["update"] = to_record(outcome.update)
+        else:
+            cfg = RoundConfig.from_record(msg.content["config"])
+            t0 = time.perf_counter()
+            blob = seal.seal(
+                pack(outcome.update), bytes(seal_cfg["public-key"]), seal.update_context(cfg.run_id, cfg.round, context.node_id)
+            )
+            metrics["seal-seconds"] = time.perf_counter() - t0
+            content[seal.SEALED_RECORD] = ConfigRecord({"update": blob})
+    content["metrics"] = MetricRecord(metrics)
     return Message(content=content, reply_to=msg)
 
 
