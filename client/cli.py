@@ -96,3 +96,35 @@ def evaluate_cmd(adapter: Path, data: Path, cache: Path) -> None:
         "most_pop": most_pop(split),
     }
     click.echo(json.dumps(report, indent=2))
+
+
+@main.command("start")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="The merchant's silo folder.")
+@click.option("--server", required=True, metavar="HOST:PORT", help="The coordinator's SuperLink address.")
+@click.option("--ca", type=click.Path(path_type=Path), help="The federation's CA certificate (ca.pem from the coordinator).")
+@click.option("--key", type=click.Path(path_type=Path), help="This merchant's node key (NAME.key from `silorec-server enroll`).")
+@click.option("--state", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Ledger, local head and Flower state. [default: SILO/.silorec-state]")
+@click.option("--port", type=int, default=9094, show_default=True, help="Local port of the node's Runtime API (127.0.0.1 only).")
+@click.option("--insecure", is_flag=True, help="Local development only: no TLS and no node authentication.")
+def start(data: Path, server: str, ca: Path | None, key: Path | None, state: Path | None, port: int, insecure: bool) -> None:
+    """Join the federation: run a Flower SuperNode that trains on the silo in DATA.
+
+    The silo is validated first; raw interactions never leave it. The node
+    verifies the SuperLink's certificate against --ca and proves its identity
+    with --key. Runs until the federation ends it or Ctrl+C.
+    """
+    from client.node import NodeError, NodeSpec, check_files, run_supernode
+
+    silo = load_silo(data)  # refuse a bad silo here, not in the middle of the first round
+    if insecure:
+        click.secho("WARNING: --insecure: no TLS and no node authentication. Use only for local development.",
+                    fg="red", bold=True, err=True)
+    elif ca is None or key is None:
+        raise NodeError("start needs --ca and --key (or --insecure for local development only)")
+    spec = NodeSpec(server, data, state or data / ".silorec-state", None if insecure else ca, None if insecure else key, port)
+    check_files(spec)
+    click.echo(f"silo {silo.name}: valid; connecting to {server} ({'TLS, node key ' + str(key) if spec.secure else 'INSECURE'})")
+    code = run_supernode(spec)
+    if code:
+        raise SystemExit(code)

@@ -1,0 +1,80 @@
+"""A merchant's Flower SuperNode: the `flower-supernode` process that runs silorec's ClientApp next to the silo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import SilorecError
+
+
+class NodeError(SilorecError):
+    """The SuperNode cannot be started as asked."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One SuperNode: which SuperLink, which silo, its TLS root (None: insecure) and its node key."""
+
+    server: str
+    silo: Path
+    state: Path
+    ca_cert: Path | None = None
+    key: Path | None = None
+    port: int = 9094  # the SuperNode's local Runtime API, used by its ClientApp processes
+
+    @property
+    def secure(self) -> bool:
+        return self.ca_cert is not None
+
+
+def check_files(spec: NodeSpec) -> None:
+    """Fail with a clear line if the CA certificate or the node key is missing."""
+    for what, path in (("CA certificate (--ca)", spec.ca_cert), ("node key (--key)", spec.key)):
+        if spec.secure and (path is None or not path.is_file()):
+            raise NodeError(f"{what} {path} not found: ask the coordinator's operator for it (`silorec-server certs` / `enroll`)")
+
+
+def supernode_command(spec: NodeSpec) -> list[str]:
+    """The `flower-supernode` command line; the silo and state folders reach the ClientApp as node config."""
+    node_config = " ".join(f"{k}={json.dumps(str(v))}" for k, v in
+                           (("data-path", spec.silo.resolve()), ("state-path", spec.state.resolve())))
+    cmd = [_tool("flower-supernode"), "--superlink", spec.server, "--node-config", node_config,
+           "--port", str(spec.port)]
+    if spec.secure:
+        cmd += ["--root-certificates", str(spec.ca_cert), "--auth-supernode-private-key", str(spec.key)]
+    else:
+        cmd += ["--insecure"]
+    return cmd
+
+
+def run_supernode(spec: NodeSpec) -> int:
+    """Run the SuperNode in the foreground until it exits or this process is stopped; return its exit code."""
+    spec.state.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["FLWR_HOME"] = str((spec.state / "flwr-home").resolve())
+    # the ClientApp runs in this environment; letting Flower `uv sync` could pull a CUDA torch
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    proc = subprocess.Popen(supernode_command(spec), env=env)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.terminate())  # pass a stop on to the node
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _tool(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else name
