@@ -9,7 +9,6 @@ Node config (set by the SuperNode, e.g. `silorec-client start`):
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -18,8 +17,9 @@ from flwr.clientapp import ClientApp
 
 from client.merchant import Merchant, TrainOutcome, merchant_for
 from client.secagg import secure_aggregation_mod
+from client.sealing import global_arrays, key_record, merchant_key, seal_update
 from common import seal
-from common.arrays import from_record, pack, to_record
+from common.arrays import to_record
 from common.round import RoundConfig
 
 app = ClientApp(mods=[secure_aggregation_mod])  # SecAgg+ messages go to Flower's secaggplus_mod, all others pass through
@@ -30,12 +30,28 @@ def train(msg: Message, context: Context) -> Message:
     return train_reply(msg, context, *train_locally(msg, context))
 
 
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = RoundConfig.from_record(msg.content["config"])
+    merchant = merchant_from_context(context, cfg)
+    metrics = merchant.evaluate(global_arrays(msg, cfg, context.node_id, merchant_key(merchant.state_dir)), cfg)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics), "info": _info(merchant)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The merchant's public key, so the coordinator can seal the global adapter to it."""
+    state = state_path(context.node_config, silo_path(context.node_config, RoundConfig.from_record(msg.content["config"])))
+    return Message(content=RecordDict({seal.KEY_RECORD: key_record(merchant_key(state))}), reply_to=msg)
+
+
 def train_locally(msg: Message, context: Context) -> tuple[Merchant, TrainOutcome]:
     """Train this merchant's silo from the global adapter in `msg` (the update is still in the clear)."""
     cfg = RoundConfig.from_record(msg.content["config"])
-    merchant = _merchant(context, cfg)
+    merchant = merchant_from_context(context, cfg)
     budget = context.node_config.get("budget")
-    return merchant, merchant.train_round(from_record(msg.content["arrays"]), cfg, budget=float(budget) if budget else None)
+    arrays = global_arrays(msg, cfg, context.node_id, merchant_key(merchant.state_dir))
+    return merchant, merchant.train_round(arrays, cfg, budget=float(budget) if budget else None)
 
 
 def train_reply(msg: Message, context: Context, merchant: Merchant, outcome: TrainOutcome) -> Message:
@@ -43,36 +59,27 @@ def train_reply(msg: Message, context: Context, merchant: Merchant, outcome: Tra
     metrics = dict(outcome.metrics)
     content = RecordDict({"info": _info(merchant, outcome.reason)})
     if outcome.update is not None:
-        seal_cfg = msg.content.config_records.get(seal.KEY_RECORD)
-        if seal_cfg is None:
-            content["update"] = to_record(outcome.update)
-        else:
+        if seal.KEY_RECORD in msg.content.config_records:
             cfg = RoundConfig.from_record(msg.content["config"])
-            t0 = time.perf_counter()
-            blob = seal.seal(
-                pack(outcome.update), bytes(seal_cfg["public-key"]), seal.update_context(cfg.run_id, cfg.round, context.node_id)
-            )
-            metrics["seal-seconds"] = time.perf_counter() - t0
-            content[seal.SEALED_RECORD] = ConfigRecord({"update": blob})
+            content[seal.SEALED_RECORD], metrics["seal-seconds"] = seal_update(outcome.update, msg, cfg, context.node_id)
+        else:
+            content["update"] = to_record(outcome.update)
     content["metrics"] = MetricRecord(metrics)
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    cfg = RoundConfig.from_record(msg.content["config"])
-    merchant = _merchant(context, cfg)
-    metrics = merchant.evaluate(from_record(msg.content["arrays"]), cfg)
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics), "info": _info(merchant)}), reply_to=msg)
-
-
-def _merchant(context: Context, cfg: RoundConfig) -> Merchant:
+def merchant_from_context(context: Context, cfg: RoundConfig) -> Merchant:
+    """This node's Merchant, from its node config and the round's config."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     silo = silo_path(context.node_config, cfg)
-    state = Path(str(context.node_config.get("state-path") or silo / ".silorec-state"))
+    state = state_path(context.node_config, silo)
     cache = context.node_config.get("cache-path") or (Path(cfg.silos_dir).parent / "cache" if cfg.silos_dir else state / "cache")
     return merchant_for(silo, state, cfg.model(), cache_dir=Path(str(cache)))
+
+
+def state_path(node_config: dict, silo: Path) -> Path:
+    return Path(str(node_config.get("state-path") or silo / ".silorec-state"))
 
 
 def silo_path(node_config: dict, cfg: RoundConfig) -> Path:

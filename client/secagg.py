@@ -49,7 +49,7 @@ class MerchantClient(NumPyClient):
     def merchant(self, cfg: RoundConfig) -> Merchant:
         from client import app as merchant_app  # late: client.app imports this module for its mod
 
-        return merchant_app._merchant(self.context, cfg)
+        return merchant_app.merchant_from_context(self.context, cfg)
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         cfg = RoundConfig.from_record(config)

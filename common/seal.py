@@ -32,10 +32,10 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 HEADER_BYTES = len(MAGIC) + 1 + KEY_BYTES + NONCE_BYTES
 CONTEXT_LABEL = b"silorec sealed update v1: X25519-HKDF-SHA256-AES-256-GCM"
-# Where sealing shows in Flower messages: a train message's ConfigRecord with the run's
-# public key, and a train reply's ConfigRecord with the sealed update.
-KEY_RECORD = "seal"
-SEALED_RECORD = "sealed"
+# Where sealing shows in Flower messages (ConfigRecords):
+KEY_RECORD = "seal"  # a public key: the run's (train message) or a merchant's (query reply)
+SEALED_RECORD = "sealed"  # a train reply's sealed update
+SEALED_GLOBAL_RECORD = "sealed-global"  # a train or evaluate message's global adapter, sealed to the merchant
 
 
 class SealError(SilorecError):

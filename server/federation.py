@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 from flwr.common import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 from peft import get_peft_model_state_dict
 
-from common import atomic, seal
+from common import atomic
 from common.arrays import nbytes, to_numpy, to_record
 from common.errors import SilorecError
 from common.round import RoundConfig
@@ -65,22 +66,19 @@ def run_federation(grid: Grid, settings: ServerSettings, *, state_key: bytes | N
         run_id, start_round, settings.rounds, nbytes(shared), len(shared), settings.aggregation)
 
     if not history:  # round 0: the untrained adapter, the reference every round is compared with
-        valid, _ = _evaluate(strategy, grid, global_arrays, replace(base, round=0, split="valid"))
+        valid, _ = evaluate_global(strategy, grid, global_arrays, replace(base, round=0, split="valid"), envelope)
         history.append({"round": 0, "valid": valid})
         checkpoint.save(ckpt_dir, checkpoint.Checkpoint(run_id, 0, global_arrays, history))
 
     for rnd in range(start_round, settings.rounds + 1):
         t0 = time.perf_counter()
         cfg = replace(base, round=rnd)
-        messages = list(strategy.configure_train(rnd, to_record(global_arrays), cfg.to_record(), grid))
-        if (record := envelope.train_record()) is not None:
-            for message in messages:
-                message.content[seal.KEY_RECORD] = record
+        messages = envelope.seal_messages(grid, strategy.configure_train(rnd, to_record(global_arrays), cfg.to_record(), grid), rnd, cfg.to_record())
         result = strategy.screen_and_aggregate(rnd, grid.send_and_receive(messages, timeout=settings.round_timeout))
         if result.delta is not None:
             global_arrays = {k: (v + result.delta[k]).astype(v.dtype) if k in result.delta else v for k, v in global_arrays.items()}
-        valid, _ = _evaluate(strategy, grid, global_arrays, replace(cfg, split="valid"))
-        line = _round_line(rnd, result, valid, time.perf_counter() - t0)
+        valid, _ = evaluate_global(strategy, grid, global_arrays, replace(cfg, split="valid"), envelope)
+        line = round_line(rnd, result, valid, time.perf_counter() - t0)
         line["open_seconds"] = round(envelope.open_seconds, 6)
         history.append(line)
         report.write_rounds(out, history)
@@ -90,39 +88,56 @@ def run_federation(grid: Grid, settings: ServerSettings, *, state_key: bytes | N
             rnd, settings.rounds, line["accepted"], line["merchants"], line.get("loss", float("nan")),
             valid.get("ndcg@10", float("nan")), eps, line["seconds"])
 
-    test, per_merchant = _evaluate(strategy, grid, global_arrays, replace(base, round=settings.rounds, split="test"))
-    final_eps = _last_epsilons(history)
+    test, per_merchant = evaluate_global(strategy, grid, global_arrays, replace(base, round=settings.rounds, split="test"), envelope)
+    return finish_run(
+        settings, base, tower, global_arrays, history, test, per_merchant,
+        update_bytes=nbytes(shared), extra={"sealed": settings.seal_updates},
+    )
+
+
+def finish_run(
+    settings: ServerSettings, base: RoundConfig, tower: Any, global_arrays: dict[str, np.ndarray], history: list[dict[str, Any]],
+    test: dict[str, float], per_merchant: list[dict], *, update_bytes: int, extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Write metrics.json, the adapter in peft format with its model card, and the plots; return the metrics."""
+    out = Path(settings.out_dir)
+    final_eps = last_epsilons(history)
     merchants = [
         {"silo": m["silo"], "users": m.get("users", 0), "epsilon-total": final_eps.get(m["silo"], {}).get("epsilon"),
          "delta": final_eps.get(m["silo"], {}).get("delta")}
         for m in per_merchant
     ]
     metrics = {
-        "run_id": run_id,
+        "run_id": base.run_id,
         "rounds": settings.rounds,
         "test": {k: v for k, v in test.items() if not k.startswith("most-pop")},
         "most_pop_local": {k.removeprefix("most-pop-"): v for k, v in test.items() if k.startswith("most-pop")},
         "test_per_merchant": per_merchant,
         "epsilon_max": max((e["epsilon"] for e in final_eps.values()), default=None),
         "merchants": merchants,
-        "update_bytes": nbytes(shared),
-        "sealed": settings.seal_updates,
+        "update_bytes": update_bytes,
+        **extra,
         "seed": settings.round.seed,
         "config": {"server": {k: v for k, v in vars(settings).items() if k != "round"}, "round": vars(base)},
     }
     atomic.write_json(out / "metrics.json", metrics)
-    card = report.model_card(model_cfg, rounds=settings.rounds, merchants=merchants, test=test, run_id=run_id)
-    report.export_adapter(out / "adapter", tower, global_arrays, model_cfg, card)
+    card = report.model_card(base.model(), rounds=settings.rounds, merchants=merchants, test=test, run_id=base.run_id)
+    report.export_adapter(out / "adapter", tower, global_arrays, base.model(), card)
     report.plot_run(out, history)
     return metrics
 
 
-def _evaluate(strategy: ScreenedFedAvg, grid: Grid, arrays: dict[str, np.ndarray], cfg: RoundConfig) -> tuple[dict, list]:
+def evaluate_global(
+    strategy: FedAvg, grid: Grid, arrays: dict[str, np.ndarray], cfg: RoundConfig, envelope: sealing.Envelope | None = None
+) -> tuple[dict, list]:
+    """Every merchant's metrics of the global adapter on `cfg.split`, weighted by evaluated users, and each merchant's own."""
     messages = strategy.configure_evaluate(cfg.round, to_record(arrays), cfg.to_record(), grid)
+    if envelope is not None:
+        messages = envelope.seal_messages(grid, messages, cfg.round, cfg.to_record())
     return summarize_evaluation(grid.send_and_receive(messages))
 
 
-def _round_line(rnd: int, result, valid: dict, seconds: float) -> dict[str, Any]:
+def round_line(rnd: int, result, valid: dict, seconds: float) -> dict[str, Any]:
     trained = [m for m in result.merchants if "loss" in m.metrics]
     users = sum(m.metrics["users"] for m in trained)
     line: dict[str, Any] = {
@@ -132,6 +147,7 @@ def _round_line(rnd: int, result, valid: dict, seconds: float) -> dict[str, Any]
         "valid": valid,
         "epsilon": {m.silo: m.metrics["epsilon-total"] for m in result.merchants if "epsilon-total" in m.metrics},
         "delta": {m.silo: m.metrics["delta"] for m in result.merchants if "delta" in m.metrics},
+        "updates_received": sum(1 for m in result.merchants if m.update_bytes),
         "bytes_received": result.bytes_received,
         "seal_seconds": round(sum(m.metrics.get("seal-seconds", 0.0) for m in result.merchants), 6),
         "seconds": round(seconds, 2),
@@ -143,7 +159,7 @@ def _round_line(rnd: int, result, valid: dict, seconds: float) -> dict[str, Any]
     return line
 
 
-def _last_epsilons(history: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def last_epsilons(history: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Each merchant's latest reported total ε and its δ."""
     out: dict[str, dict[str, float]] = {}
     for h in history:

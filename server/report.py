@@ -80,3 +80,19 @@ def plot_run(out: Path, history: list[dict[str, Any]]) -> None:
         series = {s: [h.get("epsilon", {}).get(s, float("nan")) for h in trained] for s in silos}
         plot_curves(out / "privacy.png", {"max ε over merchants": [max(h["epsilon"].values(), default=0) for h in trained]},
                     series, title="ε spent per merchant (user-level)", xlabel="round")
+
+
+def sealing_summary(history: list[dict[str, Any]]) -> str | None:
+    """One line on what sealing cost over a run's rounds: bytes, seal and open time per update, share of round time."""
+    rounds = [h for h in history if h.get("updates_received")]
+    updates = sum(h["updates_received"] for h in rounds)
+    if not updates or not any(h.get("seal_seconds") for h in rounds):
+        return None
+    seal_s = sum(h["seal_seconds"] for h in rounds)
+    open_s = sum(h.get("open_seconds", 0.0) for h in rounds)
+    share = (seal_s + open_s) / sum(h["seconds"] for h in rounds)
+    return (
+        f"sealing: {sum(h['bytes_received'] for h in rounds) / updates:,.0f} bytes per sealed update; "
+        f"seal {1e3 * seal_s / updates:.2f} ms and open {1e3 * open_s / updates:.2f} ms per update; "
+        f"{100 * share:.3f}% of the rounds' wall time"
+    )

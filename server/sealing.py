@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
 
 from common import atomic, seal
-from common.arrays import from_record, unpack
+from common.arrays import from_record, pack, unpack
 from server.updates import UpdateRejected
 
 KEY_FILE = "seal-key.pem"
@@ -43,17 +47,50 @@ def load_or_create_key(ckpt_dir: Path, *, resuming: bool, state_key: bytes | Non
 
 @dataclass
 class Envelope:
-    """How updates travel in this run: sealed to `key` (the default) or, if `key` is None, in the clear."""
+    """How adapters travel in this run: sealed (the default) or, if `key` is None, in the clear.
+
+    Sealed, the global adapter goes to each merchant sealed to that merchant's
+    public key (asked for once with a query message), and each merchant's
+    update comes back sealed to the run's key `key`.
+    """
 
     run_id: str
     key: X25519PrivateKey | None
+    merchant_keys: dict[int, bytes] = field(default_factory=dict)  # node id → the merchant's public key
     open_seconds: float = 0.0  # time spent opening this round's updates (the cost of sealing, server side)
 
-    def train_record(self) -> ConfigRecord | None:
-        """What a train message carries so that the merchant can seal its reply."""
+    def seal_messages(self, grid: Grid, messages: Iterable[Message], server_round: int, config: ConfigRecord) -> list[Message]:
+        """`messages` with their global adapter sealed to each merchant; a merchant with no key is left out."""
+        messages = list(messages)
         if self.key is None:
-            return None
-        return ConfigRecord({"public-key": seal.public_bytes(self.key), "version": seal.VERSION})
+            return messages
+        unknown = sorted({m.metadata.dst_node_id for m in messages} - set(self.merchant_keys))
+        if unknown:
+            self._ask_keys(grid, unknown, config)
+        sealed = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            public = self.merchant_keys.get(node)
+            if public is None:
+                log(WARNING, "round %d: node %d gave no sealing key; it is left out (nothing is sent in the clear)", server_round, node)
+                continue
+            kind = message.metadata.message_type
+            blob = seal.seal(pack(from_record(message.content["arrays"])), public, seal.update_context(self.run_id, server_round, node, kind=f"global-{kind}"))
+            # a fresh RecordDict: Flower's strategies share one content object among all their messages
+            content = RecordDict({
+                "config": message.content["config"],
+                seal.SEALED_GLOBAL_RECORD: ConfigRecord({"arrays": blob}),
+                seal.KEY_RECORD: ConfigRecord({"public-key": seal.public_bytes(self.key), "version": seal.VERSION}),
+            })
+            sealed.append(Message(content, dst_node_id=node, message_type=kind, group_id=message.metadata.group_id))
+        return sealed
+
+    def _ask_keys(self, grid: Grid, nodes: list[int], config: ConfigRecord) -> None:
+        asks = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        for reply in grid.send_and_receive(asks):
+            record = None if reply.has_error() else reply.content.config_records.get(seal.KEY_RECORD)
+            if record is not None and len(bytes(record["public-key"])) == seal.KEY_BYTES:
+                self.merchant_keys[reply.metadata.src_node_id] = bytes(record["public-key"])
 
     def has_update(self, reply: Message) -> bool:
         return seal.SEALED_RECORD in reply.content.config_records or "update" in reply.content.array_records

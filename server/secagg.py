@@ -43,12 +43,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from peft import get_peft_model_state_dict
 
-from common import atomic
 from common.arrays import to_numpy, to_record
 from common.errors import SilorecError
 from common.towers import attach_adapter, load_encoder
 from server import checkpoint, report
-from server.federation import _evaluate, _last_epsilons, _round_line
+from server.federation import evaluate_global, finish_run, round_line
 from server.settings import ServerSettings
 from server.strategy import MerchantReport, TrainRound
 
@@ -146,7 +145,7 @@ def run_secure_federation(grid: Grid, context: Context, settings: ServerSettings
     ready.wait()
     try:
         if not history:  # round 0: the untrained adapter, the reference every round is compared with
-            valid, per_merchant = _evaluate(evaluator, grid, global_arrays, replace(base, round=0, split="valid"))
+            valid, per_merchant = evaluate_global(evaluator, grid, global_arrays, replace(base, round=0, split="valid"))
             history.append({"round": 0, "valid": valid, "users": {m["silo"]: m.get("users", 0) for m in per_merchant}})
             checkpoint.save(ckpt_dir, checkpoint.Checkpoint(run_id, 0, global_arrays, history))
         for rnd in range(ckpt.round + 1 if ckpt else 1, settings.rounds + 1):
@@ -164,8 +163,8 @@ def run_secure_federation(grid: Grid, context: Context, settings: ServerSettings
             if result.delta is not None:
                 global_arrays = {k: (v + result.delta[k]).astype(v.dtype) if k in result.delta else v
                                  for k, v in global_arrays.items()}
-            valid, _ = _evaluate(evaluator, grid, global_arrays, replace(cfg, split="valid"))
-            line = _round_line(rnd, result, valid, time.perf_counter() - t0)
+            valid, _ = evaluate_global(evaluator, grid, global_arrays, replace(cfg, split="valid"))
+            line = round_line(rnd, result, valid, time.perf_counter() - t0)
             line |= {
                 "users": {m.silo: m.metrics.get("users", 0) for m in result.merchants},
                 "secagg": {"clipping_range": workflow.clipping_range, "quantization_range": workflow.quantization_range,
@@ -177,10 +176,14 @@ def run_secure_federation(grid: Grid, context: Context, settings: ServerSettings
             log(INFO, "round %d/%d: %d/%d merchants in the secure sum, valid NDCG@10 %.4f, %s, %.0f s",
                 rnd, settings.rounds, line["accepted"], line["merchants"], valid.get("ndcg@10", float("nan")),
                 f"max ε {max(line['epsilon'].values()):.2f}" if line["epsilon"] else "non-private", line["seconds"])
-        test, per_merchant = _evaluate(evaluator, grid, global_arrays, replace(base, round=settings.rounds, split="test"))
+        test, per_merchant = evaluate_global(evaluator, grid, global_arrays, replace(base, round=settings.rounds, split="test"))
     finally:
         stop.set()
-    return _finish(out, settings, run_id, base, tower, global_arrays, history, test, per_merchant, shared)
+    return finish_run(
+        settings, base, tower, global_arrays, history, test, per_merchant,
+        update_bytes=int(sum(a.size for a in shared.values()) * 8),  # SecAgg+ sends masked int64 values
+        extra={"secure_aggregation": True},
+    )
 
 
 def _workflow(settings: ServerSettings, history: list[dict[str, Any]], *, merchants: int) -> SecAggPlusWorkflow:
@@ -191,34 +194,3 @@ def _workflow(settings: ServerSettings, history: list[dict[str, Any]], *, mercha
         clipping_range=float(settings.max_update_norm), quantization_range=quantization_range(max(merchants, 2)),
         modulus_range=MODULUS, timeout=settings.round_timeout,
     )
-
-
-def _finish(
-    out: Path, settings: ServerSettings, run_id: str, base, tower, global_arrays: dict[str, np.ndarray],
-    history: list[dict[str, Any]], test: dict[str, float], per_merchant: list[dict], shared: dict[str, np.ndarray],
-) -> dict[str, Any]:
-    """metrics.json, the exported adapter with its card, and the plots: what `run_federation` writes at its end."""
-    final_eps = _last_epsilons(history)
-    merchants = [
-        {"silo": m["silo"], "users": m.get("users", 0), "epsilon-total": final_eps.get(m["silo"], {}).get("epsilon"),
-         "delta": final_eps.get(m["silo"], {}).get("delta")}
-        for m in per_merchant
-    ]
-    metrics = {
-        "run_id": run_id,
-        "rounds": settings.rounds,
-        "secure_aggregation": True,
-        "test": {k: v for k, v in test.items() if not k.startswith("most-pop")},
-        "most_pop_local": {k.removeprefix("most-pop-"): v for k, v in test.items() if k.startswith("most-pop")},
-        "test_per_merchant": per_merchant,
-        "epsilon_max": max((e["epsilon"] for e in final_eps.values()), default=None),
-        "merchants": merchants,
-        "update_bytes": int(sum(a.size for a in shared.values()) * 8),  # SecAgg+ sends masked int64 values
-        "seed": settings.round.seed,
-        "config": {"server": {k: v for k, v in vars(settings).items() if k != "round"}, "round": vars(base)},
-    }
-    atomic.write_json(out / "metrics.json", metrics)
-    card = report.model_card(base.model(), rounds=settings.rounds, merchants=merchants, test=test, run_id=run_id)
-    report.export_adapter(out / "adapter", tower, global_arrays, base.model(), card)
-    report.plot_run(out, history)
-    return metrics

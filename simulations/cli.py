@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from common.round import RoundConfig
 from common.train import TrainConfig, preset
+from server.report import sealing_summary
 from server.settings import ServerSettings
 from server.updates import AGGREGATIONS
 from simulations.central import CentralConfig, run_central
@@ -216,6 +217,9 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
         f"ε per merchant ≤ {eps:.2f} (max over {len(metrics['merchants'])} merchants)" if eps is not None else "non-private run"
     )
     click.echo(f"update: {metrics['update_bytes']:,} bytes per merchant per round; federation wall time {fed_seconds:.0f} s")
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    if (summary := sealing_summary(history)) is not None:
+        click.echo(summary)
     click.echo(f"wrote {out}/metrics.json, metrics.jsonl, adapter/, rounds.png")
 
 

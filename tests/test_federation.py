@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pytest
 from flwr.app import ConfigRecord
 from flwr.clientapp import ClientApp
 from peft import PeftModel
@@ -24,6 +23,7 @@ from common import seal
 from common.arrays import pack, to_record
 from common.round import RoundConfig
 from common.towers import load_encoder
+from server.report import sealing_summary
 from server.settings import ServerSettings
 from simulations.federated import SimulationSpec, run_simulation
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
@@ -48,6 +48,7 @@ def test_two_dp_rounds_beat_round_zero_and_write_every_output(tmp_path, tiny_ber
     # sealed: each update is its tensors plus a small safetensors header and the seal's 65 bytes
     assert m["sealed"] and all(3 * m["update_bytes"] < line["bytes_received"] < 3 * (m["update_bytes"] + 4096) for line in lines[1:])
     assert all(0 < line["seal_seconds"] < 1 and 0 < line["open_seconds"] < 1 for line in lines[1:])
+    assert "bytes per sealed update" in sealing_summary(lines)
     assert m["rounds"] == 2 and m["test"]["users"] == 120 and 0 < m["epsilon_max"] <= 8.0
     assert {"ndcg@10", "hr@10", "mrr@20"} <= set(m["most_pop_local"])
     for name in ("metrics.json", "rounds.png", "privacy.png", "adapter/README.md", "adapter/adapter_model.safetensors"):
@@ -104,6 +105,11 @@ def _hostile_train(msg, context):
 @hostile.evaluate()
 def _hostile_evaluate(msg, context):
     return merchant_app.evaluate(msg, context)
+
+
+@hostile.query()
+def _hostile_query(msg, context):
+    return merchant_app.query(msg, context)
 
 
 def test_bad_updates_and_spent_budgets_are_left_out_and_the_round_completes(tmp_path, tiny_bert, caplog):

@@ -1,0 +1,59 @@
+"""A merchant's side of sealing: its own key pair, opening the global adapter, sealing its update.
+
+The coordinator seals the global adapter to each merchant's public key, and
+the merchant seals its update to the run's public key, so the relay between
+them (Flower's SuperLink) only ever holds ciphertext. The merchant's key pair
+lives in its state folder, beside the ledger, readable by the merchant alone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from flwr.app import ConfigRecord, Message
+
+from common import atomic, seal
+from common.arrays import from_record, pack, unpack
+from common.round import RoundConfig
+
+KEY_FILE = "seal-key.pem"
+
+
+def merchant_key(state_dir: Path) -> X25519PrivateKey:
+    """This merchant's X25519 key, made on first use (mode 0600 in its state folder)."""
+    path = Path(state_dir) / KEY_FILE
+    if not path.is_file():
+        key = seal.generate_key()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        atomic.write_bytes(path, pem)
+        os.chmod(path, 0o600)
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, X25519PrivateKey):
+        raise seal.SealError(f"{path} holds no X25519 key; delete it and a new one is made")
+    return key
+
+
+def key_record(key: X25519PrivateKey) -> ConfigRecord:
+    """What a merchant tells the coordinator so it can seal the global adapter to it."""
+    return ConfigRecord({"public-key": seal.public_bytes(key), "version": seal.VERSION})
+
+
+def global_arrays(msg: Message, cfg: RoundConfig, node_id: int, key: X25519PrivateKey) -> dict[str, np.ndarray]:
+    """The global adapter of a train or evaluate message: opened if sealed, as sent if not."""
+    sealed = msg.content.config_records.get(seal.SEALED_GLOBAL_RECORD)
+    if sealed is None:
+        return from_record(msg.content["arrays"])
+    context = seal.update_context(cfg.run_id, cfg.round, node_id, kind=f"global-{msg.metadata.message_type}")
+    return unpack(seal.open(bytes(sealed["arrays"]), key, context))
+
+
+def seal_update(update: dict[str, np.ndarray], msg: Message, cfg: RoundConfig, node_id: int) -> tuple[ConfigRecord, float]:
+    """The update sealed to the run's public key (sent in `msg`), and the seconds sealing took."""
+    t0 = time.perf_counter()
+    blob = seal.seal(pack(update), bytes(msg.content[seal.KEY_RECORD]["public-key"]), seal.update_context(cfg.run_id, cfg.round, node_id))
+    return ConfigRecord({"update": blob}), time.perf_counter() - t0
