@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from common.cli import CONTEXT, RoleGroup, model_options, quiet_libraries
 from common.silo import load_silo
@@ -14,7 +15,7 @@ import time
 from dataclasses import replace
 
 from common.round import RoundConfig
-from common.train import TrainConfig, preset
+from common.train import DP_MAX_TOKENS, TrainConfig, preset
 from server.report import sealing_summary
 from server.settings import ServerSettings
 from server.updates import AGGREGATIONS
@@ -99,7 +100,7 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
 @main.command("central")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder (all users pooled).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: metrics.json, adapter/, training.png.")
-@click.option("--epochs", type=int, default=None, help="At most this many passes over the users [15; 10 with --epsilon].")
+@click.option("--epochs", type=int, default=None, help="At most this many passes over the users [15; 20 with --epsilon].")
 @click.option("--patience", type=int, default=CentralConfig.patience, show_default=True, help="Stop after this many epochs without a better validation NDCG@10.")
 @click.option("--epsilon", type=float, default=None, help="Train with user-level DP-SGD to this ε (default: non-private).")
 @click.option("--delta", type=float, default=None, help="DP δ (default 1/(10·users), below 1/users).")
@@ -114,7 +115,8 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
 def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr, max_grad_norm, seed, model_cfg, cache, force):
     """Train the recommender on all users of one silo (no federation) and report test metrics.
 
-    The upper bound for federated runs. Early-stops on validation NDCG@10 and
+    The upper bound for federated runs. With --epsilon the history budget
+    defaults to 64 tokens (--max-tokens overrides it). Early-stops on validation NDCG@10 and
     writes OUT/metrics.json (test and validation metrics, MostPop on the same
     split, ε, δ, seed, epochs, wall time, device), the adapter in peft format
     under OUT/adapter/, and OUT/training.png.
@@ -125,7 +127,10 @@ def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr
         epsilon is not None, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
         max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, seed=seed,
     )
-    cfg = CentralConfig(model=replace(model_cfg, seed=seed), train=train_cfg, patience=patience)
+    model_cfg = replace(model_cfg, seed=seed)
+    if epsilon is not None and click.get_current_context().get_parameter_source("max_tokens") is ParameterSource.DEFAULT:
+        model_cfg = replace(model_cfg, max_tokens=DP_MAX_TOKENS)  # DP's tuned preset: more epochs over shorter histories
+    cfg = CentralConfig(model=model_cfg, train=train_cfg, patience=patience)
     m = run_central(data, out, cfg, cache_dir=cache / "items", force=force, log=click.echo)
     click.echo("")
     click.echo(format_table(m))
@@ -158,6 +163,7 @@ def format_table(m: dict) -> str:
 @click.option("--lr", type=float, default=RoundConfig.lr, show_default=True, help="LoRA learning rate.")
 @click.option("--head-lr", type=float, default=RoundConfig.head_lr, show_default=True, help="Local item head learning rate.")
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="fedavg", show_default=True, help="fedavg (users-weighted) or a robust rule.")
+@click.option("--secure-aggregation", is_flag=True, help="Flower's SecAgg+: the server learns only the sum of updates (no per-update screening; fedavg only).")
 @click.option("--max-update-norm", type=float, default=ServerSettings.max_update_norm, show_default=True, help="Updates with a larger L2 norm are rejected.")
 @click.option("--min-fit-clients", type=int, default=ServerSettings.min_fit_clients, show_default=True, help="Fewest accepted updates that change the global adapter.")
 @click.option("--gpu-fraction", type=float, default=0.0, show_default=True, help="GPU share per merchant (e.g. 0.25: four at a time on one GPU).")
@@ -168,7 +174,7 @@ def format_table(m: dict) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Flower's debug logging.")
 @model_options
-def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delta, batch_size, lr, head_lr, aggregation,
+def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delta, batch_size, lr, head_lr, aggregation, secure_aggregation,
         max_update_norm, min_fit_clients, gpu_fraction, local_only, central_path, resume, force, seed, verbose, model_cfg):
     """Simulate a federation of merchants on one machine and report its test metrics.
 
@@ -198,6 +204,7 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
     )
     settings = ServerSettings(
         rounds=rounds, out_dir=str(out), resume=resume, min_fit_clients=min_fit_clients, aggregation=aggregation,
+        secure_aggregation=secure_aggregation,
         max_update_norm=max_update_norm, round=round_cfg,
     )
     spec = SimulationSpec(data=data, out=out, merchants=merchants, scheme=scheme, alpha=alpha, gpu_fraction=gpu_fraction)
