@@ -5,6 +5,7 @@ Node config (set by the SuperNode, e.g. `silorec-client start`):
   state-path  where the ledger and local head live (default: <data-path>/.silorec-state)
   cache-path  cache of item vectors (default: <state-path>/cache; in simulation one shared by all silos)
   budget      this merchant's ε budget (default: the run's epsilon)
+  signing-key the merchant's enrolled Ed25519 key (NAME.sign.key); its updates are then signed
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from client.merchant import Merchant, TrainOutcome, merchant_for
 from client.secagg import secure_aggregation_mod
-from client.sealing import global_arrays, key_record, merchant_key, seal_update
+from client.sealing import global_arrays, key_record, merchant_key, seal_update, signing_key
 from common import seal
 from common.arrays import to_record
 from common.round import RoundConfig
@@ -61,7 +62,11 @@ def train_reply(msg: Message, context: Context, merchant: Merchant, outcome: Tra
     if outcome.update is not None:
         if seal.KEY_RECORD in msg.content.config_records:
             cfg = RoundConfig.from_record(msg.content["config"])
-            content[seal.SEALED_RECORD], metrics["seal-seconds"] = seal_update(outcome.update, msg, cfg, context.node_id)
+            records, metrics["seal-seconds"] = seal_update(
+                outcome.update, msg, cfg, context.node_id, signing_key(context.node_config.get("signing-key"))
+            )
+            for name, record in records.items():
+                content[name] = record
         else:
             content["update"] = to_record(outcome.update)
     content["metrics"] = MetricRecord(metrics)

@@ -106,8 +106,11 @@ def evaluate_cmd(adapter: Path, data: Path, cache: Path) -> None:
 @click.option("--state", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Ledger, local head and Flower state. [default: SILO/.silorec-state]")
 @click.option("--port", type=int, default=9094, show_default=True, help="Local port of the node's Runtime API (127.0.0.1 only).")
+@click.option("--signing-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="This merchant's Ed25519 key (NAME.sign.key from `enroll`) to sign updates with. [default: beside --key, if there]")
 @click.option("--insecure", is_flag=True, help="Local development only: no TLS and no node authentication.")
-def start(data: Path, server: str, ca: Path | None, key: Path | None, state: Path | None, port: int, insecure: bool) -> None:
+def start(data: Path, server: str, ca: Path | None, key: Path | None, state: Path | None, port: int, signing_key: Path | None,
+          insecure: bool) -> None:
     """Join the federation: run a Flower SuperNode that trains on the silo in DATA.
 
     The silo is validated first; raw interactions never leave it. The node
@@ -122,7 +125,12 @@ def start(data: Path, server: str, ca: Path | None, key: Path | None, state: Pat
                     fg="red", bold=True, err=True)
     elif ca is None or key is None:
         raise NodeError("start needs --ca and --key (or --insecure for local development only)")
-    spec = NodeSpec(server, data, state or data / ".silorec-state", None if insecure else ca, None if insecure else key, port)
+    if signing_key is None and key is not None and key.with_suffix(".sign.key").is_file():
+        signing_key = key.with_suffix(".sign.key")
+    if signing_key is not None and not signing_key.is_file():
+        raise NodeError(f"signing key {signing_key} not found: it is NAME.sign.key from `silorec-server enroll`")
+    spec = NodeSpec(server, data, state or data / ".silorec-state", None if insecure else ca, None if insecure else key, port,
+                    signing_key)
     check_files(spec)
     click.echo(f"silo {silo.name}: valid; connecting to {server} ({'TLS, node key ' + str(key) if spec.secure else 'INSECURE'})")
     code = run_supernode(spec)

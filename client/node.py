@@ -27,6 +27,7 @@ class NodeSpec:
     ca_cert: Path | None = None
     key: Path | None = None
     port: int = 9094  # the SuperNode's local Runtime API, used by its ClientApp processes
+    signing_key: Path | None = None  # the merchant's Ed25519 key: its ClientApp signs every sealed update
 
     @property
     def secure(self) -> bool:
@@ -42,8 +43,10 @@ def check_files(spec: NodeSpec) -> None:
 
 def supernode_command(spec: NodeSpec) -> list[str]:
     """The `flower-supernode` command line; the silo and state folders reach the ClientApp as node config."""
-    node_config = " ".join(f"{k}={json.dumps(str(v))}" for k, v in
-                           (("data-path", spec.silo.resolve()), ("state-path", spec.state.resolve())))
+    pairs = [("data-path", spec.silo.resolve()), ("state-path", spec.state.resolve())]
+    if spec.signing_key is not None:
+        pairs.append(("signing-key", spec.signing_key.resolve()))
+    node_config = " ".join(f"{k}={json.dumps(str(v))}" for k, v in pairs)
     cmd = [_tool("flower-supernode"), "--superlink", spec.server, "--node-config", node_config,
            "--port", str(spec.port)]
     if spec.secure:

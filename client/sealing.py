@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, Message
 
@@ -52,8 +53,29 @@ def global_arrays(msg: Message, cfg: RoundConfig, node_id: int, key: X25519Priva
     return unpack(seal.open(bytes(sealed["arrays"]), key, context))
 
 
-def seal_update(update: dict[str, np.ndarray], msg: Message, cfg: RoundConfig, node_id: int) -> tuple[ConfigRecord, float]:
-    """The update sealed to the run's public key (sent in `msg`), and the seconds sealing took."""
+def seal_update(
+    update: dict[str, np.ndarray], msg: Message, cfg: RoundConfig, node_id: int, signing_key: Ed25519PrivateKey | None = None
+) -> tuple[dict[str, ConfigRecord], float]:
+    """The reply records of the update sealed to the run's public key (sent in `msg`), and the seconds sealing took.
+
+    With `signing_key` (the merchant's enrolled Ed25519 key) the sealed bytes are also signed.
+    """
     t0 = time.perf_counter()
-    blob = seal.seal(pack(update), bytes(msg.content[seal.KEY_RECORD]["public-key"]), seal.update_context(cfg.run_id, cfg.round, node_id))
-    return ConfigRecord({"update": blob}), time.perf_counter() - t0
+    context = seal.update_context(cfg.run_id, cfg.round, node_id)
+    blob = seal.seal(pack(update), bytes(msg.content[seal.KEY_RECORD]["public-key"]), context)
+    records = {seal.SEALED_RECORD: ConfigRecord({"update": blob})}
+    if signing_key is not None:
+        records[seal.SIGNATURE_RECORD] = ConfigRecord(
+            {"public-key": seal.signing_public_bytes(signing_key), "signature": seal.sign(signing_key, blob, context)}
+        )
+    return records, time.perf_counter() - t0
+
+
+def signing_key(path: str | Path | None) -> Ed25519PrivateKey | None:
+    """The merchant's enrolled Ed25519 signing key (node config `signing-key`), if it has one."""
+    if not path:
+        return None
+    try:
+        return seal.load_signing_key(Path(str(path)).read_bytes())
+    except OSError as e:
+        raise seal.SignatureError(f"signing-key {path}: {e.strerror}") from None

@@ -9,7 +9,9 @@ The sealed bytes are
 and the header is authenticated together with the caller's associated data,
 which names the run, round, node and message kind (`update_context`): an
 update replayed into another round, or passed off as another node's, does
-not open. Only vetted primitives from `cryptography`; nothing home-made.
+not open. A merchant may also sign what it sealed with an Ed25519 key that
+the coordinator knows from enrolment. Only vetted primitives from
+`cryptography`; nothing home-made.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from __future__ import annotations
 import json
 import os
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -128,4 +131,44 @@ def load_private_key(pem: bytes, passphrase: bytes) -> X25519PrivateKey:
         raise SealError(f"cannot decrypt the run's sealing key: {e} — is the state key the one the run started with?") from None
     if not isinstance(key, X25519PrivateKey):
         raise SealError("the stored sealing key is not an X25519 key")
+    return key
+
+
+# --- signatures: which enrolled merchant sealed an update --------------------------------
+
+SIGNATURE_RECORD = "signature"  # a train reply's Ed25519 signature over the sealed update
+SIGNATURE_LABEL = b"silorec signed update v1\0"
+
+
+class SignatureError(SealError):
+    """An update's signature is missing, malformed, or not by the key it names."""
+
+
+def sign(key: Ed25519PrivateKey, sealed: bytes, associated_data: bytes) -> bytes:
+    """An Ed25519 signature over the sealed bytes and their associated data."""
+    return key.sign(SIGNATURE_LABEL + len(associated_data).to_bytes(4, "big") + associated_data + sealed)
+
+
+def verify(public_key: bytes, signature: bytes, sealed: bytes, associated_data: bytes) -> None:
+    """Raise SignatureError unless `signature` is `public_key`'s over `sealed` and `associated_data`."""
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes(public_key)).verify(
+            bytes(signature), SIGNATURE_LABEL + len(associated_data).to_bytes(4, "big") + associated_data + bytes(sealed)
+        )
+    except (InvalidSignature, ValueError):
+        raise SignatureError("the update's signature does not verify with the merchant's enrolled key") from None
+
+
+def signing_public_bytes(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def load_signing_key(pem: bytes) -> Ed25519PrivateKey:
+    """A merchant's Ed25519 signing key from its (unencrypted) PKCS#8 PEM file."""
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise SignatureError(f"not a readable signing key: {e}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SignatureError("the signing key is not an Ed25519 key")
     return key

@@ -61,6 +61,7 @@ def enroll(out: Path, merchant: str, force: bool) -> None:
 
     e = enroll_merchant(out, merchant, force=force)
     click.echo(f"private key  {e.private_key}   (secret: give to {merchant} for `silorec-client start --key`)")
+    click.echo(f"signing key  {e.signing_key}   (secret: give to {merchant} with it; updates are signed with it)")
     click.echo(f"public key   {e.public_key}")
     click.echo(f"enrolled in  {e.registry}")
 
@@ -107,6 +108,9 @@ def start(certs_dir: Path | None, enrolled: Path | None, address: str, state: Pa
             raise pki.PkiError(f"no merchant is enrolled in {enrolled}: enrol one with `silorec-server enroll --out {enrolled} --merchant NAME`")
         spec = deploy.LinkSpec(host, port, state, *(f.resolve() for f in files))
     overrides = {"out-dir": str((out or state / "run").resolve()), **_parse_run_config(run_config)}
+    if enrolled is not None and (enrolled / pki.SIGNING_REGISTRY).is_file():
+        # the ServerApp then accepts only updates signed by an enrolled merchant's Ed25519 key
+        overrides.setdefault("signing-keys", str((enrolled / pki.SIGNING_REGISTRY).resolve()))
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that the finally below stops the SuperLink
     link = deploy.start_superlink(spec)

@@ -56,7 +56,10 @@ def run_federation(grid: Grid, settings: ServerSettings, *, state_key: bytes | N
                 "(set %s to keep the key across restarts)", ckpt.run_id, run_id, sealing.STATE_KEY_ENV)
     else:
         log(WARNING, "sealing is OFF (seal-updates = false): updates travel and are stored in the clear")
-    envelope = sealing.Envelope(run_id, key)
+    if settings.signing_keys and not settings.seal_updates:
+        raise SilorecError("signing-keys needs seal-updates = true: merchants sign the sealed update")
+    signers = sealing.read_signers(Path(settings.signing_keys)) if settings.signing_keys else None
+    envelope = sealing.Envelope(run_id, key, signers=signers)
     strategy = ScreenedFedAvg(spec_of(shared), settings, envelope)
     global_arrays = ckpt.global_arrays if ckpt else initial
     history: list[dict[str, Any]] = ckpt.history if ckpt else []
@@ -72,6 +75,7 @@ def run_federation(grid: Grid, settings: ServerSettings, *, state_key: bytes | N
 
     for rnd in range(start_round, settings.rounds + 1):
         t0 = time.perf_counter()
+        envelope.open_seconds = envelope.global_seal_seconds = 0.0
         cfg = replace(base, round=rnd)
         messages = envelope.seal_messages(grid, strategy.configure_train(rnd, to_record(global_arrays), cfg.to_record(), grid), rnd, cfg.to_record())
         result = strategy.screen_and_aggregate(rnd, grid.send_and_receive(messages, timeout=settings.round_timeout))
@@ -80,6 +84,7 @@ def run_federation(grid: Grid, settings: ServerSettings, *, state_key: bytes | N
         valid, _ = evaluate_global(strategy, grid, global_arrays, replace(cfg, split="valid"), envelope)
         line = round_line(rnd, result, valid, time.perf_counter() - t0)
         line["open_seconds"] = round(envelope.open_seconds, 6)
+        line["global_seal_seconds"] = round(envelope.global_seal_seconds, 6)  # the round's train and evaluate messages
         history.append(line)
         report.write_rounds(out, history)
         checkpoint.save(ckpt_dir, checkpoint.Checkpoint(run_id, rnd, global_arrays, history, {"aggregation": settings.aggregation}))

@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common import atomic
@@ -28,6 +28,7 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest server-certificate lifetime browsers and most TLS stacks still accept
 REGISTRY = "enrolled.json"
+SIGNING_REGISTRY = "signing.json"  # merchant → Ed25519 public key (hex), the ServerApp's `signing-keys`
 _MERCHANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -53,6 +54,8 @@ class Enrolment:
     private_key: Path
     public_key: Path
     registry: Path
+    signing_key: Path  # Ed25519: the merchant signs its sealed updates with it (NAME.sign.key)
+    signing_registry: Path
 
 
 def make_server_pki(out: Path, hosts: Sequence[str] = DEFAULT_HOSTS, *, force: bool = False) -> ServerPki:
@@ -111,10 +114,12 @@ def enroll_merchant(out: Path, merchant: str, *, force: bool = False) -> Enrolme
     if not _MERCHANT_NAME.match(merchant):
         raise PkiError(f"merchant name {merchant!r} is not usable as a file name: use letters, digits, '.', '_' or '-'")
     out = Path(out)
-    enrolment = Enrolment(merchant, out / f"{merchant}.key", out / f"{merchant}.pub", out / REGISTRY)
+    enrolment = Enrolment(
+        merchant, out / f"{merchant}.key", out / f"{merchant}.pub", out / REGISTRY, out / f"{merchant}.sign.key", out / SIGNING_REGISTRY
+    )
     registry = read_registry(out)
     if not force:
-        _refuse_existing([enrolment.private_key, enrolment.public_key], force)
+        _refuse_existing([enrolment.private_key, enrolment.public_key, enrolment.signing_key], force)
         if merchant in registry:
             raise PkiError(f"{merchant} is already enrolled in {enrolment.registry}; pass --force to give it a new key")
     key = ec.generate_private_key(ec.SECP384R1())
@@ -122,6 +127,12 @@ def enroll_merchant(out: Path, merchant: str, *, force: bool = False) -> Enrolme
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     _write_private(enrolment.private_key, private)
     _write_public(enrolment.public_key, public + f" silorec-{merchant}\n".encode())
+    signing = ed25519.Ed25519PrivateKey.generate()
+    _write_private(enrolment.signing_key, signing.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    signers = json.loads(enrolment.signing_registry.read_text()) if enrolment.signing_registry.is_file() else {}
+    signers[merchant] = signing.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    atomic.write_json(enrolment.signing_registry, dict(sorted(signers.items())))
     registry[merchant] = public.decode()
     atomic.write_json(enrolment.registry, dict(sorted(registry.items())))
     return enrolment

@@ -10,6 +10,7 @@ opens in the new one).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterable
@@ -25,6 +26,7 @@ from flwr.serverapp import Grid
 
 from common import atomic, seal
 from common.arrays import from_record, pack, unpack
+from common.errors import SilorecError
 from server.updates import UpdateRejected
 
 KEY_FILE = "seal-key.pem"
@@ -51,13 +53,18 @@ class Envelope:
 
     Sealed, the global adapter goes to each merchant sealed to that merchant's
     public key (asked for once with a query message), and each merchant's
-    update comes back sealed to the run's key `key`.
+    update comes back sealed to the run's key `key`. With `signers` (the
+    enrolled merchants' Ed25519 keys), every update must also be signed by one
+    of them, and a merchant signs from one node only.
     """
 
     run_id: str
     key: X25519PrivateKey | None
     merchant_keys: dict[int, bytes] = field(default_factory=dict)  # node id → the merchant's public key
-    open_seconds: float = 0.0  # time spent opening this round's updates (the cost of sealing, server side)
+    signers: dict[bytes, str] | None = None  # enrolled Ed25519 public key → merchant; None: signatures not required
+    signed_by: dict[int, str] = field(default_factory=dict)  # node id → the merchant whose key signed its updates
+    open_seconds: float = 0.0  # time spent opening updates since the last reset (the server's cost of sealing)
+    global_seal_seconds: float = 0.0  # time spent sealing the global adapter to merchants since the last reset
 
     def seal_messages(self, grid: Grid, messages: Iterable[Message], server_round: int, config: ConfigRecord) -> list[Message]:
         """`messages` with their global adapter sealed to each merchant; a merchant with no key is left out."""
@@ -75,7 +82,9 @@ class Envelope:
                 log(WARNING, "round %d: node %d gave no sealing key; it is left out (nothing is sent in the clear)", server_round, node)
                 continue
             kind = message.metadata.message_type
+            t0 = time.perf_counter()
             blob = seal.seal(pack(from_record(message.content["arrays"])), public, seal.update_context(self.run_id, server_round, node, kind=f"global-{kind}"))
+            self.global_seal_seconds += time.perf_counter() - t0
             # a fresh RecordDict: Flower's strategies share one content object among all their messages
             content = RecordDict({
                 "config": message.content["config"],
@@ -106,7 +115,10 @@ class Envelope:
         if sealed is None:
             raise UpdateRejected("unsealed update: this run accepts only updates sealed to its key")
         blob = bytes(sealed["update"])
-        context = seal.update_context(self.run_id, server_round, reply.metadata.src_node_id)
+        node = reply.metadata.src_node_id
+        context = seal.update_context(self.run_id, server_round, node)
+        if self.signers is not None:
+            self._check_signature(reply, node, blob, context)
         t0 = time.perf_counter()
         try:
             payload = seal.open(blob, self.key, context)
@@ -118,3 +130,32 @@ class Envelope:
             return unpack(payload), len(blob)
         except ValueError as e:
             raise UpdateRejected(f"sealed update holds no tensors: {e}") from None
+
+    def _check_signature(self, reply: Message, node: int, blob: bytes, context: bytes) -> None:
+        record = reply.content.config_records.get(seal.SIGNATURE_RECORD)
+        if record is None:
+            raise UpdateRejected("unsigned update: this run accepts only updates signed by an enrolled merchant")
+        public = bytes(record["public-key"])
+        merchant = self.signers.get(public) if self.signers is not None else None
+        if merchant is None:
+            raise UpdateRejected("update signed by a key that no enrolled merchant holds")
+        try:
+            seal.verify(public, bytes(record["signature"]), blob, context)
+        except seal.SignatureError as e:
+            raise UpdateRejected(f"{e} ({merchant})") from None
+        holder = next((n for n, m in self.signed_by.items() if m == merchant and n != node), None)
+        if holder is not None:
+            raise UpdateRejected(f"{merchant}'s key already signs for node {holder}; one merchant, one node")
+        self.signed_by[node] = merchant
+
+
+def read_signers(path: Path) -> dict[bytes, str]:
+    """The enrolled merchants' signing keys (signing.json of `silorec-server enroll`): public key → merchant."""
+    try:
+        registry = json.loads(Path(path).read_text())
+        signers = {bytes.fromhex(public): merchant for merchant, public in registry.items()}
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise SilorecError(f"signing-keys {path}: not a readable merchant → Ed25519 public key registry ({e})") from None
+    if any(len(k) != 32 for k in signers):
+        raise SilorecError(f"signing-keys {path}: every key must be 32 bytes (hex); re-enroll the merchants")
+    return signers

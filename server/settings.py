@@ -22,6 +22,7 @@ class ServerSettings:
     round_timeout: float = 3600.0
     secure_aggregation: bool = False  # SecAgg+: the coordinator sees only the sum of updates (no screening, no robust aggregation)
     seal_updates: bool = True  # merchants seal updates to the run's key; off only for debugging
+    signing_keys: str = ""  # signing.json of `silorec-server enroll`: then every update must be signed by an enrolled merchant
     state_key_file: str = ""  # a file holding the key that encrypts the run's sealing key at rest (else $SILOREC_STATE_KEY)
     round: RoundConfig = field(default_factory=RoundConfig)  # what merchants are told
 

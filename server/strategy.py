@@ -61,7 +61,6 @@ class ScreenedFedAvg(FedAvg):
     def screen_and_aggregate(self, server_round: int, replies: Iterable[Message]) -> TrainRound:
         """Open every reply, screen its update, and aggregate those that pass."""
         result = TrainRound(delta=None)
-        self.envelope.open_seconds = 0.0
         updates, weights = [], []
         for reply in replies:
             node = reply.metadata.src_node_id

@@ -153,6 +153,8 @@ def test_two_enrolled_merchants_train_over_tls_and_an_unenrolled_node_is_refused
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2]
     assert all(line["accepted"] == 2 and "silo-rogue" not in line["epsilon"] for line in lines[1:])
+    # accepted although the run demanded updates signed with the merchants' enrolled Ed25519 keys
+    assert metrics["sealed"] and metrics["config"]["server"]["signing_keys"].endswith("signing.json")
     PeftModel.from_pretrained(load_encoder(str(tiny_bert))[1], str(out / "adapter"))
 
     # the relay's database must hold only ciphertext: no raw bytes of the LoRA tensors it carried

@@ -12,7 +12,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
 
+from common import seal
 from server.cli import main
+from server.sealing import read_signers
 from server.pki import PkiError, enroll_merchant, make_server_pki, read_registry
 
 
@@ -78,6 +80,11 @@ def test_enrolment_writes_an_openssh_nist_key_pair_and_records_it(tmp_path):
     registry = read_registry(tmp_path)
     assert set(registry) == {"shop-a", "shop-b"}
     assert load_ssh_public_key(registry["shop-a"].encode()).public_numbers() == public.public_numbers()
+    # and an Ed25519 signing key, owner-only, whose public half the ServerApp's signing-keys registry holds
+    signing = load_pem_private_key(a.signing_key.read_bytes(), None)
+    assert stat.S_IMODE(a.signing_key.stat().st_mode) == 0o600
+    signers = read_signers(a.signing_registry)
+    assert set(signers.values()) == {"shop-a", "shop-b"} and signers[seal.signing_public_bytes(signing)] == "shop-a"
 
 
 def test_a_bad_merchant_name_or_registry_is_a_clear_error(tmp_path):

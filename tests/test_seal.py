@@ -87,3 +87,18 @@ def test_private_key_at_rest_is_encrypted_and_needs_its_passphrase(key):
 def test_unpack_rejects_garbage():
     with pytest.raises(ValueError, match="safetensors"):
         unpack(b"\xff" * 40)
+
+
+def test_a_signature_binds_the_sealed_bytes_and_their_context(sealed):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    public = seal.signing_public_bytes(key)
+    signature = seal.sign(key, sealed, AD)
+    seal.verify(public, signature, sealed, AD)
+    with pytest.raises(seal.SignatureError):
+        seal.verify(public, signature, sealed[:-1] + bytes([sealed[-1] ^ 1]), AD)
+    with pytest.raises(seal.SignatureError):
+        seal.verify(public, signature, sealed, seal.update_context("run-a", 4, 17))
+    with pytest.raises(seal.SignatureError):
+        seal.verify(seal.signing_public_bytes(Ed25519PrivateKey.generate()), signature, sealed, AD)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from common import seal
 from common.arrays import pack, to_record
-from server.sealing import KEY_FILE, Envelope, load_or_create_key
+from server.sealing import KEY_FILE, Envelope, load_or_create_key, read_signers
 from server.updates import UpdateRejected
 
 
@@ -44,3 +45,37 @@ def test_envelope_opens_a_sealed_update_and_rejects_plaintext_or_a_foreign_node(
         envelope.open(_reply(RecordDict({seal.SEALED_RECORD: ConfigRecord({"update": blob})}), 8), 4)
     with pytest.raises(UpdateRejected, match="unsealed update"):
         envelope.open(_reply(RecordDict({"update": to_record(update)}), 7), 4)
+
+
+def test_with_enrolled_signers_an_update_must_be_signed_by_one_merchant_from_one_node(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key, shop_a, stranger = seal.generate_key(), Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    registry = tmp_path / "signing.json"
+    registry.write_text(json.dumps({"shop-a": seal.signing_public_bytes(shop_a).hex()}))
+    envelope = Envelope("run-1", key, signers=read_signers(registry))
+    update = {"w": np.ones(4, np.float32)}
+
+    def reply(node: int, signer=None) -> SimpleNamespace:
+        context = seal.update_context("run-1", 2, node)
+        blob = seal.seal(pack(update), seal.public_bytes(key), context)
+        content = RecordDict({seal.SEALED_RECORD: ConfigRecord({"update": blob})})
+        if signer is not None:
+            content[seal.SIGNATURE_RECORD] = ConfigRecord(
+                {"public-key": seal.signing_public_bytes(signer), "signature": seal.sign(signer, blob, context)}
+            )
+        return _reply(content, node)
+
+    assert np.array_equal(envelope.open(reply(5, shop_a), 2)[0]["w"], update["w"])
+    with pytest.raises(UpdateRejected, match="unsigned update"):
+        envelope.open(reply(5), 2)
+    with pytest.raises(UpdateRejected, match="no enrolled merchant"):
+        envelope.open(reply(5, stranger), 2)
+    with pytest.raises(UpdateRejected, match="one merchant, one node"):
+        envelope.open(reply(6, shop_a), 2)
+    forged = reply(5, shop_a)
+    forged.content[seal.SIGNATURE_RECORD] = ConfigRecord(
+        {"public-key": seal.signing_public_bytes(shop_a), "signature": seal.sign(stranger, b"x", b"y")}
+    )
+    with pytest.raises(UpdateRejected, match="does not verify"):
+        envelope.open(forged, 2)
