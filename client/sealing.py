@@ -33,10 +33,10 @@ def merchant_key(state_dir: Path) -> X25519PrivateKey:
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
         atomic.write_bytes(path, pem)
         os.chmod(path, 0o600)
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, X25519PrivateKey):
-        raise seal.SealError(f"{path} holds no X25519 key; delete it and a new one is made")
-    return key
+    try:
+        return seal.load_private_key(path.read_bytes(), None)
+    except seal.SealError as e:
+        raise seal.SealError(f"{path}: {e}; delete it and a new one is made") from None
 
 
 def key_record(key: X25519PrivateKey) -> ConfigRecord:

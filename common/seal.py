@@ -123,14 +123,19 @@ def save_private_key(key: X25519PrivateKey, passphrase: bytes) -> bytes:
     )
 
 
-def load_private_key(pem: bytes, passphrase: bytes) -> X25519PrivateKey:
-    """Inverse of `save_private_key`; a wrong passphrase raises SealError."""
+def load_private_key(pem: bytes, passphrase: bytes | None) -> X25519PrivateKey:
+    """Inverse of `save_private_key` (or an unencrypted PEM with `passphrase` None); a wrong passphrase raises SealError."""
+    hint = " — is the state key the one the run started with?" if passphrase else ""
+    return _load_pem(pem, passphrase, X25519PrivateKey, SealError, "the sealing key", hint)
+
+
+def _load_pem(pem: bytes, password: bytes | None, expected: type, error: type[SealError], what: str, hint: str = ""):
     try:
-        key = serialization.load_pem_private_key(pem, password=passphrase)
+        key = serialization.load_pem_private_key(pem, password=password)
     except (ValueError, TypeError) as e:
-        raise SealError(f"cannot decrypt the run's sealing key: {e} — is the state key the one the run started with?") from None
-    if not isinstance(key, X25519PrivateKey):
-        raise SealError("the stored sealing key is not an X25519 key")
+        raise error(f"cannot read {what}: {e}{hint}") from None
+    if not isinstance(key, expected):
+        raise error(f"{what} is not a {expected.__name__.removesuffix('PrivateKey')} key")
     return key
 
 
@@ -165,10 +170,4 @@ def signing_public_bytes(key: Ed25519PrivateKey) -> bytes:
 
 def load_signing_key(pem: bytes) -> Ed25519PrivateKey:
     """A merchant's Ed25519 signing key from its (unencrypted) PKCS#8 PEM file."""
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as e:
-        raise SignatureError(f"not a readable signing key: {e}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SignatureError("the signing key is not an Ed25519 key")
-    return key
+    return _load_pem(pem, None, Ed25519PrivateKey, SignatureError, "the signing key")

@@ -79,3 +79,15 @@ def test_with_enrolled_signers_an_update_must_be_signed_by_one_merchant_from_one
     )
     with pytest.raises(UpdateRejected, match="does not verify"):
         envelope.open(forged, 2)
+
+
+def test_a_merchant_keeps_one_owner_only_key_in_its_state_folder(tmp_path):
+    from client.sealing import KEY_FILE as MERCHANT_KEY_FILE
+    from client.sealing import merchant_key
+
+    first = merchant_key(tmp_path)
+    assert stat.S_IMODE((tmp_path / MERCHANT_KEY_FILE).stat().st_mode) == 0o600
+    assert seal.public_bytes(merchant_key(tmp_path)) == seal.public_bytes(first)
+    (tmp_path / MERCHANT_KEY_FILE).write_bytes(b"garbage")
+    with pytest.raises(seal.SealError, match="delete it"):
+        merchant_key(tmp_path)
