@@ -37,15 +37,7 @@ def run_federation(grid: Grid, settings: ServerSettings, *, state_key: bytes | N
     """
     out = Path(settings.out_dir)
     ckpt_dir = out / "checkpoint"
-    model_cfg = settings.round.model()
-    _, encoder = load_encoder(model_cfg.base_model)
-    tower = attach_adapter(encoder, model_cfg)
-    initial = to_numpy(get_peft_model_state_dict(tower))
-    shared = {k: v for k, v in initial.items() if "lora_B" in k} if model_cfg.ffa else initial
-
-    ckpt = checkpoint.load(ckpt_dir) if settings.resume else None
-    if ckpt is None and (ckpt_dir / checkpoint.STATE_FILE).exists():
-        raise SilorecError(f"{out} holds an earlier run; resume it with --resume or choose another output folder")
+    tower, initial, shared, ckpt = start_run(settings)
     run_id = ckpt.run_id if ckpt else uuid.uuid4().hex[:12]
     key = None
     if settings.seal_updates:
@@ -98,6 +90,21 @@ def run_federation(grid: Grid, settings: ServerSettings, *, state_key: bytes | N
         settings, base, tower, global_arrays, history, test, per_merchant,
         update_bytes=nbytes(shared), extra={"sealed": settings.seal_updates},
     )
+
+
+def start_run(
+    settings: ServerSettings,
+) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray], checkpoint.Checkpoint | None]:
+    """The user tower, its initial adapter, the part merchants send back, and the checkpoint to resume (if asked)."""
+    out = Path(settings.out_dir)
+    model_cfg = settings.round.model()
+    tower = attach_adapter(load_encoder(model_cfg.base_model)[1], model_cfg)
+    initial = to_numpy(get_peft_model_state_dict(tower))
+    shared = {k: v for k, v in initial.items() if "lora_B" in k} if model_cfg.ffa else initial
+    ckpt = checkpoint.load(out / "checkpoint") if settings.resume else None
+    if ckpt is None and (out / "checkpoint" / checkpoint.STATE_FILE).exists():
+        raise SilorecError(f"{out} holds an earlier run; resume it with --resume or choose another output folder")
+    return tower, initial, shared, ckpt
 
 
 def finish_run(

@@ -41,13 +41,11 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from peft import get_peft_model_state_dict
 
-from common.arrays import to_numpy, to_record
+from common.arrays import to_record
 from common.errors import SilorecError
-from common.towers import attach_adapter, load_encoder
 from server import checkpoint, report
-from server.federation import evaluate_global, finish_run, round_line
+from server.federation import evaluate_global, finish_run, round_line, start_run
 from server.settings import ServerSettings
 from server.strategy import MerchantReport, TrainRound
 
@@ -120,16 +118,9 @@ def run_secure_federation(grid: Grid, context: Context, settings: ServerSettings
     check(settings)
     out = Path(settings.out_dir)
     ckpt_dir = out / "checkpoint"
-    model_cfg = settings.round.model()
-    tower = attach_adapter(load_encoder(model_cfg.base_model)[1], model_cfg)
-    initial = to_numpy(get_peft_model_state_dict(tower))
-    shared = {k: v for k, v in initial.items() if "lora_B" in k} if model_cfg.ffa else initial
+    tower, initial, shared, ckpt = start_run(settings)
     evaluator = FedAvg(fraction_evaluate=1.0, min_evaluate_nodes=settings.min_fit_clients,
                        min_available_nodes=settings.min_available_clients)
-
-    ckpt = checkpoint.load(ckpt_dir) if settings.resume else None
-    if ckpt is None and (ckpt_dir / checkpoint.STATE_FILE).exists():
-        raise SilorecError(f"{out} holds an earlier run; resume it with --resume or choose another output folder")
     run_id = ckpt.run_id if ckpt else uuid.uuid4().hex[:12]
     global_arrays = ckpt.global_arrays if ckpt else initial
     history: list[dict[str, Any]] = ckpt.history if ckpt else []
