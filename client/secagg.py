@@ -20,12 +20,9 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.merchant import Merchant
-from common.arrays import to_numpy
+from common.arrays import l2_norm
 from common.errors import SilorecError
-from common.round import RoundConfig
-
-TENSORS_KEY = "secagg-tensors"  # fit config: the global adapter's tensor names, comma-separated, in send order
-MAX_NORM_KEY = "secagg-max-update-norm"  # fit config: the L2 bound the merchant must clip its update to
+from common.round import SECAGG_MAX_NORM_KEY, SECAGG_TENSORS_KEY, RoundConfig
 
 
 class SecureAggregationError(SilorecError):
@@ -34,7 +31,7 @@ class SecureAggregationError(SilorecError):
 
 def clip_norm(update: dict[str, np.ndarray], max_norm: float) -> dict[str, np.ndarray]:
     """`update` scaled down to L2 norm ≤ `max_norm` (the coordinator cannot screen a masked update)."""
-    norm = float(np.sqrt(sum(float(np.square(a, dtype=np.float64).sum()) for a in update.values())))
+    norm = l2_norm(update)
     if max_norm <= 0 or norm <= max_norm:
         return update
     return {k: (a * (max_norm / norm)).astype(a.dtype) for k, a in update.items()}
@@ -53,7 +50,7 @@ class MerchantClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         cfg = RoundConfig.from_record(config)
-        names = [n for n in str(config.get(TENSORS_KEY, "")).split(",") if n]
+        names = [n for n in str(config.get(SECAGG_TENSORS_KEY, "")).split(",") if n]
         if len(names) != len(parameters):
             raise SecureAggregationError(
                 f"the server sent {len(parameters)} tensors for {len(names)} names; "
@@ -63,13 +60,13 @@ class MerchantClient(NumPyClient):
         budget = self.context.node_config.get("budget")
         outcome = merchant.train_round(dict(zip(names, parameters)), cfg, budget=float(budget) if budget else None)
         metrics: dict = {**outcome.metrics, "silo": merchant.silo.name, "reason": outcome.reason}
-        shared = to_numpy(merchant.model.adapter_state())
         update = outcome.update
         if update is not None and not all(np.isfinite(a).all() for a in update.values()):
             update, metrics["reason"] = None, "the update had non-finite values; it was left out of the sum"
         if update is None:  # every merchant must send a vector: zeros with weight 0 leave the sum unchanged
-            return [np.zeros_like(shared[k]) for k in sorted(shared)], 0, metrics
-        update = clip_norm(update, float(config.get(MAX_NORM_KEY, 0.0)))
+            shared = merchant.model.adapter_state()  # what an update holds (B only in FFA-LoRA mode)
+            return [np.zeros(tuple(shared[k].shape), np.float64) for k in sorted(shared)], 0, metrics
+        update = clip_norm(update, float(config.get(SECAGG_MAX_NORM_KEY, 0.0)))
         # float64: SecAgg+ quantises (x + clipping range) in the arrays' own dtype, and in float32 that
         # sum keeps only ~7 digits, i.e. an error of ~2e-6 at a range of 25: larger than SecAgg+'s own step.
         return [update[k].astype(np.float64) for k in sorted(update)], int(outcome.metrics["users"]), metrics

@@ -32,6 +32,11 @@ def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
     return int(sum(a.nbytes for a in arrays.values()))
 
 
+def l2_norm(arrays: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of all tensors together, summed in float64."""
+    return float(np.sqrt(sum(float(np.square(a, dtype=np.float64).sum()) for a in arrays.values())))
+
+
 def pack(arrays: Mapping[str, np.ndarray]) -> bytes:
     """Tensors as safetensors bytes: a format with no code in it, safe to read from a stranger."""
     return save_bytes({k: np.ascontiguousarray(v) for k, v in arrays.items()})

@@ -18,6 +18,12 @@ from common.towers import ModelConfig
 from common.train import TrainConfig
 
 
+# Extra fit-config keys of a SecAgg+ round (legacy messages carry no arrays by name): the
+# global adapter's tensor names in send order, and the L2 bound a merchant clips its update to.
+SECAGG_TENSORS_KEY = "secagg-tensors"
+SECAGG_MAX_NORM_KEY = "secagg-max-update-norm"
+
+
 @dataclass(frozen=True)
 class RoundConfig:
     run_id: str = "run"

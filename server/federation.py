@@ -71,8 +71,7 @@ def run_federation(grid: Grid, settings: ServerSettings, *, state_key: bytes | N
         cfg = replace(base, round=rnd)
         messages = envelope.seal_messages(grid, strategy.configure_train(rnd, to_record(global_arrays), cfg.to_record(), grid), rnd, cfg.to_record())
         result = strategy.screen_and_aggregate(rnd, grid.send_and_receive(messages, timeout=settings.round_timeout))
-        if result.delta is not None:
-            global_arrays = {k: (v + result.delta[k]).astype(v.dtype) if k in result.delta else v for k, v in global_arrays.items()}
+        global_arrays = apply_update(global_arrays, result.delta)
         valid, _ = evaluate_global(strategy, grid, global_arrays, replace(cfg, split="valid"), envelope)
         line = round_line(rnd, result, valid, time.perf_counter() - t0)
         line["open_seconds"] = round(envelope.open_seconds, 6)
@@ -90,6 +89,13 @@ def run_federation(grid: Grid, settings: ServerSettings, *, state_key: bytes | N
         settings, base, tower, global_arrays, history, test, per_merchant,
         update_bytes=nbytes(shared), extra={"sealed": settings.seal_updates},
     )
+
+
+def apply_update(global_arrays: dict[str, np.ndarray], delta: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The global adapter moved by an aggregated update (unchanged when no update passed)."""
+    if delta is None:
+        return global_arrays
+    return {k: (v + delta[k]).astype(v.dtype) if k in delta else v for k, v in global_arrays.items()}
 
 
 def start_run(

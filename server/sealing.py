@@ -74,6 +74,8 @@ class Envelope:
         unknown = sorted({m.metadata.dst_node_id for m in messages} - set(self.merchant_keys))
         if unknown:
             self._ask_keys(grid, unknown, config)
+        run_key = ConfigRecord({"public-key": seal.public_bytes(self.key), "version": seal.VERSION})
+        payloads: dict[int, bytes] = {}  # serialised once per distinct adapter (a strategy sends one to all)
         sealed = []
         for message in messages:
             node = message.metadata.dst_node_id
@@ -81,15 +83,19 @@ class Envelope:
             if public is None:
                 log(WARNING, "round %d: node %d gave no sealing key; it is left out (nothing is sent in the clear)", server_round, node)
                 continue
+            arrays = message.content["arrays"]
+            if id(arrays) not in payloads:
+                payloads[id(arrays)] = pack(from_record(arrays))
+            payload = payloads[id(arrays)]
             kind = message.metadata.message_type
             t0 = time.perf_counter()
-            blob = seal.seal(pack(from_record(message.content["arrays"])), public, seal.update_context(self.run_id, server_round, node, kind=f"global-{kind}"))
+            blob = seal.seal(payload, public, seal.update_context(self.run_id, server_round, node, kind=f"global-{kind}"))
             self.global_seal_seconds += time.perf_counter() - t0
             # a fresh RecordDict: Flower's strategies share one content object among all their messages
             content = RecordDict({
                 "config": message.content["config"],
                 seal.SEALED_GLOBAL_RECORD: ConfigRecord({"arrays": blob}),
-                seal.KEY_RECORD: ConfigRecord({"public-key": seal.public_bytes(self.key), "version": seal.VERSION}),
+                seal.KEY_RECORD: run_key,
             })
             sealed.append(Message(content, dst_node_id=node, message_type=kind, group_id=message.metadata.group_id))
         return sealed

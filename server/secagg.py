@@ -44,13 +44,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.arrays import to_record
 from common.errors import SilorecError
+from common.round import SECAGG_MAX_NORM_KEY, SECAGG_TENSORS_KEY
 from server import checkpoint, report
-from server.federation import evaluate_global, finish_run, round_line, start_run
+from server.federation import apply_update, evaluate_global, finish_run, round_line, start_run
 from server.settings import ServerSettings
 from server.strategy import MerchantReport, TrainRound
 
-TENSORS_KEY = "secagg-tensors"  # = client.secagg.TENSORS_KEY (server and client never import each other)
-MAX_NORM_KEY = "secagg-max-update-norm"  # = client.secagg.MAX_NORM_KEY
 NUM_SHARES = 1.0  # every sampled merchant holds a share of every other's secrets (full SecAgg graph)
 RECONSTRUCTION_THRESHOLD = 2 / 3  # of the shares: a round survives a third dropping out, fewer colluders unmask no one
 DEFAULT_MAX_WEIGHT = 1000.0  # before any merchant has reported its users (Flower's default)
@@ -143,17 +142,15 @@ def run_secure_federation(grid: Grid, context: Context, settings: ServerSettings
             t0 = time.perf_counter()
             cfg = replace(base, round=rnd)
             names = sorted(global_arrays)
-            collector.fit_config = dict(cfg.to_record()) | {TENSORS_KEY: ",".join(names),
-                                                             MAX_NORM_KEY: settings.max_update_norm}
+            collector.fit_config = dict(cfg.to_record()) | {SECAGG_TENSORS_KEY: ",".join(names),
+                                                             SECAGG_MAX_NORM_KEY: settings.max_update_norm}
             collector.result = None
             legacy.state.array_records[MAIN_PARAMS_RECORD] = to_record({k: global_arrays[k] for k in names})
             legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
             workflow = _workflow(settings, history, merchants=len(grid.get_node_ids()))
             workflow(grid, legacy)
             result = collector.result or TrainRound(delta=None)
-            if result.delta is not None:
-                global_arrays = {k: (v + result.delta[k]).astype(v.dtype) if k in result.delta else v
-                                 for k, v in global_arrays.items()}
+            global_arrays = apply_update(global_arrays, result.delta)
             valid, _ = evaluate_global(evaluator, grid, global_arrays, replace(cfg, split="valid"))
             line = round_line(rnd, result, valid, time.perf_counter() - t0)
             line |= {

@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 
+from common.arrays import l2_norm
 from common.errors import SilorecError
 
 Update = Mapping[str, np.ndarray]
@@ -35,10 +36,6 @@ class TensorSpec:
 def spec_of(arrays: Update) -> dict[str, TensorSpec]:
     """What every update must look like: the names, shapes and dtypes of `arrays`."""
     return {name: TensorSpec(tuple(a.shape), str(a.dtype)) for name, a in arrays.items()}
-
-
-def l2_norm(update: Update) -> float:
-    return float(np.sqrt(sum(float(np.square(a, dtype=np.float64).sum()) for a in update.values())))
 
 
 def screen(update: Update, spec: Mapping[str, TensorSpec], max_norm: float) -> float:
