@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import SilorecError
+from common.flower_env import flower_env, tool
 
 
 class NodeError(SilorecError):
@@ -47,7 +46,7 @@ def supernode_command(spec: NodeSpec) -> list[str]:
     if spec.signing_key is not None:
         pairs.append(("signing-key", spec.signing_key.resolve()))
     node_config = " ".join(f"{k}={json.dumps(str(v))}" for k, v in pairs)
-    cmd = [_tool("flower-supernode"), "--superlink", spec.server, "--node-config", node_config,
+    cmd = [tool("flower-supernode"), "--superlink", spec.server, "--node-config", node_config,
            "--port", str(spec.port)]
     if spec.secure:
         cmd += ["--root-certificates", str(spec.ca_cert), "--auth-supernode-private-key", str(spec.key)]
@@ -59,12 +58,7 @@ def supernode_command(spec: NodeSpec) -> list[str]:
 def run_supernode(spec: NodeSpec) -> int:
     """Run the SuperNode in the foreground until it exits or this process is stopped; return its exit code."""
     spec.state.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["FLWR_HOME"] = str((spec.state / "flwr-home").resolve())
-    # the ClientApp runs in this environment; letting Flower `uv sync` could pull a CUDA torch
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    proc = subprocess.Popen(supernode_command(spec), env=env)
+    proc = subprocess.Popen(supernode_command(spec), env=flower_env((spec.state / "flwr-home").resolve()))
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.terminate())  # pass a stop on to the node
     try:
         return proc.wait()
@@ -76,8 +70,3 @@ def run_supernode(spec: NodeSpec) -> int:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _tool(name: str) -> str:
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else name

@@ -7,17 +7,16 @@ the same environment as silorec; nothing speaks Flower's wire protocol itself.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import SilorecError
+from common.flower_env import flower_env, tool
 
 CONNECTION = "silorec"  # the SuperLink connection's name in $FLWR_HOME/config.toml
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: the project folder with pyproject.toml
@@ -63,21 +62,9 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for a Flower command: its own FLWR_HOME, this venv's tools first, no `uv sync` at run time."""
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["FLWR_HOME"] = str(flwr_home)
-    # the app's dependencies are this environment's; letting Flower `uv sync` could pull a CUDA torch
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
-
-
 def superlink_command(spec: LinkSpec) -> list[str]:
     """The `flower-superlink` command line: TLS and SuperNode authentication unless the spec is insecure."""
-    cmd = [_tool("flower-superlink"), "--host", spec.host, "--port", str(spec.port), "--database", str(spec.database)]
+    cmd = [tool("flower-superlink"), "--host", spec.host, "--port", str(spec.port), "--database", str(spec.database)]
     if spec.secure:
         cmd += ["--ssl-ca-certfile", str(spec.ca_cert), "--ssl-certfile", str(spec.server_cert),
                 "--ssl-keyfile", str(spec.server_key), "--enable-supernode-auth"]
@@ -193,19 +180,13 @@ def stop(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
 
 def _flwr_json(spec: LinkSpec, args: list[str]) -> dict:
     # `flwr ... --format json` exits 0 even on failure; the JSON's "success" says what happened
-    done = subprocess.run([_tool("flwr"), *args, "--format", "json"], env=flower_env(spec.flwr_home),
+    done = subprocess.run([tool("flwr"), *args, "--format", "json"], env=flower_env(spec.flwr_home),
                           capture_output=True, text=True, timeout=300, cwd=spec.state)
     start = done.stdout.find("{")
     try:
         return json.loads(done.stdout[start:]) if start >= 0 else {"success": False, "error-message": done.stderr or done.stdout}
     except ValueError:
         return {"success": False, "error-message": done.stdout + done.stderr}
-
-
-def _tool(name: str) -> str:
-    """A Flower command from this environment, so that it matches the flwr that silorec imports."""
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else name
 
 
 def _toml_value(value: object) -> str:
