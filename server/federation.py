@@ -7,9 +7,8 @@ checkpoint, so `resume` continues from the last complete round.
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import replace
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +37,8 @@ def run_federation(grid: Grid, settings: ServerSettings, *, state_key: bytes | N
     out = Path(settings.out_dir)
     ckpt_dir = out / "checkpoint"
     tower, initial, shared, ckpt = start_run(settings)
-    run_id = ckpt.run_id if ckpt else uuid.uuid4().hex[:12]
-    key = None
-    if settings.seal_updates:
-        key, kept = sealing.load_or_create_key(ckpt_dir, resuming=ckpt is not None, state_key=state_key)
-        if ckpt is not None and not kept:
-            run_id = uuid.uuid4().hex[:12]
-            log(WARNING, "no state key to recover run %s's sealing key: continuing as run %s with a new key pair "
-                "(set %s to keep the key across restarts)", ckpt.run_id, run_id, sealing.STATE_KEY_ENV)
-    else:
-        log(WARNING, "sealing is OFF (seal-updates = false): updates travel and are stored in the clear")
-    if settings.signing_keys and not settings.seal_updates:
-        raise SilorecError("signing-keys needs seal-updates = true: merchants sign the sealed update")
-    signers = sealing.read_signers(Path(settings.signing_keys)) if settings.signing_keys else None
-    envelope = sealing.Envelope(run_id, key, signers=signers)
+    envelope = sealing.envelope_for(settings, ckpt_dir, ckpt.run_id if ckpt else None, state_key=state_key)
+    run_id = envelope.run_id
     strategy = ScreenedFedAvg(spec_of(shared), settings, envelope)
     global_arrays = ckpt.global_arrays if ckpt else initial
     history: list[dict[str, Any]] = ckpt.history if ckpt else []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -27,6 +28,7 @@ from flwr.serverapp import Grid
 from common import atomic, seal
 from common.arrays import from_record, pack, unpack
 from common.errors import SilorecError
+from server.settings import ServerSettings
 from server.updates import UpdateRejected
 
 KEY_FILE = "seal-key.pem"
@@ -45,6 +47,23 @@ def load_or_create_key(ckpt_dir: Path, *, resuming: bool, state_key: bytes | Non
     else:
         path.unlink(missing_ok=True)  # a key of an earlier start that nothing could decrypt now
     return key, False
+
+
+def envelope_for(settings: ServerSettings, ckpt_dir: Path, resumed_run: str | None, *, state_key: bytes | None) -> Envelope:
+    """This run's envelope: its key pair (kept across a resume when the state key allows) and its run id."""
+    run_id = resumed_run or uuid.uuid4().hex[:12]
+    if not settings.seal_updates:
+        if settings.signing_keys:
+            raise SilorecError("signing-keys needs seal-updates = true: merchants sign the sealed update")
+        log(WARNING, "sealing is OFF (seal-updates = false): updates travel and are stored in the clear")
+        return Envelope(run_id, None)
+    key, kept = load_or_create_key(ckpt_dir, resuming=resumed_run is not None, state_key=state_key)
+    if resumed_run is not None and not kept:
+        run_id = uuid.uuid4().hex[:12]  # nothing sealed for the old run must open in this one
+        log(WARNING, "no state key to recover run %s's sealing key: continuing as run %s with a new key pair "
+            "(set %s to keep the key across restarts)", resumed_run, run_id, STATE_KEY_ENV)
+    signers = read_signers(Path(settings.signing_keys)) if settings.signing_keys else None
+    return Envelope(run_id, key, signers=signers)
 
 
 @dataclass
