@@ -103,11 +103,11 @@ class Envelope:
                 log(WARNING, "round %d: node %d gave no sealing key; it is left out (nothing is sent in the clear)", server_round, node)
                 continue
             arrays = message.content["arrays"]
+            kind = message.metadata.message_type
+            t0 = time.perf_counter()  # serialising counts too, as it does in the merchant's seal time
             if id(arrays) not in payloads:
                 payloads[id(arrays)] = pack(from_record(arrays))
             payload = payloads[id(arrays)]
-            kind = message.metadata.message_type
-            t0 = time.perf_counter()
             blob = seal.seal(payload, public, seal.update_context(self.run_id, server_round, node, kind=f"global-{kind}"))
             self.global_seal_seconds += time.perf_counter() - t0
             # a fresh RecordDict: Flower's strategies share one content object among all their messages
