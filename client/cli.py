@@ -68,7 +68,7 @@ def recommend(adapter: Path, data: Path, user_id: str, k: int, cache: Path) -> N
     history = sequences[users.index(user_id)]
     model = load_for_silo(adapter, silo, cache_dir=cache)
     titles = list(silo.items["title"])
-    scores = score_histories(model, [history], titles)[0]
+    scores = score_histories(model, [history])[0]
     click.echo(f"user {user_id}: {len(history)} interactions, most recent: {titles[history[-1]]}")
     for rank, (item, score) in enumerate(top_k(scores, history, k), start=1):
         click.echo(f"{rank:>3}. {score:8.3f}  {titles[item]}  [{silo.items['item_id'][item]}]")
@@ -87,7 +87,7 @@ def evaluate_cmd(adapter: Path, data: Path, cache: Path) -> None:
     silo = load_silo(data)
     split = leave_one_out(silo.interactions, silo.n_items)
     model = load_for_silo(adapter, silo, cache_dir=cache)
-    score = scorer(model, list(silo.items["title"]))
+    score = scorer(model)
     report = {
         "silo": silo.name,
         "adapter": str(adapter),

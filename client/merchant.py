@@ -3,7 +3,8 @@
 A Merchant holds its silo, split and model for as long as its process lives
 (a SuperNode or a simulation actor may serve many rounds), and keeps what
 must survive a restart in the silo's state folder: the privacy ledger and
-the local item head. Only the LoRA update (new − global) ever leaves.
+the local item head. Only the update of the shared model (new − global:
+LoRA tensors and calibration) ever leaves.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ class Merchant:
     def __init__(self, silo_dir: Path, state_dir: Path, model_cfg: ModelConfig, *, cache_dir: Path | None = None) -> None:
         self.silo: Silo = load_silo(silo_dir)
         self.split: Split = leave_one_out(self.silo.interactions, self.silo.n_items)
-        self.titles = list(self.silo.items["title"])
         self.state_dir = Path(state_dir)
         self.model_cfg = model_cfg
         self.model: Recommender = build_recommender(
@@ -61,7 +61,7 @@ class Merchant:
     # --- a round --------------------------------------------------------------------
 
     def set_global(self, global_arrays: dict[str, np.ndarray]) -> None:
-        self.model.load_adapter_state(to_torch(global_arrays))
+        self.model.load_shared_state(to_torch(global_arrays))
         # The state folder, not this process, holds the latest head: a simulation may serve this
         # silo from another actor in the next round, so read it every time.
         self.model.restore_head(self.state_dir / HEAD_FILE)
@@ -69,7 +69,7 @@ class Merchant:
     def train_round(self, global_arrays: dict[str, np.ndarray], cfg: RoundConfig, *, budget: float | None = None) -> TrainOutcome:
         """Train from the global adapter; return the update and metrics, or why there is none."""
         self.set_global(global_arrays)
-        shared_before = to_numpy(self.model.adapter_state())
+        shared_before = to_numpy(self.model.shared_state())
         users = self.trainable_users
         base = {"users": float(users), "budget-exhausted": 0.0}
         if users == 0:
@@ -86,7 +86,7 @@ class Merchant:
                 metrics = base | {"budget-exhausted": 1.0, "epsilon-total": spent_before, "epsilon-round": 0.0}
                 return TrainOutcome(None, metrics, str(e))
             delta = ledger.delta
-        result = train(self.model, self.split, self.titles, cfg.train(noise_multiplier=noise, delta=delta), progress=False)
+        result = train(self.model, self.split, cfg.train(noise_multiplier=noise, delta=delta), progress=False)
         metrics = base | {"loss": float(result.losses[-1]) if result.losses else float("nan"), "steps": float(result.steps)}
         if ledger is not None:
             total = ledger.record(
@@ -100,7 +100,7 @@ class Merchant:
                 "noise-multiplier": result.noise_multiplier,
             }
         self.model.save_head(self.state_dir / HEAD_FILE)
-        shared_after = to_numpy(self.model.adapter_state())
+        shared_after = to_numpy(self.model.shared_state())
         update = {k: shared_after[k] - shared_before[k] for k in shared_after}
         return TrainOutcome(update, metrics)
 
@@ -109,7 +109,7 @@ class Merchant:
         """Full-ranking metrics of the global adapter (with this silo's head) on `cfg.split`, and MostPop's."""
         self.set_global(global_arrays)
         cases = self.split.test if cfg.split == "test" else self.split.valid
-        ours = evaluate(scorer(self.model, self.titles), cases)
+        ours = evaluate(scorer(self.model), cases)
         pop = self.most_pop["test" if cfg.split == "test" else "valid"]
         out = {k: float(v) for k, v in ours.items() if k != "users"}
         out |= {f"most-pop-{k}": float(v) for k, v in pop.items() if k != "users"}

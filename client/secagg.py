@@ -64,7 +64,7 @@ class MerchantClient(NumPyClient):
         if update is not None and not all(np.isfinite(a).all() for a in update.values()):
             update, metrics["reason"] = None, "the update had non-finite values; it was left out of the sum"
         if update is None:  # every merchant must send a vector: zeros with weight 0 leave the sum unchanged
-            shared = merchant.model.adapter_state()  # what an update holds (B only in FFA-LoRA mode)
+            shared = merchant.model.shared_state()  # what an update holds (LoRA B only in FFA-LoRA mode)
             return [np.zeros(tuple(shared[k].shape), np.float64) for k in sorted(shared)], 0, metrics
         update = clip_norm(update, float(config.get(SECAGG_MAX_NORM_KEY, 0.0)))
         # float64: SecAgg+ quantises (x + clipping range) in the arrays' own dtype, and in float32 that

@@ -39,9 +39,28 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
 
+# DP's tuned model presets, for the options a command line leaves at their defaults: shorter
+# histories pay for more (noisier) epochs, and per-item head weights are a row of noise per item.
+# In a federation the merchants are small: a per-item bias trained on 18-170 users is mostly
+# noise, so there the model keeps no per-item parameter at all.
+DP_MODEL_DEFAULTS: dict[str, Any] = {"max_tokens": 64, "local_head": "bias"}
+FEDERATED_DP_MODEL_DEFAULTS: dict[str, Any] = {"max_tokens": 64, "local_head": "none"}
+
+
+def with_defaults(model_cfg, defaults: dict[str, Any]):
+    """`model_cfg` with `defaults` for every option the current command line did not set."""
+    from dataclasses import replace
+
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    unset = {k: v for k, v in defaults.items() if ctx.get_parameter_source(k) in (ParameterSource.DEFAULT, None)}
+    return replace(model_cfg, **unset)
+
+
 def model_options(f):
-    """--base-model, LoRA and token-budget options, gathered into a ModelConfig passed as `model_cfg`."""
-    from common.towers import BUNDLED, ModelConfig
+    """--base-model, LoRA, history and head options, gathered into a ModelConfig passed as `model_cfg`."""
+    from common.towers import BUNDLED, LOCAL_HEADS, ModelConfig
 
     d = ModelConfig()
     options = [
@@ -50,16 +69,17 @@ def model_options(f):
         click.option("--lora-alpha", type=int, default=d.lora_alpha, show_default=True, help="LoRA scaling alpha."),
         click.option("--lora-targets", default=",".join(d.lora_targets), show_default=True, help="Comma-separated module names to adapt."),
         click.option("--ffa", is_flag=True, help="FFA-LoRA: freeze A at its seeded init, train and share only B."),
-        click.option("--max-tokens", type=int, default=d.max_tokens, show_default=True, help="Token budget of a user's history text."),
-        click.option("--temperature", type=float, default=d.temperature, show_default=True, help="Softmax temperature of the cosine score."),
-        click.option("--no-head", is_flag=True, help="Score by text alone, without the merchant-local item head."),
+        click.option("--max-tokens", type=int, default=d.max_tokens, show_default=True, help=f"Token budget of a user's history: the texts of their most recent items [{DP_MODEL_DEFAULTS['max_tokens']} with DP]."),
+        click.option("--recency", type=float, default=d.recency, show_default=True, help="Weight of a history item in the user vector, per step back in time (1: plain mean)."),
+        click.option("--temperature", type=float, default=d.temperature, show_default=True, help="Initial temperature of the cosine score (the scale is learned)."),
+        click.option("--local-head", type=click.Choice(LOCAL_HEADS), default=d.local_head, show_default=True, help="Merchant-local item head: per-item weights and bias, bias only, or none [bias in a DP central run, none in a DP federation]."),
     ]
 
-    def wrapper(*args, base_model, lora_r, lora_alpha, lora_targets, ffa, max_tokens, temperature, no_head, **kwargs):
+    def wrapper(*args, base_model, lora_r, lora_alpha, lora_targets, ffa, max_tokens, recency, temperature, local_head, **kwargs):
         targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
         kwargs["model_cfg"] = ModelConfig(
             base_model=base_model, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=targets, ffa=ffa,
-            max_tokens=max_tokens, temperature=temperature, local_head=not no_head,
+            max_tokens=max_tokens, recency=recency, temperature=temperature, local_head=local_head,
         )
         return f(*args, **kwargs)
 

@@ -47,9 +47,11 @@ class RoundConfig:
     lora_alpha: int = ModelConfig.lora_alpha
     lora_targets: str = ",".join(ModelConfig.lora_targets)
     ffa: bool = ModelConfig.ffa
-    max_tokens: int = ModelConfig.max_tokens
+    # DP's federated preset (common.cli.FEDERATED_DP_MODEL_DEFAULTS): the default run is private
+    max_tokens: int = 64
+    recency: float = ModelConfig.recency
     temperature: float = ModelConfig.temperature
-    local_head: bool = ModelConfig.local_head
+    local_head: str = "none"
 
     @property
     def private(self) -> bool:
@@ -63,6 +65,7 @@ class RoundConfig:
             lora_targets=tuple(t for t in self.lora_targets.split(",") if t),
             ffa=self.ffa,
             max_tokens=self.max_tokens,
+            recency=self.recency,
             temperature=self.temperature,
             local_head=self.local_head,
             seed=self.seed,

@@ -11,28 +11,27 @@ import torch
 from common.metrics import ScoreFn
 from common.silo import Silo
 from common.split import EvalCase
-from common.text import history_text, item_texts
+from common.text import item_texts
 from common.towers import Recommender, build_recommender, load_model_config
 
 
 @torch.no_grad()
-def score_histories(model: Recommender, histories: Sequence[np.ndarray], titles: Sequence[str], *, max_items: int = 50) -> torch.Tensor:
+def score_histories(model: Recommender, histories: Sequence[np.ndarray]) -> torch.Tensor:
     """Scores over the whole catalog (users × items, float32 on CPU) for each history."""
     was_training = model.training
     model.eval()
-    texts = [history_text(h, titles, max_items=max_items) for h in histories]
-    inputs = model.tokenize_histories(texts)
+    inputs = model.history_inputs(histories)
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
         scores = model(**inputs)
     model.train(was_training)
     return scores.float().cpu()
 
 
-def scorer(model: Recommender, titles: Sequence[str], *, max_items: int = 50) -> ScoreFn:
+def scorer(model: Recommender) -> ScoreFn:
     """A ScoreFn for `common.metrics.evaluate`."""
 
     def score(batch: list[EvalCase]) -> torch.Tensor:
-        return score_histories(model, [c.history for c in batch], titles, max_items=max_items)
+        return score_histories(model, [c.history for c in batch])
 
     return score
 

@@ -11,6 +11,7 @@ ledger does). Without one it trains normally.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,6 @@ from tqdm.auto import tqdm
 
 from common.records import UserRecord, UserRecords
 from common.split import Split
-from common.text import history_text
 from common.towers import Recommender
 
 AccountantHistory = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps), as Opacus keeps it
@@ -36,27 +36,29 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128  # expected batch: with DP the sample rate is batch_size / users
     lr: float = 5e-3  # LoRA adapter
-    head_lr: float = 5e-2  # local item head: a linear classifier that must move far from zero in few steps
+    head_lr: float = 5e-2  # calibration and local item head: small layers that must move far in few steps
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # per-user bound on the whole gradient (DP sensitivity)
-    # How max_grad_norm² is shared between adapter, head weight and head bias (per-group clipping):
-    # the adapter's raw per-user norm is several times the head's, and one global clip would
-    # starve the head of signal.
+    # How max_grad_norm² is shared between the adapter, the head's per-item weights and the small
+    # rest (item bias, calibration) by per-group clipping: the adapter's raw per-user norm is
+    # several times the head's, and one global clip would starve the head of signal.
     clip_shares: tuple[float, float, float] = (0.5, 0.25, 0.25)
     epsilon: float | None = None  # target ε for this call; None and no noise_multiplier: no DP
     delta: float | None = None  # default: 1 / (10 · users)
     noise_multiplier: float | None = None  # set directly (the federated ledger plans it across rounds)
     accountant: str = "prv"
-    max_history_items: int = 50
     next_items: int = 5  # targets per user record: the items that followed the history prefix
-    seed: int = 0
+    seed: int = 0  # the adapter's init, the records' cut points and (without DP) the batch order
+    # The DP noise and the Poisson sampling must be unpredictable to whoever sees the result: by
+    # default they are seeded afresh from the OS's entropy. A fixed noise_seed makes an experiment
+    # reproducible, and lets anyone who knows it subtract the noise: never for a released model.
+    noise_seed: int | None = None
 
     @property
     def private(self) -> bool:
         return self.epsilon is not None or self.noise_multiplier is not None
 
 
-DP_MAX_TOKENS = 64  # the user-history token budget of DP runs (see `preset`)
 
 
 def preset(private: bool, **overrides) -> TrainConfig:
@@ -67,9 +69,9 @@ def preset(private: bool, **overrides) -> TrainConfig:
     batches give more steps per epoch.
     """
     # Epochs: 15 non-private reach 2x MostPop on ML-100k in ~11 min on 2 cores. Under DP more,
-    # noisier steps at the same ε did better (10 epochs: 1.15x MostPop, 20: 1.29x); DP epochs cost
-    # more (per-user gradients), so the DP run pairs them with a 64-token history (DP_MAX_TOKENS)
-    # to stay near 13 minutes there.
+    # noisier steps at the same ε did better (10 epochs: 1.15x MostPop, 20: 1.29x, before the
+    # per-item history); DP epochs cost more (per-user gradients), so the DP run pairs them with a
+    # 64-token history (common.cli.DP_MODEL_DEFAULTS) to stay under 10 minutes there.
     base = (
         dict(epochs=20, batch_size=256, lr=1e-3, head_lr=0.1)
         if private
@@ -131,7 +133,6 @@ def epsilon_of(history: AccountantHistory, delta: float, accountant: str = "prv"
 def train(
     model: Recommender,
     split: Split,
-    titles: Sequence[str],
     cfg: TrainConfig,
     *,
     history: AccountantHistory | None = None,
@@ -149,8 +150,9 @@ def train(
     steps_per_epoch = max(1, math.ceil(users / cfg.batch_size))
     sample_rate, sigma, delta = plan_noise(cfg, users, steps=cfg.epochs * steps_per_epoch, history=history)
     result.sample_rate, result.noise_multiplier = sample_rate, sigma
-    head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
-    tower = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    tower = [p for n, p in trainable if model.kind_of(n) == "adapter"]
+    head = [p for n, p in trainable if model.kind_of(n) != "adapter"]
     groups = [{"params": tower, "lr": cfg.lr}] + ([{"params": head, "lr": cfg.head_lr}] if head else [])
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * steps_per_epoch
@@ -158,14 +160,17 @@ def train(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
     net: torch.nn.Module = model
     accountant = None
+    noise_seed = None
     if cfg.private:
         net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        generator = torch.Generator(device=model.device).manual_seed(cfg.seed + 1)
+        noise_seed = cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(63)
+        generator = torch.Generator(device=model.device).manual_seed(noise_seed)
         optimizer = dp_optimizer(model, optimizer, cfg, sigma, expected_batch_size=max(1, round(sample_rate * users)), generator=generator)
         accountant = create_accountant(cfg.accountant)
         accountant.history = list(result.accountant_history)
         result.delta = delta
-    rng = np.random.default_rng(cfg.seed)
+    # Poisson sampling draws from the noise's seed: privacy amplification assumes the batches are secret.
+    rng = np.random.default_rng(noise_seed if cfg.private else cfg.seed)
     model.train()
     try:
         for epoch in range(cfg.epochs):
@@ -175,7 +180,7 @@ def train(
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, disable=not progress)
             for idx in bar:
                 if len(idx):
-                    loss = _step(net, model, optimizer, [records[i] for i in idx], titles, cfg)
+                    loss = _step(net, model, optimizer, [records[i] for i in idx])
                     losses.append(loss)
                     bar.set_postfix(loss=f"{loss:.3f}")
                 schedule.step()
@@ -200,11 +205,7 @@ def train(
 def clip_bounds(model: Recommender, cfg: TrainConfig) -> dict[str, float]:
     """Per-tensor clipping bounds whose squares sum to max_grad_norm², shared out by `cfg.clip_shares`."""
     names = model.trainable_names()
-    groups = {
-        "adapter": [n for n in names if not n.startswith("head.")],
-        "weight": [n for n in names if n == "head.weight"],
-        "bias": [n for n in names if n == "head.bias"],
-    }
+    groups = {kind: [n for n in names if model.kind_of(n) == kind] for kind in ("adapter", "weight", "bias")}
     shares = {g: s for g, s in zip(groups, cfg.clip_shares) if groups[g]}
     total = sum(shares.values())
     bounds = {}
@@ -237,11 +238,8 @@ def _step(
     model: Recommender,
     optimizer: torch.optim.Optimizer,
     batch: list[UserRecord],
-    titles: Sequence[str],
-    cfg: TrainConfig,
 ) -> float:
-    texts = [history_text(r.history, titles, max_items=cfg.max_history_items) for r in batch]
-    inputs = model.tokenize_histories(texts)
+    inputs = model.history_inputs([r.history for r in batch])
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
         logits = net(**inputs)
     loss = next_items_loss(mask_history(logits.float(), batch), batch)

@@ -22,7 +22,7 @@ from common import atomic
 from common.arrays import nbytes, to_numpy, to_record
 from common.errors import SilorecError
 from common.round import RoundConfig
-from common.towers import attach_adapter, load_encoder
+from common.towers import attach_adapter, initial_calibration, load_encoder
 from server import checkpoint, report, sealing
 from server.settings import ServerSettings
 from server.strategy import ScreenedFedAvg, summarize_evaluation
@@ -91,9 +91,12 @@ def start_run(
     """The user tower, its initial adapter, the part merchants send back, and the checkpoint to resume (if asked)."""
     out = Path(settings.out_dir)
     model_cfg = settings.round.model()
-    tower = attach_adapter(load_encoder(model_cfg.base_model)[1], model_cfg)
-    initial = to_numpy(get_peft_model_state_dict(tower))
-    shared = {k: v for k, v in initial.items() if "lora_B" in k} if model_cfg.ffa else initial
+    encoder = load_encoder(model_cfg.base_model)[1]
+    tower = attach_adapter(encoder, model_cfg)
+    calibration = to_numpy(initial_calibration(encoder.config.hidden_size, model_cfg))
+    lora = to_numpy(get_peft_model_state_dict(tower))
+    initial = lora | calibration
+    shared = ({k: v for k, v in lora.items() if "lora_B" in k} if model_cfg.ffa else lora) | calibration
     ckpt = checkpoint.load(out / "checkpoint") if settings.resume else None
     if ckpt is None and (out / "checkpoint" / checkpoint.STATE_FILE).exists():
         raise SilorecError(f"{out} holds an earlier run; resume it with --resume or choose another output folder")

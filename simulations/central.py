@@ -39,22 +39,21 @@ def run_central(data: Path, out: Path, cfg: CentralConfig, *, cache_dir: Path | 
     device = default_device()
     silo = load_silo(data)
     split = leave_one_out(silo.interactions, silo.n_items)
-    titles = list(silo.items["title"])
     baseline = most_pop(split)
     log(f"{silo.name}: {split.n_users} users, {silo.n_items} items, {len(split.test)} evaluated; device {device}")
     log(f"MostPop   valid NDCG@10 {baseline['valid']['ndcg@10']:.4f}   test NDCG@10 {baseline['test']['ndcg@10']:.4f}")
     model = build_recommender(cfg.model, list(silo.items["item_id"]), item_texts(silo.items), device=device, cache_dir=cache_dir)
-    score = scorer(model, titles, max_items=cfg.train.max_history_items)
+    score = scorer(model)
 
     history: list[dict] = []
-    best = {"ndcg": -1.0, "epoch": 0, "adapter": model.adapter_state(), "head": model.head_state()}
+    best = {"ndcg": -1.0, "epoch": 0, "shared": model.shared_state(), "head": model.head_state()}
 
     def on_epoch(epoch: int, result: TrainResult) -> bool:
         valid = evaluate(score, split.valid, desc="validation")
         history.append({"epoch": epoch + 1, "loss": result.losses[-1], "valid": valid, "epsilon": result.epsilon})
         improved = valid["ndcg@10"] > best["ndcg"]
         if improved:
-            best.update(ndcg=valid["ndcg@10"], epoch=epoch + 1, adapter=model.adapter_state(), head=model.head_state())
+            best.update(ndcg=valid["ndcg@10"], epoch=epoch + 1, shared=model.shared_state(), head=model.head_state())
         eps = f"   ε {result.epsilon:.2f}" if result.epsilon is not None else ""
         log(
             f"epoch {epoch + 1:>2}/{cfg.train.epochs}  loss {result.losses[-1]:.3f}   valid NDCG@10 {valid['ndcg@10']:.4f}"
@@ -62,8 +61,8 @@ def run_central(data: Path, out: Path, cfg: CentralConfig, *, cache_dir: Path | 
         )
         return epoch + 1 - best["epoch"] >= cfg.patience
 
-    result = train(model, split, titles, cfg.train, on_epoch=on_epoch)
-    model.load_adapter_state(best["adapter"])
+    result = train(model, split, cfg.train, on_epoch=on_epoch)
+    model.load_shared_state(best["shared"])
     model.load_head_state(best["head"], model.item_ids)
     valid = evaluate(score, split.valid, desc="validation")
     test = evaluate(score, split.test, desc="test")

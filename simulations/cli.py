@@ -5,9 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
-from common.cli import CONTEXT, RoleGroup, model_options, quiet_libraries
+from common.cli import (
+    CONTEXT,
+    DP_MODEL_DEFAULTS,
+    FEDERATED_DP_MODEL_DEFAULTS,
+    RoleGroup,
+    model_options,
+    quiet_libraries,
+    with_defaults,
+)
 from common.silo import load_silo
 from common.summary import summarize
 import json
@@ -15,7 +22,7 @@ import time
 from dataclasses import replace
 
 from common.round import RoundConfig
-from common.train import DP_MAX_TOKENS, TrainConfig, preset
+from common.train import TrainConfig, preset
 from server.report import sealing_summary
 from server.settings import ServerSettings
 from server.updates import AGGREGATIONS
@@ -108,15 +115,17 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
 @click.option("--lr", type=float, default=None, help="Learning rate of the LoRA adapter [5e-3; 1e-3 with --epsilon].")
 @click.option("--head-lr", type=float, default=None, help="Learning rate of the local item head [0.02; 0.1 with --epsilon].")
 @click.option("--max-grad-norm", type=float, default=TrainConfig.max_grad_norm, show_default=True, help="Per-user clipping bound (DP).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the adapter's init, the records and (without DP) the batch order.")
+@click.option("--noise-seed", type=int, default=None, help="Seed the DP noise and sampling, for a reproducible experiment (default: fresh OS entropy). Whoever knows it can subtract the noise: never for a model you release.")
 @model_options
 @click.option("--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr, max_grad_norm, seed, model_cfg, cache, force):
+def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr, max_grad_norm, seed, noise_seed, model_cfg, cache, force):
     """Train the recommender on all users of one silo (no federation) and report test metrics.
 
     The upper bound for federated runs. With --epsilon the history budget
-    defaults to 64 tokens (--max-tokens overrides it). Early-stops on validation NDCG@10 and
+    defaults to 64 tokens and the item head to biases only (--max-tokens and
+    --local-head override them). Early-stops on validation NDCG@10 and
     writes OUT/metrics.json (test and validation metrics, MostPop on the same
     split, ε, δ, seed, epochs, wall time, device), the adapter in peft format
     under OUT/adapter/, and OUT/training.png.
@@ -125,11 +134,11 @@ def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
     train_cfg = preset(
         epsilon is not None, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
-        max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, seed=seed,
+        max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, seed=seed, noise_seed=noise_seed,
     )
     model_cfg = replace(model_cfg, seed=seed)
-    if epsilon is not None and click.get_current_context().get_parameter_source("max_tokens") is ParameterSource.DEFAULT:
-        model_cfg = replace(model_cfg, max_tokens=DP_MAX_TOKENS)  # DP's tuned preset: more epochs over shorter histories
+    if epsilon is not None:
+        model_cfg = with_defaults(model_cfg, DP_MODEL_DEFAULTS)
     cfg = CentralConfig(model=model_cfg, train=train_cfg, patience=patience)
     m = run_central(data, out, cfg, cache_dir=cache / "items", force=force, log=click.echo)
     click.echo("")
@@ -196,11 +205,13 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
         raise FileExistsError(f"{out} holds a finished run; choose another --out or pass --force to replace it")
     if (out / "checkpoint").exists() and not resume:
         raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
+    if epsilon > 0:
+        model_cfg = with_defaults(model_cfg, FEDERATED_DP_MODEL_DEFAULTS)
     round_cfg = RoundConfig(
         local_epochs=local_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, epsilon=epsilon, delta=delta or 0.0, seed=seed,
         base_model=model_cfg.base_model, lora_r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha,
         lora_targets=",".join(model_cfg.lora_targets), ffa=model_cfg.ffa, max_tokens=model_cfg.max_tokens,
-        temperature=model_cfg.temperature, local_head=model_cfg.local_head,
+        recency=model_cfg.recency, temperature=model_cfg.temperature, local_head=model_cfg.local_head,
     )
     settings = ServerSettings(
         rounds=rounds, out_dir=str(out), resume=resume, min_fit_clients=min_fit_clients, aggregation=aggregation,

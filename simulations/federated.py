@@ -110,7 +110,6 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
         silo = load_silo(folder)
         split = leave_one_out(silo.interactions, silo.n_items)
         model = build_recommender(cfg.model(), list(silo.items["item_id"]), item_texts(silo.items))
-        titles = list(silo.items["title"])
         epochs = settings.rounds * cfg.local_epochs
         tcfg = replace(cfg.train(noise_multiplier=None, delta=None), epochs=epochs, seed=cfg.seed)
         epsilon = None
@@ -121,10 +120,10 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
             q = min(1.0, cfg.batch_size / max(users, 1))
             steps = epochs * max(1, math.ceil(users / cfg.batch_size))
             tcfg = replace(tcfg, noise_multiplier=ledger.plan(sample_rate=q, steps_per_round=steps, rounds_left=1), delta=delta)
-        result = train(model, split, titles, tcfg, progress=False)
+        result = train(model, split, tcfg, progress=False)
         if cfg.private:
             epsilon = ledger.cost(result.noise_multiplier, result.sample_rate, result.steps)
-        test = evaluate(scorer(model, titles), split.test)
+        test = evaluate(scorer(model), split.test)
         results.append({"silo": folder.name, "epsilon": epsilon, **test})
         log(f"  local-only {folder.name:<14} users {test['users']:>4}  NDCG@10 {test['ndcg@10']:.4f}" + (f"  ε {epsilon:.2f}" if epsilon else ""))
     total = sum(r["users"] for r in results)

@@ -3,9 +3,12 @@
 Every item belongs to one category and its title is drawn from that
 category's vocabulary; every user has a favourite category and mostly
 interacts with its items, in a random order. Within a category items are about
-equally popular, so popularity alone (MostPop) does little better than chance,
-while a model that reads the history's text can find the category. A test that
-trains on such a silo can therefore assert that something was learned.
+equally popular by default, so popularity alone (MostPop) does little better
+than chance, while a model that reads the history's text can find the
+category. With `popularity` > 0 some items of each category sell far more
+than others, which only the interactions reveal: a model whose untrained user
+tower already finds the category can then still show that training taught it
+something.
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ class SyntheticSpec:
     min_interactions: int = 6
     max_interactions: int = 12
     favourite_share: float = 0.9  # chance that an interaction is in the user's favourite category
+    # Zipf exponent of item popularity within a pool (0: all equally popular). With a skew the
+    # text finds the category, and only the interactions tell which of its items sell best.
+    popularity: float = 0.0
+    # False: items carry no category field, so only their nouns (and the interactions) tell which
+    # items belong together, and an untrained text tower finds little.
+    label_categories: bool = True
     seed: int = 0
 
 
@@ -64,12 +73,20 @@ def make_synthetic_silo(out: Path, spec: SyntheticSpec = SyntheticSpec(), *, fmt
         {
             "item_id": [f"i{i}" for i in range(spec.items)],
             "title": titles,
-            "category": [cat_names[c] for c in item_cat],
+            "category": [cat_names[c] if spec.label_categories else "" for c in item_cat],
             "brand": rng.choice(BRANDS, size=spec.items),
             "description": "",
         }
     )
     by_cat = [np.flatnonzero(item_cat == c) for c in range(spec.categories)]
+    # a random popularity order (drawn only with a skew, so that silos without one stay as they were)
+    appeal = 1.0 / (1.0 + rng.permutation(spec.items)) ** spec.popularity if spec.popularity else None
+
+    def draw(pool: np.ndarray) -> int:
+        if appeal is None:
+            return int(rng.choice(pool))
+        return int(rng.choice(pool, p=appeal[pool] / appeal[pool].sum()))
+
     rows = []
     t0 = 1_700_000_000
     for u in range(spec.users):
@@ -77,7 +94,7 @@ def make_synthetic_silo(out: Path, spec: SyntheticSpec = SyntheticSpec(), *, fmt
         n = int(rng.integers(spec.min_interactions, spec.max_interactions + 1))
         for k in range(n):
             pool = by_cat[fav] if rng.random() < spec.favourite_share else np.arange(spec.items)
-            rows.append((f"u{u}", f"i{int(rng.choice(pool))}", t0 + 3600 * k + int(rng.integers(60))))
+            rows.append((f"u{u}", f"i{draw(pool)}", t0 + 3600 * k + int(rng.integers(60))))
     inter = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
     inter["timestamp"] = inter["timestamp"] * 1_000_000_000  # write_silo takes nanoseconds
     users = pd.DataFrame(

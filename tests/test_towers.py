@@ -3,10 +3,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from common.silo import load_silo
 from common.text import item_texts
-from common.towers import ModelConfig, build_recommender, load_encoder, mean_pool, tokenize
+from common.towers import CALIBRATION_FILE, ModelConfig, Recommender, build_recommender, load_encoder
 
 
 def catalog(path):
@@ -33,32 +34,49 @@ def test_item_vectors_are_unit_and_cached(tmp_path, tiny_bert, synthetic_silo):
     assert changed.item_vectors.abs().sum() > 0 and len(list((tmp_path / "cache").iterdir())) == 2
 
 
-def test_user_history_is_cut_from_the_left(tiny_bert):
-    tok, _ = load_encoder(str(tiny_bert))
-    out = tokenize(tok, ["pan kettle " * 30 + "guitar"], 8, keep="end")
-    words = tok.convert_ids_to_tokens(out["input_ids"][0])
-    assert words[0] == "[CLS]" and words[-2:] == ["guitar", "[SEP]"]
+def test_history_keeps_the_most_recent_items_that_fit_the_budget(tiny_bert, synthetic_silo):
+    ids, texts, _ = catalog(synthetic_silo)
+    m = build_recommender(ModelConfig(base_model=str(tiny_bert), max_tokens=40), ids, texts)
+    lengths = [len(t) for t in m.item_tokens]
+    history = np.array([0, 1, 2, 3, 4, 5])
+    batch = m.history_inputs([history, np.array([7])])
+    seg, pos, tokens = batch["segments"][0], batch["position_ids"][0], batch["input_ids"][0]
+    k = int(seg.max())
+    kept = history[-k:]  # oldest first, most recent last
+    assert sum(lengths[int(i)] for i in kept) <= 40 < sum(lengths[int(i)] for i in history[-k - 1 :])
+    for j, item in enumerate(kept, start=1):
+        span = seg == j
+        assert tokens[span].tolist() == m.item_tokens[int(item)]
+        assert pos[span].tolist() == list(range(lengths[int(item)]))
+    assert (batch["segments"][1] > 0).sum() == lengths[7]  # the short row is padded with segment 0
+    # a single item longer than the budget is cut, keeping [CLS] … [SEP]
+    tight = build_recommender(ModelConfig(base_model=str(tiny_bert), max_tokens=4), ids, texts)
+    row = tight.history_inputs([np.array([3])])["input_ids"][0].tolist()
+    assert len(row) == 4 and row[0] == tight.tokenizer.cls_token_id and row[-1] == tight.tokenizer.sep_token_id
 
 
-def test_fresh_adapter_scores_equal_frozen_text_scores(tiny_bert, synthetic_silo):
-    # LoRA B starts at zero and the head at zero, so the untrained user tower is the base encoder
-    ids, texts, titles = catalog(synthetic_silo)
-    m = build_recommender(ModelConfig(base_model=str(tiny_bert)), ids, texts)
-    tok, enc = load_encoder(str(tiny_bert))
-    batch = tokenize(tok, titles[:3], 128, keep="end")
+def test_fresh_user_vector_is_the_recency_weighted_mean_of_item_vectors(tiny_bert, synthetic_silo):
+    # LoRA B starts at zero, so each item segment encodes exactly as the item tower read that item
+    ids, texts, _ = catalog(synthetic_silo)
+    cfg = ModelConfig(base_model=str(tiny_bert), recency=0.5)
+    m = build_recommender(cfg, ids, texts)
+    histories = [np.array([4, 9, 2]), np.array([11])]
     with torch.no_grad():
-        base = mean_pool(enc(**batch).last_hidden_state, batch["attention_mask"])
-        ours = m.encode_users(**batch)
-    assert torch.allclose(base, ours, atol=1e-5)
+        ours = m.encode_users(**m.history_inputs(histories))
+    expected = []
+    for h in histories:
+        weights = torch.tensor([0.5 ** (len(h) - 1 - j) for j in range(len(h))])
+        expected.append(torch.nn.functional.normalize((weights[:, None] * m.item_vectors[torch.as_tensor(h)]).sum(0), dim=0))
+    assert torch.allclose(ours, torch.stack(expected), atol=1e-5)
 
 
 def test_ffa_trains_and_shares_only_b(tiny_bert, synthetic_silo):
     ids, texts, _ = catalog(synthetic_silo)
-    m = build_recommender(ModelConfig(base_model=str(tiny_bert), ffa=True, local_head=False), ids, texts)
+    m = build_recommender(ModelConfig(base_model=str(tiny_bert), ffa=True, local_head="none"), ids, texts)
     names = m.trainable_names()
-    assert names and all("lora_B" in n for n in names)
+    assert names and all("lora_B" in n for n in names if m.kind_of(n) == "adapter")
     assert all("lora_B" in k for k in m.adapter_state())
-    full = build_recommender(ModelConfig(base_model=str(tiny_bert), local_head=False), ids, texts)
+    full = build_recommender(ModelConfig(base_model=str(tiny_bert), local_head="none"), ids, texts)
     assert len(full.adapter_state()) == 2 * len(m.adapter_state())
 
 
@@ -92,15 +110,17 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_scores(tmp_path, tiny_
                 p.add_(0.1 * torch.randn_like(p))
     m.save(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    batch = m.tokenize_histories([" ; ".join(titles[:5]), titles[7]])
+    batch = m.history_inputs([np.arange(5), np.array([7])])
     with torch.no_grad():
         expected = m(**batch)
-        # plain peft, no silorec code: base encoder + PeftModel.from_pretrained
-        _, enc = load_encoder(str(tiny_bert))
+        # the adapter as plain peft loads it (base encoder + PeftModel.from_pretrained) is the user tower
+        tok, enc = load_encoder(str(tiny_bert))
         peft_model = PeftModel.from_pretrained(enc, str(tmp_path / "adapter")).eval()
-        u = mean_pool(peft_model(**batch).last_hidden_state, batch["attention_mask"])
+        u = Recommender(peft_model, tok, m.item_vectors, cfg, ids, m.item_tokens).encode_users(**batch)
         head = m.head_state()
-        plain = u @ m.item_vectors.T / cfg.temperature + u @ head["weight"].T + head["bias"]
+        calibration = load_file(tmp_path / "adapter" / CALIBRATION_FILE)
+        scale, offset = calibration["calibration.log_scale.weight"].exp(), calibration["calibration.offset.weight"].reshape(-1)
+        plain = (u * scale + offset) @ m.item_vectors.T + u @ head["weight"].T + head["bias"]
         assert torch.allclose(plain, expected, atol=1e-4)
         # and silorec's own loader
         loaded = build_recommender(cfg, ids, texts, adapter_dir=tmp_path / "adapter")
@@ -109,12 +129,12 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_scores(tmp_path, tiny_
 
 def test_head_aligns_by_item_id_across_catalogs(tiny_bert, synthetic_silo):
     ids, texts, _ = catalog(synthetic_silo)
-    m = build_recommender(ModelConfig(base_model=str(tiny_bert)), ids, texts)
     state = {"weight": torch.randn(len(ids), 32), "bias": torch.arange(len(ids), dtype=torch.float32)}
     reordered = build_recommender(ModelConfig(base_model=str(tiny_bert)), ids[::-1] + ["new"], texts[::-1] + ["new"])
     reordered.load_head_state(state, ids)
-    assert reordered.head.bias[0] == len(ids) - 1 and reordered.head.bias[-1] == 0
-    assert np.allclose(reordered.head.weight[1].detach(), state["weight"][len(ids) - 2])
+    bias = reordered.head.bias.weight[:, 0]
+    assert bias[0] == len(ids) - 1 and bias[1] == len(ids) - 2 and bias[-1] == 0
+    assert np.allclose(reordered.head.weights.weight[1].detach(), state["weight"][len(ids) - 2])
 
 
 def test_many_writers_can_fill_the_same_item_cache_at_once(tmp_path, tiny_bert, synthetic_silo):

@@ -10,7 +10,7 @@ from common.records import UserRecords
 from common.serve import scorer
 from common.silo import load_silo
 from common.split import leave_one_out
-from common.text import history_text, item_texts
+from common.text import item_texts
 from common.towers import ModelConfig, build_recommender
 from common.train import TrainConfig, clip_bounds, dp_optimizer, epsilon_of, mask_history, next_items_loss, train
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
@@ -21,11 +21,11 @@ def setup(path, tiny_bert, **model):
     split = leave_one_out(s.interactions, s.n_items)
     cfg = ModelConfig(base_model=str(tiny_bert), **model)
     m = build_recommender(cfg, list(s.items["item_id"]), item_texts(s.items))
-    return m, split, list(s.items["title"])
+    return m, split
 
 
-def batch_loss(net, model, records, titles):
-    inputs = model.tokenize_histories([history_text(r.history, titles) for r in records])
+def batch_loss(net, model, records):
+    inputs = model.history_inputs([r.history for r in records])
     return next_items_loss(mask_history(net(**inputs), records), records)
 
 
@@ -38,7 +38,7 @@ def perturb(model):
 
 def test_per_user_gradients_are_exact(tiny_bert, synthetic_silo):
     torch.manual_seed(0)
-    model, split, titles = setup(synthetic_silo, tiny_bert)
+    model, split = setup(synthetic_silo, tiny_bert)
     perturb(model)
     records = UserRecords(split, next_items=3).records()[:5]
     names = model.trainable_names()
@@ -46,11 +46,11 @@ def test_per_user_gradients_are_exact(tiny_bert, synthetic_silo):
     expected = []
     for r in records:  # each user's gradient, alone
         model.zero_grad()
-        batch_loss(model, model, [r], titles).backward()
+        batch_loss(model, model, [r]).backward()
         expected.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     model.zero_grad()
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    batch_loss(gsm, model, records, titles).backward()
+    batch_loss(gsm, model, records).backward()
     for n, p in model.named_parameters():
         if p.requires_grad:
             for i in range(len(records)):
@@ -60,7 +60,7 @@ def test_per_user_gradients_are_exact(tiny_bert, synthetic_silo):
 
 def test_dp_step_clips_each_user_and_adds_noise(tiny_bert, synthetic_silo):
     torch.manual_seed(0)
-    model, split, titles = setup(synthetic_silo, tiny_bert)
+    model, split = setup(synthetic_silo, tiny_bert)
     perturb(model)
     records = UserRecords(split, next_items=3).records()[:8]
     C = 1e-3  # far below the raw gradient norms, so clipping is active
@@ -69,7 +69,7 @@ def test_dp_step_clips_each_user_and_adds_noise(tiny_bert, synthetic_silo):
     assert sum(b * b for b in bounds.values()) == pytest.approx(C * C)  # the groups share C², no more
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     opt = dp_optimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, 0.0, expected_batch_size=8)
-    batch_loss(gsm, model, records, titles).backward()
+    batch_loss(gsm, model, records).backward()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     raw = torch.stack([p.grad_sample.reshape(8, -1).norm(dim=1) for _, p in params], dim=1)
     assert (raw.norm(dim=1) > C).all()  # so the check below is not vacuous
@@ -86,12 +86,12 @@ def test_dp_step_clips_each_user_and_adds_noise(tiny_bert, synthetic_silo):
 
     # now with noise: the released gradient differs from the clipped mean by N(0, (σC/B)²)
     torch.manual_seed(0)
-    model2, _, _ = setup(synthetic_silo, tiny_bert)
+    model2, _ = setup(synthetic_silo, tiny_bert)
     perturb(model2)
     sigma = 2.0
     gsm2 = GradSampleModule(model2, batch_first=True, loss_reduction="mean")
     opt2 = dp_optimizer(model2, torch.optim.SGD(model2.parameters(), lr=0.1), cfg, sigma, expected_batch_size=8)
-    batch_loss(gsm2, model2, records, titles).backward()
+    batch_loss(gsm2, model2, records).backward()
     opt2.pre_step()
     params2 = [p for p in model2.parameters() if p.requires_grad]
     noise = torch.cat([(p.grad - p.summed_grad / 8).flatten() for p in params2])
@@ -100,10 +100,10 @@ def test_dp_step_clips_each_user_and_adds_noise(tiny_bert, synthetic_silo):
 
 
 def test_dp_training_changes_every_trainable_tensor_and_reports_epsilon(tiny_bert, synthetic_silo):
-    model, split, titles = setup(synthetic_silo, tiny_bert)
+    model, split = setup(synthetic_silo, tiny_bert)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     cfg = TrainConfig(epochs=2, batch_size=16, epsilon=4.0, delta=1e-3)
-    result = train(model, split, titles, cfg, progress=False)
+    result = train(model, split, cfg, progress=False)
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert not torch.equal(p.detach(), before[n]), f"{n} did not change"
@@ -114,30 +114,35 @@ def test_dp_training_changes_every_trainable_tensor_and_reports_epsilon(tiny_ber
 
 
 def test_empty_poisson_batches_still_count_as_steps(tiny_bert, synthetic_silo):
-    model, split, titles = setup(synthetic_silo, tiny_bert)
+    model, split = setup(synthetic_silo, tiny_bert)
     cfg = TrainConfig(epochs=1, batch_size=1, noise_multiplier=1.0, delta=1e-3)
-    result = train(model, split, titles, cfg, progress=False)
+    result = train(model, split, cfg, progress=False)
     users = len(UserRecords(split))
     assert result.steps == users and result.accountant_history == [(1.0, 1 / users, users)]
 
 
-def test_training_is_deterministic_on_cpu(tiny_bert, synthetic_silo):
-    states = []
-    for _ in range(2):
-        model, split, titles = setup(synthetic_silo, tiny_bert)
-        train(model, split, titles, TrainConfig(epochs=1, batch_size=16, noise_multiplier=0.5, seed=3), progress=False)
-        states.append(model.adapter_state())
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+def test_training_is_deterministic_on_cpu_for_a_noise_seed_and_fresh_without(tiny_bert, synthetic_silo):
+    def trained(noise_seed):
+        model, split = setup(synthetic_silo, tiny_bert)
+        cfg = TrainConfig(epochs=1, batch_size=16, noise_multiplier=0.5, seed=3, noise_seed=noise_seed)
+        train(model, split, cfg, progress=False)
+        return model.shared_state()
+
+    a, b = trained(11), trained(11)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # by default the noise is unpredictable: the round's public seed must not let anyone subtract it
+    c, d = trained(None), trained(None)
+    assert not torch.equal(c["calibration.offset.weight"], d["calibration.offset.weight"])
 
 
 def test_training_on_planted_structure_beats_most_pop(tmp_path, tiny_bert):
     path = make_synthetic_silo(tmp_path / "shop", SyntheticSpec(users=150, items=48, categories=4, seed=1))
     torch.manual_seed(0)
-    model, split, titles = setup(path, tiny_bert)
+    model, split = setup(path, tiny_bert)
     baseline = most_pop(split)["test"]["ndcg@10"]
-    untrained = evaluate(scorer(model, titles), split.test)["ndcg@10"]
-    train(model, split, titles, TrainConfig(epochs=15, batch_size=32, lr=1e-2), progress=False)
-    trained = evaluate(scorer(model, titles), split.test)["ndcg@10"]
+    untrained = evaluate(scorer(model), split.test)["ndcg@10"]
+    train(model, split, TrainConfig(epochs=15, batch_size=32, lr=1e-2), progress=False)
+    trained = evaluate(scorer(model), split.test)["ndcg@10"]
     assert trained > 1.5 * baseline, (trained, baseline, untrained)
     assert trained > untrained
 
