@@ -39,14 +39,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
 
-# DP's tuned model presets, for the options a command line leaves at their defaults: shorter
-# histories pay for more (noisier) epochs, and per-item head weights are a row of noise per item.
-# In a federation the merchants are small: a per-item bias trained on 18-170 users is mostly
-# noise, so there the model keeps no per-item parameter at all.
-DP_MODEL_DEFAULTS: dict[str, Any] = {"max_tokens": 64, "local_head": "bias"}
-FEDERATED_DP_MODEL_DEFAULTS: dict[str, Any] = {"max_tokens": 64, "local_head": "none"}
-
-
 def with_defaults(model_cfg, defaults: dict[str, Any]):
     """`model_cfg` with `defaults` for every option the current command line did not set."""
     from dataclasses import replace
@@ -60,7 +52,7 @@ def with_defaults(model_cfg, defaults: dict[str, Any]):
 
 def model_options(f):
     """--base-model, LoRA, history and head options, gathered into a ModelConfig passed as `model_cfg`."""
-    from common.towers import BUNDLED, LOCAL_HEADS, ModelConfig
+    from common.towers import BUNDLED, DP_MODEL_DEFAULTS, LOCAL_HEADS, ModelConfig
 
     d = ModelConfig()
     options = [

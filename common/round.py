@@ -14,7 +14,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
-from common.towers import ModelConfig
+from common.towers import FEDERATED_DP_MODEL_DEFAULTS, ModelConfig
 from common.train import TrainConfig
 
 
@@ -47,11 +47,11 @@ class RoundConfig:
     lora_alpha: int = ModelConfig.lora_alpha
     lora_targets: str = ",".join(ModelConfig.lora_targets)
     ffa: bool = ModelConfig.ffa
-    # DP's federated preset (common.cli.FEDERATED_DP_MODEL_DEFAULTS): the default run is private
-    max_tokens: int = 64
+    # DP's federated preset: the default run is private
+    max_tokens: int = FEDERATED_DP_MODEL_DEFAULTS["max_tokens"]
     recency: float = ModelConfig.recency
     temperature: float = ModelConfig.temperature
-    local_head: str = "none"
+    local_head: str = FEDERATED_DP_MODEL_DEFAULTS["local_head"]
 
     @property
     def private(self) -> bool:

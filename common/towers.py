@@ -58,6 +58,14 @@ LOCAL_HEADS = ("full", "bias", "none")
 LocalHead = Literal["full", "bias", "none"]
 
 
+# DP's tuned model presets, for the settings a user leaves at their defaults: shorter histories
+# pay for more (noisier) epochs, and per-item head weights are a row of noise per item. In a
+# federation the merchants are small: a per-item bias trained on 18-170 users is mostly noise,
+# so there the model keeps no per-item parameter at all.
+DP_MODEL_DEFAULTS: dict[str, object] = {"max_tokens": 64, "local_head": "bias"}
+FEDERATED_DP_MODEL_DEFAULTS: dict[str, object] = {"max_tokens": 64, "local_head": "none"}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What defines a recommender; saved beside the adapter so it can be rebuilt."""
@@ -131,10 +139,10 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize(summed.float(), dim=-1)
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: int, *, keep: str) -> dict[str, torch.Tensor]:
-    """Tokenise with padding; `keep="end"` cuts from the left so the most recent history stays."""
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
+    """Item texts as the item tower reads them: padded, cut from the right to `max_tokens`."""
     side = tokenizer.truncation_side
-    tokenizer.truncation_side = "left" if keep == "end" else "right"
+    tokenizer.truncation_side = "right"
     try:
         out = tokenizer(texts, truncation=True, max_length=max_tokens, padding=True, return_tensors="pt")
     finally:
@@ -157,7 +165,7 @@ def encode_items(
     encoder.eval()
     out = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenize(tokenizer, texts[start : start + batch_size], max_tokens, keep="start")
+        batch = tokenize(tokenizer, texts[start : start + batch_size], max_tokens)
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             hidden = encoder(**batch).last_hidden_state
@@ -404,7 +412,7 @@ class Recommender(nn.Module):
 
     def restore_head(self, path: Path) -> None:
         """Load a head written by `save_head`, aligned to this catalog by item id; no file, no change."""
-        if Path(path).is_file():
+        if self.head is not None and Path(path).is_file():
             state, item_ids = load_head(Path(path))
             self.load_head_state(state, item_ids)
 
@@ -455,7 +463,9 @@ def build_recommender(
     tokenizer, encoder = load_encoder(cfg.base_model)
     encoder.to(device)
     vectors = cached_item_vectors(encoder, tokenizer, item_texts, cfg, device=device, cache_dir=cache_dir)
-    tokens = tokenizer(list(item_texts), truncation=True, max_length=cfg.item_max_tokens)["input_ids"]
+    # the user tower reads each history item exactly as the item tower read it
+    batch = tokenize(tokenizer, list(item_texts), cfg.item_max_tokens)
+    tokens = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     tower = attach_adapter(encoder, cfg, adapter_dir=adapter_dir)
     model = Recommender(tower, tokenizer, vectors, cfg, item_ids, tokens).to(device)
     if adapter_dir is not None:

@@ -71,7 +71,7 @@ def preset(private: bool, **overrides) -> TrainConfig:
     # Epochs: 15 non-private reach 2x MostPop on ML-100k in ~11 min on 2 cores. Under DP more,
     # noisier steps at the same ε did better (10 epochs: 1.15x MostPop, 20: 1.29x, before the
     # per-item history); DP epochs cost more (per-user gradients), so the DP run pairs them with a
-    # 64-token history (common.cli.DP_MODEL_DEFAULTS) to stay under 10 minutes there.
+    # 64-token history (common.towers.DP_MODEL_DEFAULTS) to stay under 10 minutes there.
     base = (
         dict(epochs=20, batch_size=256, lr=1e-3, head_lr=0.1)
         if private

@@ -6,15 +6,7 @@ from pathlib import Path
 
 import click
 
-from common.cli import (
-    CONTEXT,
-    DP_MODEL_DEFAULTS,
-    FEDERATED_DP_MODEL_DEFAULTS,
-    RoleGroup,
-    model_options,
-    quiet_libraries,
-    with_defaults,
-)
+from common.cli import CONTEXT, RoleGroup, model_options, quiet_libraries, with_defaults
 from common.silo import load_silo
 from common.summary import summarize
 import json
@@ -22,6 +14,7 @@ import time
 from dataclasses import replace
 
 from common.round import RoundConfig
+from common.towers import DP_MODEL_DEFAULTS, FEDERATED_DP_MODEL_DEFAULTS
 from common.train import TrainConfig, preset
 from server.report import sealing_summary
 from server.settings import ServerSettings
