@@ -48,6 +48,7 @@ class Entry:
     steps: int
     epsilon_after: float
     time: float
+    what: str = "train"  # "train": DP-SGD steps; "popularity": the one release of the item counts (sample rate 1, 1 step)
 
 
 @dataclass
@@ -128,10 +129,12 @@ class PrivacyLedger:
                 break
         return hi
 
-    def record(self, *, run: str, round: int, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Append a trained round, save atomically, and return ε spent in total."""
+    def record(
+        self, *, run: str, round: int, noise_multiplier: float, sample_rate: float, steps: int, what: str = "train"
+    ) -> float:
+        """Append a trained round (or another release), save atomically, and return ε spent in total."""
         epsilon = self.cost(noise_multiplier, sample_rate, steps)
-        self.entries.append(Entry(run, round, noise_multiplier, sample_rate, steps, epsilon, time.time()))
+        self.entries.append(Entry(run, round, noise_multiplier, sample_rate, steps, epsilon, time.time(), what))
         self.save()
         return epsilon
 

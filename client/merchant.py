@@ -2,9 +2,9 @@
 
 A Merchant holds its silo, split and model for as long as its process lives
 (a SuperNode or a simulation actor may serve many rounds), and keeps what
-must survive a restart in the silo's state folder: the privacy ledger and
-the local item head. Only the update of the shared model (new − global:
-LoRA tensors and calibration) ever leaves.
+must survive a restart in the silo's state folder: the privacy ledger, the
+local item head and the popularity prior. Only the update of the shared
+model (new − global: LoRA tensors and calibration) ever leaves.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from client.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from common.arrays import to_numpy, to_torch
 from common.metrics import evaluate, most_pop
+from common.popularity import accountant_entry, set_released_prior
 from common.records import UserRecords
 from common.round import RoundConfig
 from common.serve import scorer
@@ -58,6 +59,19 @@ class Merchant:
         delta = cfg.delta or default_delta(self.split.n_users)
         return PrivacyLedger.open(self.state_dir, budget=budget if budget is not None else cfg.epsilon, delta=delta)
 
+    def release_prior(self, cfg: RoundConfig, ledger: PrivacyLedger) -> None:
+        """The silo's popularity prior, released once and kept in the state folder.
+
+        The release is recorded in the ledger before the prior is kept: a
+        crash in between costs ε, never an unaccounted release. A silo whose
+        budget cannot pay for it trains without one.
+        """
+        if ledger.cost(*accountant_entry(cfg.prior_noise)) >= ledger.budget:
+            return
+        noise, rate, steps = set_released_prior(self.model, self.split.train, cfg.prior_noise)
+        ledger.record(run=cfg.run_id, round=cfg.round, noise_multiplier=noise, sample_rate=rate, steps=steps, what="popularity")
+        self.model.save_head(self.state_dir / HEAD_FILE)
+
     # --- a round --------------------------------------------------------------------
 
     def set_global(self, global_arrays: dict[str, np.ndarray]) -> None:
@@ -78,6 +92,9 @@ class Merchant:
         if cfg.private:
             ledger = self.ledger(cfg, budget)
             spent_before = ledger.spent()
+        if ledger is not None and cfg.prior_noise > 0 and not self.model.has_prior:
+            self.release_prior(cfg, ledger)
+        if ledger is not None:
             sample_rate = min(1.0, cfg.batch_size / users)
             steps = cfg.local_epochs * max(1, math.ceil(users / cfg.batch_size))
             try:

@@ -52,6 +52,9 @@ class RoundConfig:
     recency: float = ModelConfig.recency
     temperature: float = ModelConfig.temperature
     local_head: str = FEDERATED_DP_MODEL_DEFAULTS["local_head"]
+    # noise multiplier of the popularity prior's one release per silo under DP (common.popularity),
+    # paid from the same ε budget; 0: no prior. A non-private run has none.
+    prior_noise: float = 1.0
 
     @property
     def private(self) -> bool:

@@ -114,11 +114,32 @@ def plan_noise(
     if cfg.epsilon is None:
         return sample_rate, 0.0, delta
     if history:
-        raise ValueError("a target ε with earlier history needs the ledger to choose the noise; pass noise_multiplier")
+        return sample_rate, noise_after(history, cfg.epsilon, delta, sample_rate, steps, cfg.accountant), delta
     sigma = get_noise_multiplier(
         target_epsilon=cfg.epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=cfg.accountant
     )
     return sample_rate, float(sigma), delta
+
+
+def noise_after(
+    history: AccountantHistory, epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+) -> float:
+    """The smallest noise multiplier (to 1%) for which `history` and `steps` more steps stay within ε.
+
+    What a run needs when something was released before training (the popularity prior).
+    """
+    def fits(sigma: float) -> bool:
+        return epsilon_of([*history, (sigma, sample_rate, steps)], delta, accountant) <= epsilon
+
+    lo, hi = 0.3, 100.0
+    if epsilon_of(list(history), delta, accountant) >= epsilon or not fits(hi):
+        raise ValueError(f"ε={epsilon:g} at δ={delta:g} is spent before training: {len(history)} earlier release(s) leave nothing for {steps} steps")
+    if fits(lo):
+        return lo
+    while hi / lo > 1.01:  # ε(σ) is monotone: bisect in log space
+        mid = (lo * hi) ** 0.5
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
 
 
 def epsilon_of(history: AccountantHistory, delta: float, accountant: str = "prv") -> float:
@@ -127,7 +148,8 @@ def epsilon_of(history: AccountantHistory, delta: float, accountant: str = "prv"
         return 0.0
     acc = create_accountant(accountant)
     acc.history = [tuple(h) for h in history]
-    return float(acc.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # PRV takes log(1 - q) of a release at sample rate 1: -inf, handled
+        return float(acc.get_epsilon(delta=delta))
 
 
 def train(

@@ -33,7 +33,7 @@ def model_card(cfg: ModelConfig, *, rounds: int, merchants: list[dict[str, Any]]
         "# silorec federated adapter",
         "",
         f"A LoRA adapter for the user tower of silorec's text two-tower recommender, trained by federated averaging over {len(merchants)} merchants in {rounds} rounds (run `{run_id}`).",
-        "Load it with `PeftModel.from_pretrained(base_encoder, this_folder)`; `silorec_calibration.safetensors` holds the shared score calibration (scale and text-space offset) and `silorec_model.json` the rest of the model's settings.",
+        "Load it with `PeftModel.from_pretrained(base_encoder, this_folder)`; `silorec_calibration.safetensors` holds the shared score calibration (scale, text-space offset and the weight of each merchant's local popularity prior) and `silorec_model.json` the rest of the model's settings.",
         "It carries no item-specific parameters: each merchant's item head stayed in its silo.",
         "",
         "## Model",

@@ -110,10 +110,11 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
 @click.option("--max-grad-norm", type=float, default=TrainConfig.max_grad_norm, show_default=True, help="Per-user clipping bound (DP).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the adapter's init, the records and (without DP) the batch order.")
 @click.option("--noise-seed", type=int, default=None, help="Seed the DP noise and sampling, for a reproducible experiment (default: fresh OS entropy). Whoever knows it can subtract the noise: never for a model you release.")
+@click.option("--prior-noise", type=float, default=CentralConfig.prior_noise, show_default=True, help="Noise multiplier of an item-popularity prior released once before training and counted in ε (DP runs only, e.g. 2); 0: no prior.")
 @model_options
 @click.option("--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr, max_grad_norm, seed, noise_seed, model_cfg, cache, force):
+def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr, max_grad_norm, seed, noise_seed, prior_noise, model_cfg, cache, force):
     """Train the recommender on all users of one silo (no federation) and report test metrics.
 
     The upper bound for federated runs. With --epsilon the history budget
@@ -132,7 +133,7 @@ def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr
     model_cfg = replace(model_cfg, seed=seed)
     if epsilon is not None:
         model_cfg = with_defaults(model_cfg, DP_MODEL_DEFAULTS)
-    cfg = CentralConfig(model=model_cfg, train=train_cfg, patience=patience)
+    cfg = CentralConfig(model=model_cfg, train=train_cfg, patience=patience, prior_noise=prior_noise)
     m = run_central(data, out, cfg, cache_dir=cache / "items", force=force, log=click.echo)
     click.echo("")
     click.echo(format_table(m))
@@ -164,6 +165,7 @@ def format_table(m: dict) -> str:
 @click.option("--batch-size", type=int, default=RoundConfig.batch_size, show_default=True, help="Expected users per DP step.")
 @click.option("--lr", type=float, default=RoundConfig.lr, show_default=True, help="LoRA learning rate.")
 @click.option("--head-lr", type=float, default=RoundConfig.head_lr, show_default=True, help="Local item head learning rate.")
+@click.option("--prior-noise", type=float, default=RoundConfig.prior_noise, show_default=True, help="Noise multiplier of each merchant's item-popularity prior, released once and paid from its ε budget (DP runs only); 0: no prior.")
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="fedavg", show_default=True, help="fedavg (users-weighted) or a robust rule.")
 @click.option("--secure-aggregation", is_flag=True, help="Flower's SecAgg+: the server learns only the sum of updates (no per-update screening; fedavg only).")
 @click.option("--max-update-norm", type=float, default=ServerSettings.max_update_norm, show_default=True, help="Updates with a larger L2 norm are rejected.")
@@ -176,7 +178,7 @@ def format_table(m: dict) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Flower's debug logging.")
 @model_options
-def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delta, batch_size, lr, head_lr, aggregation, secure_aggregation,
+def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delta, batch_size, lr, head_lr, prior_noise, aggregation, secure_aggregation,
         max_update_norm, min_fit_clients, gpu_fraction, local_only, central_path, resume, force, seed, verbose, model_cfg):
     """Simulate a federation of merchants on one machine and report its test metrics.
 
@@ -201,7 +203,7 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
     if epsilon > 0:
         model_cfg = with_defaults(model_cfg, FEDERATED_DP_MODEL_DEFAULTS)
     round_cfg = RoundConfig(
-        local_epochs=local_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, epsilon=epsilon, delta=delta or 0.0, seed=seed,
+        local_epochs=local_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, prior_noise=prior_noise, epsilon=epsilon, delta=delta or 0.0, seed=seed,
         base_model=model_cfg.base_model, lora_r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha,
         lora_targets=",".join(model_cfg.lora_targets), ffa=model_cfg.ffa, max_tokens=model_cfg.max_tokens,
         recency=model_cfg.recency, temperature=model_cfg.temperature, local_head=model_cfg.local_head,

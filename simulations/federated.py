@@ -20,6 +20,7 @@ from client.ledger import PrivacyLedger
 from common import atomic
 from common.errors import SilorecError
 from common.metrics import evaluate, most_pop
+from common.popularity import set_released_prior
 from common.serve import scorer
 from common.silo import load_silo
 from common.split import leave_one_out
@@ -113,16 +114,21 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
         epochs = settings.rounds * cfg.local_epochs
         tcfg = replace(cfg.train(noise_multiplier=None, delta=None), epochs=epochs, seed=cfg.seed)
         epsilon = None
+        ledger = None
         if cfg.private:
-            users = sum(len(h) >= 2 for h in split.train)
             delta = cfg.delta or default_delta(split.n_users)
             ledger = PrivacyLedger(path=out / "local-only" / folder.name / "ledger.json", budget=cfg.epsilon, delta=delta)
+        if ledger is not None and cfg.prior_noise > 0:  # the prior a federated merchant releases, from the same budget
+            noise, rate, steps = set_released_prior(model, split.train, cfg.prior_noise)
+            ledger.record(run="local-only", round=0, noise_multiplier=noise, sample_rate=rate, steps=steps, what="popularity")
+        if ledger is not None:
+            users = sum(len(h) >= 2 for h in split.train)
             q = min(1.0, cfg.batch_size / max(users, 1))
             steps = epochs * max(1, math.ceil(users / cfg.batch_size))
             tcfg = replace(tcfg, noise_multiplier=ledger.plan(sample_rate=q, steps_per_round=steps, rounds_left=1), delta=delta)
         result = train(model, split, tcfg, progress=False)
-        if cfg.private:
-            epsilon = ledger.cost(result.noise_multiplier, result.sample_rate, result.steps)
+        if ledger is not None:
+            epsilon = ledger.record(run="local-only", round=1, noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate, steps=result.steps)
         test = evaluate(scorer(model), split.test)
         results.append({"silo": folder.name, "epsilon": epsilon, **test})
         log(f"  local-only {folder.name:<14} users {test['users']:>4}  NDCG@10 {test['ndcg@10']:.4f}" + (f"  ε {epsilon:.2f}" if epsilon else ""))

@@ -1,0 +1,86 @@
+"""A silo's item popularity, released once under user-level DP, as a fixed prior on the scores.
+
+The text towers cannot tell a blockbuster from an obscure title: on
+MovieLens-100k a ridge regression from MiniLM's item vectors explains 18% of
+the variance of log-popularity, and the recency-weighted history vector alone
+scores test NDCG@10 0.030, against MostPop's 0.043. Per-item parameters
+learned by DP-SGD on a silo of a hundred users are mostly noise, because every
+step pays for them again. One Gaussian release of the item counts is far
+cheaper:
+
+- each user adds 1/√|S| to each of the |S| distinct items of their training
+  history, so one user's whole contribution has L2 norm exactly 1 (the
+  sensitivity under adding or removing a user);
+- each count gets N(0, σ²) noise, which is the Gaussian mechanism, composed by
+  the accountant like one DP-SGD step at sample rate 1 and noise multiplier σ
+  (`accountant_entry`);
+- the prior log(1 + max(count, 0)) is post-processing of the release.
+
+The prior is per item, so it stays in the silo with the local head; only the
+scalar weight it enters the score with (`Calibration.prior_weight`) is
+shared. Everything trained after the release may depend on it: DP composes
+adaptively.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from common.towers import Recommender
+
+
+def item_counts(histories: Sequence[np.ndarray], n_items: int) -> np.ndarray:
+    """Each user's distinct items, weighted 1/√(how many): per-user L2 norm exactly 1."""
+    counts = np.zeros(n_items, dtype=np.float64)
+    for history in histories:
+        items = np.unique(np.asarray(history, dtype=np.int64))
+        if len(items):
+            counts[items] += 1.0 / np.sqrt(len(items))
+    return counts
+
+
+def release_counts(
+    histories: Sequence[np.ndarray], n_items: int, noise_multiplier: float, *, seed: int | None = None
+) -> np.ndarray:
+    """The counts plus N(0, σ²) per item; σ = 0 returns them exact (a non-private run).
+
+    The noise is drawn from OS entropy unless `seed` is given: whoever knows
+    the seed can subtract it, so a seed is for experiments only.
+    """
+    if noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be ≥ 0, not {noise_multiplier}")
+    counts = item_counts(histories, n_items)
+    if noise_multiplier > 0:
+        rng = np.random.default_rng(seed if seed is not None else secrets.randbits(63))
+        counts = counts + rng.normal(0.0, noise_multiplier, size=n_items)
+    return counts
+
+
+def prior_from_counts(counts: np.ndarray) -> np.ndarray:
+    """log(1 + max(count, 0)): what the score adds, times the shared prior weight."""
+    return np.log1p(np.clip(counts, 0.0, None)).astype(np.float32)
+
+
+def accountant_entry(noise_multiplier: float) -> tuple[float, float, int]:
+    """The release as an accountant sees it: (noise multiplier, sample rate, steps)."""
+    return (float(noise_multiplier), 1.0, 1)
+
+
+def set_released_prior(
+    model: Recommender, histories: Sequence[np.ndarray], noise_multiplier: float, *, seed: int | None = None
+) -> tuple[float, float, int]:
+    """Release the counts of `histories` (training histories only) and fix them as `model`'s prior.
+
+    Returns the accountant entry the caller must record before the prior is
+    kept or anything trained with it leaves the silo.
+    """
+    if noise_multiplier <= 0:
+        raise ValueError(f"a released prior needs noise: noise_multiplier must be > 0, not {noise_multiplier}")
+    counts = release_counts(histories, len(model.item_ids), noise_multiplier, seed=seed)
+    model.set_prior(prior_from_counts(counts))
+    return accountant_entry(noise_multiplier)

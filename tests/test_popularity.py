@@ -1,0 +1,94 @@
+"""The popularity prior: its sensitivity, its noise, its place in the score and in the ledger."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from client.ledger import PrivacyLedger
+from client.merchant import HEAD_FILE, Merchant
+from common.popularity import accountant_entry, item_counts, prior_from_counts, release_counts, set_released_prior
+from common.round import RoundConfig
+from common.silo import load_silo
+from common.text import item_texts
+from common.towers import ModelConfig, build_recommender
+
+
+def test_one_user_moves_the_counts_by_exactly_norm_one():
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(0, 50, size=rng.integers(1, 40)) for _ in range(30)]
+    newcomer = np.array([3, 3, 7, 9, 9, 9, 41])  # repeats count once
+    without = item_counts(histories, 50)
+    with_newcomer = item_counts([*histories, newcomer], 50)
+    assert np.linalg.norm(with_newcomer - without) == pytest.approx(1.0)
+    assert np.count_nonzero(with_newcomer - without) == 4
+
+
+def test_release_adds_gaussian_noise_of_the_noise_multiplier_and_exact_counts_without():
+    histories = [np.array([0, 1]), np.array([1, 2, 3])]
+    exact = item_counts(histories, 20_000)
+    assert np.array_equal(release_counts(histories, 20_000, 0.0), exact)
+    noisy = release_counts(histories, 20_000, 2.0)
+    assert np.std(noisy - exact) == pytest.approx(2.0, rel=0.03)
+    # fresh noise unless seeded: whoever knows the seed can subtract it
+    assert not np.array_equal(noisy, release_counts(histories, 20_000, 2.0))
+    assert np.array_equal(release_counts(histories, 20_000, 2.0, seed=5), release_counts(histories, 20_000, 2.0, seed=5))
+    prior = prior_from_counts(np.array([-3.0, 0.0, np.e - 1]))
+    assert prior.tolist() == pytest.approx([0.0, 0.0, 1.0])
+    assert accountant_entry(2.0) == (2.0, 1.0, 1)
+
+
+def test_prior_enters_the_score_times_the_shared_weight_and_is_saved_locally(tmp_path, tiny_bert, synthetic_silo):
+    silo = load_silo(synthetic_silo)
+    ids, texts = list(silo.items["item_id"]), item_texts(silo.items)
+    model = build_recommender(ModelConfig(base_model=str(tiny_bert), local_head="none"), ids, texts)
+    batch = model.history_inputs([np.array([0, 1, 2])])
+    assert "calibration.prior_weight.weight" not in model.trainable_names()  # nothing to weigh yet
+    with torch.no_grad():
+        before = model(**batch)
+        prior = np.linspace(0, 3, len(ids)).astype(np.float32)
+        model.set_prior(prior)
+        model.calibration.prior_weight.weight.fill_(0.5)
+        assert torch.allclose(model(**batch) - before, 0.5 * torch.as_tensor(prior)[None], atol=1e-5)
+    assert "calibration.prior_weight.weight" in model.trainable_names()
+    assert "calibration.prior_weight.weight" in model.shared_state()  # the weight is shared...
+    assert not any(v.numel() == len(ids) for v in model.shared_state().values())  # ...no per-item tensor is
+
+    model.save_head(tmp_path / HEAD_FILE)  # no item head, but the prior stays in the silo's state
+    other = build_recommender(ModelConfig(base_model=str(tiny_bert), local_head="none"), ids[::-1], texts[::-1])
+    assert not other.has_prior
+    other.restore_head(tmp_path / HEAD_FILE)
+    assert np.allclose(other.prior.numpy(), prior[::-1])  # aligned by item id
+    with pytest.raises(ValueError, match="one per catalog item"):
+        other.set_prior(np.zeros(3))
+
+
+def test_a_merchant_releases_once_and_pays_for_it_in_its_ledger(tmp_path, tiny_bert, synthetic_silo):
+    cfg = RoundConfig(base_model=str(tiny_bert), rounds=2, local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, prior_noise=1.0)
+    merchant = Merchant(synthetic_silo, tmp_path / "state", cfg.model())
+    global_arrays = {k: v.numpy() for k, v in merchant.model.shared_state().items()}
+    for r in (1, 2):
+        outcome = merchant.train_round(global_arrays, replace(cfg, round=r))
+        assert outcome.update is not None
+    ledger = PrivacyLedger.open(tmp_path / "state", budget=8.0, delta=1e-3)
+    assert [e.what for e in ledger.entries] == ["popularity", "train", "train"]
+    assert ledger.entries[0].noise_multiplier == 1.0 and ledger.entries[0].sample_rate == 1.0
+    assert 7.0 < ledger.spent() <= 8.0  # the rounds were planned around the release
+    assert outcome.metrics["epsilon-total"] == pytest.approx(ledger.spent())
+    # the prior is in the state folder, and a restarted merchant serves with the same one
+    restarted = Merchant(synthetic_silo, tmp_path / "state", cfg.model())
+    restarted.set_global(global_arrays)
+    assert restarted.model.has_prior and torch.equal(restarted.model.prior, merchant.model.prior)
+
+
+def test_set_released_prior_reports_what_to_account(tiny_bert, synthetic_silo):
+    silo = load_silo(synthetic_silo)
+    model = build_recommender(ModelConfig(base_model=str(tiny_bert)), list(silo.items["item_id"]), item_texts(silo.items))
+    histories = [np.array([0, 1, 2]), np.array([2, 3])]
+    assert set_released_prior(model, histories, 1.5) == (1.5, 1.0, 1)
+    assert model.has_prior
+    with pytest.raises(ValueError, match="needs noise"):
+        set_released_prior(model, histories, 0.0)
