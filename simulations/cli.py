@@ -104,7 +104,7 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
 @click.option("--patience", type=int, default=CentralConfig.patience, show_default=True, help="Stop after this many epochs without a better validation NDCG@10.")
 @click.option("--epsilon", type=float, default=None, help="Train with user-level DP-SGD to this ε (default: non-private).")
 @click.option("--delta", type=float, default=None, help="DP δ (default 1/(10·users), below 1/users).")
-@click.option("--batch-size", type=int, default=None, help="Expected users per step [64; 256 with --epsilon].")
+@click.option("--batch-size", type=int, default=None, help="Expected users per step [64; 512 with --epsilon].")
 @click.option("--lr", type=float, default=None, help="Learning rate of the LoRA adapter [5e-3; 1e-3 with --epsilon].")
 @click.option("--head-lr", type=float, default=None, help="Learning rate of the local item head [0.02; 0.1 with --epsilon].")
 @click.option("--max-grad-norm", type=float, default=TrainConfig.max_grad_norm, show_default=True, help="Per-user clipping bound (DP).")
