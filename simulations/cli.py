@@ -101,10 +101,10 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder (all users pooled).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: metrics.json, adapter/, training.png.")
 @click.option("--epochs", type=int, default=None, help="At most this many passes over the users [15; 20 with --epsilon].")
-@click.option("--patience", type=int, default=CentralConfig.patience, show_default=True, help="Stop after this many epochs without a better validation NDCG@10.")
+@click.option("--patience", type=int, default=None, help=f"Stop after this many epochs without a better validation NDCG@10 [{CentralConfig.patience}; with --epsilon every planned epoch is trained].")
 @click.option("--epsilon", type=float, default=None, help="Train with user-level DP-SGD to this ε (default: non-private).")
 @click.option("--delta", type=float, default=None, help="DP δ (default 1/(10·users), below 1/users).")
-@click.option("--batch-size", type=int, default=None, help="Expected users per step [64; 512 with --epsilon].")
+@click.option("--batch-size", type=int, default=None, help="Expected users per step [64; 256 with --epsilon].")
 @click.option("--lr", type=float, default=None, help="Learning rate of the LoRA adapter [5e-3; 1e-3 with --epsilon].")
 @click.option("--head-lr", type=float, default=None, help="Learning rate of the local item head [0.02; 0.1 with --epsilon].")
 @click.option("--max-grad-norm", type=float, default=TrainConfig.max_grad_norm, show_default=True, help="Per-user clipping bound (DP).")
@@ -133,6 +133,8 @@ def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr
     model_cfg = replace(model_cfg, seed=seed)
     if epsilon is not None:
         model_cfg = with_defaults(model_cfg, DP_MODEL_DEFAULTS)
+    if patience is None and epsilon is None:
+        patience = CentralConfig.patience
     cfg = CentralConfig(model=model_cfg, train=train_cfg, patience=patience, prior_noise=prior_noise)
     m = run_central(data, out, cfg, cache_dir=cache / "items", force=force, log=click.echo)
     click.echo("")
