@@ -60,17 +60,9 @@ class Merchant:
         return PrivacyLedger.open(self.state_dir, budget=budget if budget is not None else cfg.epsilon, delta=delta)
 
     def release_prior(self, cfg: RoundConfig, ledger: PrivacyLedger) -> None:
-        """The silo's popularity prior, released once and kept in the state folder.
-
-        The release is recorded in the ledger before the prior is kept: a
-        crash in between costs ε, never an unaccounted release. A silo whose
-        budget cannot pay for it trains without one.
-        """
-        if ledger.cost(*accountant_entry(cfg.prior_noise)) >= ledger.budget:
-            return
-        noise, rate, steps = set_released_prior(self.model, self.split.train, cfg.prior_noise)
-        ledger.record(run=cfg.run_id, round=cfg.round, noise_multiplier=noise, sample_rate=rate, steps=steps, what="popularity")
-        self.model.save_head(self.state_dir / HEAD_FILE)
+        """The silo's popularity prior, released once and kept in the state folder."""
+        if release_prior(self.model, self.split, cfg.prior_noise, ledger, run=cfg.run_id, round=cfg.round):
+            self.model.save_head(self.state_dir / HEAD_FILE)
 
     # --- a round --------------------------------------------------------------------
 
@@ -132,6 +124,19 @@ class Merchant:
         out |= {f"most-pop-{k}": float(v) for k, v in pop.items() if k != "users"}
         out["users"] = float(len(cases))
         return out
+
+
+def release_prior(model: Recommender, split: Split, noise_multiplier: float, ledger: PrivacyLedger, *, run: str, round: int) -> bool:
+    """Release the split's popularity prior into `model` and record it in `ledger`; False if the budget cannot pay.
+
+    The release is recorded before the caller keeps the prior or trains with
+    it: a crash in between costs ε, never an unaccounted release.
+    """
+    if ledger.cost(*accountant_entry(noise_multiplier)) >= ledger.budget:
+        return False
+    noise, rate, steps = set_released_prior(model, split.train, noise_multiplier)
+    ledger.record(run=run, round=round, noise_multiplier=noise, sample_rate=rate, steps=steps, what="popularity")
+    return True
 
 
 _MERCHANTS: dict[tuple, Merchant] = {}

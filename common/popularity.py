@@ -47,7 +47,7 @@ def item_counts(histories: Sequence[np.ndarray], n_items: int) -> np.ndarray:
 def release_counts(
     histories: Sequence[np.ndarray], n_items: int, noise_multiplier: float, *, seed: int | None = None
 ) -> np.ndarray:
-    """The counts plus N(0, σ²) per item; σ = 0 returns them exact (a non-private run).
+    """The counts plus N(0, σ²) per item; σ = 0 returns them exact.
 
     The noise is drawn from OS entropy unless `seed` is given: whoever knows
     the seed can subtract it, so a seed is for experiments only.

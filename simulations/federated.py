@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from client.ledger import PrivacyLedger
+from client.merchant import release_prior
 from common import atomic
 from common.errors import SilorecError
 from common.metrics import evaluate, most_pop
-from common.popularity import set_released_prior
 from common.serve import scorer
 from common.silo import load_silo
 from common.split import leave_one_out
@@ -119,8 +119,7 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
             delta = cfg.delta or default_delta(split.n_users)
             ledger = PrivacyLedger(path=out / "local-only" / folder.name / "ledger.json", budget=cfg.epsilon, delta=delta)
         if ledger is not None and cfg.prior_noise > 0:  # the prior a federated merchant releases, from the same budget
-            noise, rate, steps = set_released_prior(model, split.train, cfg.prior_noise)
-            ledger.record(run="local-only", round=0, noise_multiplier=noise, sample_rate=rate, steps=steps, what="popularity")
+            release_prior(model, split, cfg.prior_noise, ledger, run="local-only", round=0)
         if ledger is not None:
             users = sum(len(h) >= 2 for h in split.train)
             q = min(1.0, cfg.batch_size / max(users, 1))

@@ -15,6 +15,9 @@ from common.round import RoundConfig
 from common.silo import load_silo
 from common.text import item_texts
 from common.towers import ModelConfig, build_recommender
+from server.settings import ServerSettings
+from simulations.federated import run_local_only
+from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 
 
 def test_one_user_moves_the_counts_by_exactly_norm_one():
@@ -92,3 +95,15 @@ def test_set_released_prior_reports_what_to_account(tiny_bert, synthetic_silo):
     assert model.has_prior
     with pytest.raises(ValueError, match="needs noise"):
         set_released_prior(model, histories, 0.0)
+
+
+def test_local_only_merchants_pay_for_the_same_prior_from_the_same_budget(tmp_path, tiny_bert):
+    silos = tmp_path / "silos"
+    for name, seed in (("a", 1), ("b", 2)):
+        make_synthetic_silo(silos / name, SyntheticSpec(users=40, seed=seed))
+    cfg = RoundConfig(base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, threads=1)
+    report = run_local_only(silos, ServerSettings(rounds=2, out_dir=str(tmp_path / "run"), round=cfg), tmp_path / "run", log=lambda *_: None)
+    assert report["test"]["users"] == 80 and 0 < report["epsilon_max"] <= 8.0
+    for name in ("a", "b"):
+        ledger = PrivacyLedger.open(tmp_path / "run" / "local-only" / name, budget=8.0, delta=1e-3)
+        assert [e.what for e in ledger.entries] == ["popularity", "train"] and ledger.spent() <= 8.0
