@@ -21,10 +21,9 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 
 from common import atomic
 from common.errors import SilorecError
-from common.train import AccountantHistory
+from common.train import MAX_NOISE, AccountantHistory, smallest_noise
 
 LEDGER_FILE = "ledger.json"
-MAX_NOISE = 100.0  # beyond this an update is noise; refuse rather than pretend to train
 ACCOUNTANT = "rdp"  # Rényi DP composes exactly across heterogeneous rounds: sum the curves
 ORDERS = RDPAccountant.DEFAULT_ALPHAS
 
@@ -119,15 +118,7 @@ class PrivacyLedger:
                 f"ε spent {spent:.3f} of budget {self.budget:g} (δ={self.delta:g}): "
                 f"{rounds_left} more round(s) of {steps_per_round} steps would exceed it"
             )
-        lo, hi = 0.3, MAX_NOISE
-        if fits(lo):
-            return lo
-        for _ in range(40):  # bisection on a monotone ε(σ)
-            mid = (lo * hi) ** 0.5
-            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-            if hi / lo < 1.01:  # 1% on σ is far finer than anything it changes
-                break
-        return hi
+        return smallest_noise(fits)
 
     def record(
         self, *, run: str, round: int, noise_multiplier: float, sample_rate: float, steps: int, what: str = "train"

@@ -404,7 +404,10 @@ class Recommender(nn.Module):
         if prior.shape != self.prior.shape or not torch.isfinite(prior).all():
             raise ValueError(f"a prior needs {len(self.item_ids)} finite values, one per catalog item; got shape {tuple(prior.shape)}")
         self.prior.copy_(prior.to(self.device))
-        self.calibration.prior_weight.weight.requires_grad_(True)
+        self._train_prior_weight_if_prior()
+
+    def _train_prior_weight_if_prior(self) -> None:
+        self.calibration.prior_weight.weight.requires_grad_(self.has_prior)
 
     def head_state(self) -> dict[str, torch.Tensor]:
         """What stays local, detached, on CPU, in catalog order: "prior" if set, "bias" and (full head) "weight"."""
@@ -430,7 +433,7 @@ class Recommender(nn.Module):
                 param.zero_()
                 if key in state and mine:
                     param[torch.as_tensor(mine)] = shape(state[key])[torch.as_tensor(theirs)].to(param.device)
-        self.calibration.prior_weight.weight.requires_grad_(self.has_prior)
+        self._train_prior_weight_if_prior()
 
     def save_head(self, path: Path) -> None:
         """Write the head and prior with the item ids they align to (atomically; several processes may write)."""

@@ -29,6 +29,7 @@ from common.split import Split
 from common.towers import Recommender
 
 AccountantHistory = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps), as Opacus keeps it
+MAX_NOISE = 100.0  # beyond this an update is noise; refuse rather than pretend to train
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,6 @@ class TrainConfig:
     @property
     def private(self) -> bool:
         return self.epsilon is not None or self.noise_multiplier is not None
-
-
 
 
 def preset(private: bool, **overrides) -> TrainConfig:
@@ -135,12 +134,16 @@ def noise_after(
     def fits(sigma: float) -> bool:
         return epsilon_of([*history, (sigma, sample_rate, steps)], delta, accountant) <= epsilon
 
-    lo, hi = 0.3, 100.0
-    if epsilon_of(list(history), delta, accountant) >= epsilon or not fits(hi):
+    if epsilon_of(list(history), delta, accountant) >= epsilon or not fits(MAX_NOISE):
         raise ValueError(f"ε={epsilon:g} at δ={delta:g} is spent before training: {len(history)} earlier release(s) leave nothing for {steps} steps")
+    return smallest_noise(fits)
+
+
+def smallest_noise(fits: Callable[[float], bool], *, lo: float = 0.3, hi: float = MAX_NOISE) -> float:
+    """The smallest noise multiplier in [lo, hi] that `fits` (monotone in σ; `fits(hi)` holds), to 1%."""
     if fits(lo):
         return lo
-    while hi / lo > 1.01:  # ε(σ) is monotone: bisect in log space
+    while hi / lo > 1.01:  # 1% on σ is far finer than anything it changes: bisect in log space
         mid = (lo * hi) ** 0.5
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     return hi
