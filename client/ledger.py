@@ -47,7 +47,9 @@ class Entry:
     steps: int
     epsilon_after: float
     time: float
-    what: str = "train"  # "train": DP-SGD steps; "popularity": the one release of the item counts (sample rate 1, 1 step)
+    # "train": DP-SGD steps; "popularity" / "cooccurrence": the one release of the item counts / of
+    # the item pair counts (each sample rate 1, 1 step)
+    what: str = "train"
 
 
 @dataclass

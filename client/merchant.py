@@ -3,7 +3,8 @@
 A Merchant holds its silo, split and model for as long as its process lives
 (a SuperNode or a simulation actor may serve many rounds), and keeps what
 must survive a restart in the silo's state folder: the privacy ledger, the
-local item head and the popularity prior. Only the update of the shared
+local item head and the released statistics (popularity prior, item
+co-occurrence). Only the update of the shared
 model (new − global: LoRA tensors and calibration) ever leaves.
 """
 
@@ -19,6 +20,7 @@ import torch
 from client.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from common.arrays import to_numpy, to_torch
 from common.metrics import evaluate, most_pop
+from common.cooccurrence import set_released_cooccurrence
 from common.popularity import accountant_entry, set_released_prior
 from common.records import UserRecords
 from common.round import RoundConfig
@@ -59,9 +61,9 @@ class Merchant:
         delta = cfg.delta or default_delta(self.split.n_users)
         return PrivacyLedger.open(self.state_dir, budget=budget if budget is not None else cfg.epsilon, delta=delta)
 
-    def release_prior(self, cfg: RoundConfig, ledger: PrivacyLedger) -> None:
-        """The silo's popularity prior, released once and kept in the state folder."""
-        if release_prior(self.model, self.split, cfg.prior_noise, ledger, run=cfg.run_id, round=cfg.round):
+    def release_statistics(self, cfg: RoundConfig, ledger: PrivacyLedger) -> None:
+        """The silo's popularity prior (and co-occurrence), released once and kept in the state folder."""
+        if release_statistics(self.model, self.split, cfg, ledger, run=cfg.run_id, round=cfg.round):
             self.model.save_head(self.state_dir / HEAD_FILE)
 
     # --- a round --------------------------------------------------------------------
@@ -85,7 +87,7 @@ class Merchant:
             ledger = self.ledger(cfg, budget)
             spent_before = ledger.spent()
         if ledger is not None and cfg.prior_noise > 0 and not self.model.has_prior:
-            self.release_prior(cfg, ledger)
+            self.release_statistics(cfg, ledger)
         if ledger is not None:
             sample_rate = min(1.0, cfg.batch_size / users)
             steps = cfg.local_epochs * max(1, math.ceil(users / cfg.batch_size))
@@ -126,16 +128,21 @@ class Merchant:
         return out
 
 
-def release_prior(model: Recommender, split: Split, noise_multiplier: float, ledger: PrivacyLedger, *, run: str, round: int) -> bool:
-    """Release the split's popularity prior into `model` and record it in `ledger`; False if the budget cannot pay.
+def release_statistics(model: Recommender, split: Split, cfg: RoundConfig, ledger: PrivacyLedger, *, run: str, round: int) -> bool:
+    """Release the split's popularity prior, then (with `cfg.cooccurrence_noise`) its co-occurrence, into `model`.
 
-    The release is recorded before the caller keeps the prior or trains with
-    it: a crash in between costs ε, never an unaccounted release.
+    Each release is recorded in `ledger` before the caller keeps it or trains
+    with it: a crash in between costs ε, never an unaccounted release. False
+    if the budget cannot pay for the prior; the co-occurrence is left out if
+    it alone cannot be paid for.
     """
-    if ledger.cost(*accountant_entry(noise_multiplier)) >= ledger.budget:
+    if ledger.cost(*accountant_entry(cfg.prior_noise)) >= ledger.budget:
         return False
-    noise, rate, steps = set_released_prior(model, split.train, noise_multiplier)
+    noise, rate, steps = set_released_prior(model, split.train, cfg.prior_noise)
     ledger.record(run=run, round=round, noise_multiplier=noise, sample_rate=rate, steps=steps, what="popularity")
+    if cfg.cooccurrence_noise > 0 and ledger.cost(*accountant_entry(cfg.cooccurrence_noise)) < ledger.budget:
+        noise, rate, steps = set_released_cooccurrence(model, split.train, cfg.cooccurrence_noise)
+        ledger.record(run=run, round=round, noise_multiplier=noise, sample_rate=rate, steps=steps, what="cooccurrence")
     return True
 
 

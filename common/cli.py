@@ -64,7 +64,7 @@ def model_options(f):
         click.option("--max-tokens", type=int, default=d.max_tokens, show_default=True, help=f"Token budget of a user's history: the texts of their most recent items [{DP_MODEL_DEFAULTS['max_tokens']} with DP]."),
         click.option("--recency", type=float, default=d.recency, show_default=True, help="Weight of a history item in the user vector, per step back in time (1: plain mean)."),
         click.option("--temperature", type=float, default=d.temperature, show_default=True, help="Initial temperature of the cosine score (the scale is learned)."),
-        click.option("--local-head", type=click.Choice(LOCAL_HEADS), default=d.local_head, show_default=True, help="Merchant-local item head: per-item weights and bias, bias only, or none [bias in a DP central run, none in a DP federation]."),
+        click.option("--local-head", type=click.Choice(LOCAL_HEADS), default=d.local_head, show_default=True, help="Merchant-local item head: per-item weights and bias, bias only, or none [none with DP: the released statistics carry popularity]."),
     ]
 
     def wrapper(*args, base_model, lora_r, lora_alpha, lora_targets, ffa, max_tokens, recency, temperature, local_head, **kwargs):

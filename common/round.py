@@ -14,7 +14,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
-from common.towers import FEDERATED_DP_MODEL_DEFAULTS, ModelConfig
+from common.towers import DP_MODEL_DEFAULTS, ModelConfig
 from common.train import TrainConfig
 
 
@@ -48,13 +48,16 @@ class RoundConfig:
     lora_targets: str = ",".join(ModelConfig.lora_targets)
     ffa: bool = ModelConfig.ffa
     # DP's federated preset: the default run is private
-    max_tokens: int = FEDERATED_DP_MODEL_DEFAULTS["max_tokens"]
+    max_tokens: int = DP_MODEL_DEFAULTS["max_tokens"]
     recency: float = ModelConfig.recency
     temperature: float = ModelConfig.temperature
-    local_head: str = FEDERATED_DP_MODEL_DEFAULTS["local_head"]
+    local_head: str = DP_MODEL_DEFAULTS["local_head"]
     # noise multiplier of the popularity prior's one release per silo under DP (common.popularity),
     # paid from the same ε budget; 0: no prior. A non-private run has none.
     prior_noise: float = 1.0
+    # noise multiplier of each silo's one release of its item co-occurrence (common.cooccurrence),
+    # after the prior and from the same budget; 0: none.
+    cooccurrence_noise: float = 0.0
 
     @property
     def private(self) -> bool:

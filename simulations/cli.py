@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 
 from common.round import RoundConfig
-from common.towers import DP_MODEL_DEFAULTS, FEDERATED_DP_MODEL_DEFAULTS
+from common.towers import DP_MODEL_DEFAULTS
 from common.train import TrainConfig, preset
 from server.report import sealing_summary
 from server.settings import ServerSettings
@@ -106,21 +106,24 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
 @click.option("--delta", type=float, default=None, help="DP δ (default 1/(10·users), below 1/users).")
 @click.option("--batch-size", type=int, default=None, help="Expected users per step [64; 256 with --epsilon].")
 @click.option("--lr", type=float, default=None, help="Learning rate of the LoRA adapter [5e-3; 1e-3 with --epsilon].")
-@click.option("--head-lr", type=float, default=None, help="Learning rate of the local item head [0.02; 0.1 with --epsilon].")
+@click.option("--head-lr", type=float, default=None, help="Learning rate of the calibration and the local item head [0.02; 0.01 with --epsilon].")
 @click.option("--max-grad-norm", type=float, default=TrainConfig.max_grad_norm, show_default=True, help="Per-user clipping bound (DP).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the adapter's init, the records and (without DP) the batch order.")
 @click.option("--noise-seed", type=int, default=None, help="Seed the DP noise and sampling, for a reproducible experiment (default: fresh OS entropy). Whoever knows it can subtract the noise: never for a model you release.")
-@click.option("--prior-noise", type=float, default=CentralConfig.prior_noise, show_default=True, help="Noise multiplier of an item-popularity prior released once before training and counted in ε (DP runs only, e.g. 2); 0: no prior.")
+@click.option("--prior-noise", type=float, default=CentralConfig.prior_noise, show_default=True, help="Noise multiplier of an item-popularity prior released once before training and counted in ε (DP runs only); 0: no prior.")
+@click.option("--cooccurrence-noise", type=float, default=CentralConfig.cooccurrence_noise, show_default=True, help="Noise multiplier of the item co-occurrence among the prior's top items, released once after it and counted in ε (DP runs only; needs the prior); 0: none.")
 @model_options
 @click.option("--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr, max_grad_norm, seed, noise_seed, prior_noise, model_cfg, cache, force):
+def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr, max_grad_norm, seed, noise_seed, prior_noise, cooccurrence_noise, model_cfg, cache, force):
     """Train the recommender on all users of one silo (no federation) and report test metrics.
 
-    The upper bound for federated runs. With --epsilon the history budget
-    defaults to 64 tokens and the item head to biases only (--max-tokens and
-    --local-head override them). Early-stops on validation NDCG@10 and
-    writes OUT/metrics.json (test and validation metrics, MostPop on the same
+    The upper bound for federated runs. With --epsilon it first releases the
+    item popularity and co-occurrence under DP (both counted in ε), the
+    history budget defaults to 64 tokens and no per-item head is trained
+    (--max-tokens and --local-head override them), and it keeps the best of
+    the untrained start and every epoch by validation NDCG@10. Without it,
+    it early-stops on validation NDCG@10. It writes OUT/metrics.json (test and validation metrics, MostPop on the same
     split, ε, δ, seed, epochs, wall time, device), the adapter in peft format
     under OUT/adapter/, and OUT/training.png.
     """
@@ -135,7 +138,7 @@ def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr
         model_cfg = with_defaults(model_cfg, DP_MODEL_DEFAULTS)
     if patience is None and epsilon is None:
         patience = CentralConfig.patience
-    cfg = CentralConfig(model=model_cfg, train=train_cfg, patience=patience, prior_noise=prior_noise)
+    cfg = CentralConfig(model=model_cfg, train=train_cfg, patience=patience, prior_noise=prior_noise, cooccurrence_noise=cooccurrence_noise)
     m = run_central(data, out, cfg, cache_dir=cache / "items", force=force, log=click.echo)
     click.echo("")
     click.echo(format_table(m))
@@ -168,6 +171,7 @@ def format_table(m: dict) -> str:
 @click.option("--lr", type=float, default=RoundConfig.lr, show_default=True, help="LoRA learning rate.")
 @click.option("--head-lr", type=float, default=RoundConfig.head_lr, show_default=True, help="Local item head learning rate.")
 @click.option("--prior-noise", type=float, default=RoundConfig.prior_noise, show_default=True, help="Noise multiplier of each merchant's item-popularity prior, released once and paid from its ε budget (DP runs only); 0: no prior.")
+@click.option("--cooccurrence-noise", type=float, default=RoundConfig.cooccurrence_noise, show_default=True, help="Noise multiplier of each merchant's item co-occurrence, released once after the prior and paid from its ε budget (DP runs only); 0: none.")
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="fedavg", show_default=True, help="fedavg (users-weighted) or a robust rule.")
 @click.option("--secure-aggregation", is_flag=True, help="Flower's SecAgg+: the server learns only the sum of updates (no per-update screening; fedavg only).")
 @click.option("--max-update-norm", type=float, default=ServerSettings.max_update_norm, show_default=True, help="Updates with a larger L2 norm are rejected.")
@@ -180,7 +184,7 @@ def format_table(m: dict) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Flower's debug logging.")
 @model_options
-def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delta, batch_size, lr, head_lr, prior_noise, aggregation, secure_aggregation,
+def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delta, batch_size, lr, head_lr, prior_noise, cooccurrence_noise, aggregation, secure_aggregation,
         max_update_norm, min_fit_clients, gpu_fraction, local_only, central_path, resume, force, seed, verbose, model_cfg):
     """Simulate a federation of merchants on one machine and report its test metrics.
 
@@ -203,9 +207,9 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
     if (out / "checkpoint").exists() and not resume:
         raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
     if epsilon > 0:
-        model_cfg = with_defaults(model_cfg, FEDERATED_DP_MODEL_DEFAULTS)
+        model_cfg = with_defaults(model_cfg, DP_MODEL_DEFAULTS)
     round_cfg = RoundConfig(
-        local_epochs=local_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, prior_noise=prior_noise, epsilon=epsilon, delta=delta or 0.0, seed=seed,
+        local_epochs=local_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, prior_noise=prior_noise, cooccurrence_noise=cooccurrence_noise, epsilon=epsilon, delta=delta or 0.0, seed=seed,
         base_model=model_cfg.base_model, lora_r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha,
         lora_targets=",".join(model_cfg.lora_targets), ffa=model_cfg.ffa, max_tokens=model_cfg.max_tokens,
         recency=model_cfg.recency, temperature=model_cfg.temperature, local_head=model_cfg.local_head,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from client.ledger import PrivacyLedger
-from client.merchant import release_prior
+from client.merchant import release_statistics
 from common import atomic
 from common.errors import SilorecError
 from common.metrics import evaluate, most_pop
@@ -118,8 +118,8 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
         if cfg.private:
             delta = cfg.delta or default_delta(split.n_users)
             ledger = PrivacyLedger(path=out / "local-only" / folder.name / "ledger.json", budget=cfg.epsilon, delta=delta)
-        if ledger is not None and cfg.prior_noise > 0:  # the prior a federated merchant releases, from the same budget
-            release_prior(model, split, cfg.prior_noise, ledger, run="local-only", round=0)
+        if ledger is not None and cfg.prior_noise > 0:  # what a federated merchant releases, from the same budget
+            release_statistics(model, split, cfg, ledger, run="local-only", round=0)
         if ledger is not None:
             users = sum(len(h) >= 2 for h in split.train)
             q = min(1.0, cfg.batch_size / max(users, 1))

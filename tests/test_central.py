@@ -44,6 +44,11 @@ def test_central_with_epsilon_reports_spent_budget(tmp_path, tiny_bert):
     m = json.loads((out / "metrics.json").read_text())
     assert 0 < m["epsilon"] <= 8 and m["delta"] == 1e-3 and m["noise_multiplier"] > 0
     assert "ε=" in output
+    # both releases are in the ε, and the model saved with them serves with them
+    assert m["prior_noise"] == 2.0 and m["cooccurrence_noise"] == 1.0 and "co-occurrence of the" in output
+    ev = CliRunner().invoke(client, ["evaluate", "--adapter", str(out / "adapter"), "--data", str(tmp_path / "shop"), "--cache", str(tmp_path / "cache")])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.output)["test"]["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-6)
 
 
 def test_recommend_never_returns_items_the_user_has(tmp_path, tiny_bert):

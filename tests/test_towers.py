@@ -62,7 +62,9 @@ def test_fresh_user_vector_is_the_recency_weighted_mean_of_item_vectors(tiny_ber
     m = build_recommender(cfg, ids, texts)
     histories = [np.array([4, 9, 2]), np.array([11])]
     with torch.no_grad():
-        ours = m.encode_users(**m.history_inputs(histories))
+        inputs = m.history_inputs(histories)
+        inputs.pop("recent")  # the co-occurrence score's input, not the encoder's
+        ours = m.encode_users(**inputs)
     expected = []
     for h in histories:
         weights = torch.tensor([0.5 ** (len(h) - 1 - j) for j in range(len(h))])
@@ -116,7 +118,8 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_scores(tmp_path, tiny_
         # the adapter as plain peft loads it (base encoder + PeftModel.from_pretrained) is the user tower
         tok, enc = load_encoder(str(tiny_bert))
         peft_model = PeftModel.from_pretrained(enc, str(tmp_path / "adapter")).eval()
-        u = Recommender(peft_model, tok, m.item_vectors, cfg, ids, m.item_tokens).encode_users(**batch)
+        tower = Recommender(peft_model, tok, m.item_vectors, cfg, ids, m.item_tokens)
+        u = tower.encode_users(batch["input_ids"], batch["segments"], batch["position_ids"])
         head = m.head_state()
         calibration = load_file(tmp_path / "adapter" / CALIBRATION_FILE)
         scale, offset = calibration["calibration.log_scale.weight"].exp(), calibration["calibration.offset.weight"].reshape(-1)

@@ -1,0 +1,118 @@
+"""Which items follow which in a silo, released once under user-level DP: an item-to-item score.
+
+The text towers and the popularity prior know nothing of which items are
+watched together; that is what carries sequential recommenders past MostPop
+on MovieLens (an item-to-item score over exact window-3 co-occurrence alone
+scores test NDCG@10 0.10 there). DP-SGD cannot learn it at a few hundred
+users: a per-item embedding is a row of noise per item. One Gaussian release
+of the co-occurrence counts among the catalog's most popular items can:
+
+- the items are the `size` most popular by the already released prior
+  (post-processing of that release), so nothing here depends on raw counts;
+- each user counts the unordered pairs {i, j} of those items (i ≠ j) that
+  appear within `window` steps of each other in their training history, and
+  scales their counts to L2 norm 1: one user's whole contribution has norm
+  exactly 1 (the sensitivity under adding or removing a user);
+- each of the size·(size−1)/2 pair counts gets N(0, σ²) noise, composed by
+  the accountant like one DP-SGD step at sample rate 1 (`accountant_entry`);
+- the noisy matrix is then projected onto its `rank` largest eigenvalues in
+  magnitude, which keeps the structure many users share and drops most of
+  the noise (post-processing).
+
+A user is scored by the released rows of their most recent history items
+(see `Recommender.neighbour_scores`). Like the prior, the matrix is per item
+and stays in the silo; only the scalar weight it enters the score with is
+shared.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from common.popularity import accountant_entry
+
+if TYPE_CHECKING:
+    from common.towers import Recommender
+
+# Chosen on MovieLens-100k validation with simulated releases (σ 1.1): 600 items cover most
+# next items there; window 3 beat whole-history co-occurrence; rank 32 kept 0.004 more test
+# NDCG@10 than the raw noisy matrix.
+SIZE = 600
+WINDOW = 3
+RANK = 32
+# A user is scored by the rows of their HISTORY most recent items, weighted RECENCY per step back.
+HISTORY = 10
+RECENCY = 0.8
+
+
+def pair_counts(histories: Sequence[np.ndarray], items: np.ndarray, n_items: int, window: int = WINDOW) -> np.ndarray:
+    """The upper triangle (i < j, flattened) of the co-occurrence counts among `items`, each user's scaled to norm 1."""
+    size = len(items)
+    slot = np.full(n_items, -1)
+    slot[items] = np.arange(size)
+    upper = np.triu_indices(size, k=1)
+    flat = np.full((size, size), -1, dtype=np.int64)
+    flat[upper] = np.arange(len(upper[0]))
+    counts = np.zeros(len(upper[0]), dtype=np.float64)
+    for history in histories:
+        seq = slot[np.asarray(history, dtype=np.int64)]
+        a = np.concatenate([seq[:-d] for d in range(1, window + 1) if d < len(seq)] or [np.empty(0, np.int64)])
+        b = np.concatenate([seq[d:] for d in range(1, window + 1) if d < len(seq)] or [np.empty(0, np.int64)])
+        keep = (a >= 0) & (b >= 0) & (a != b)
+        if not keep.any():
+            continue
+        lo, hi = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
+        pairs, mine = np.unique(flat[lo, hi], return_counts=True)
+        counts[pairs] += mine / np.linalg.norm(mine)
+    return counts
+
+
+def release_cooccurrence(
+    histories: Sequence[np.ndarray], items: np.ndarray, n_items: int, noise_multiplier: float, *,
+    window: int = WINDOW, rank: int = RANK, seed: int | None = None,
+) -> np.ndarray:
+    """The symmetric `len(items)`² matrix of noisy pair counts (zero diagonal), projected to `rank` (0: no projection).
+
+    The noise is drawn from OS entropy unless `seed` is given (experiments only).
+    """
+    if noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be ≥ 0, not {noise_multiplier}")
+    items = np.asarray(items, dtype=np.int64)
+    counts = pair_counts(histories, items, n_items, window)
+    if noise_multiplier > 0:
+        rng = np.random.default_rng(seed if seed is not None else secrets.randbits(63))
+        counts = counts + rng.normal(0.0, noise_multiplier, size=len(counts))
+    size = len(items)
+    matrix = np.zeros((size, size))
+    matrix[np.triu_indices(size, k=1)] = counts
+    matrix = matrix + matrix.T
+    if 0 < rank < size:
+        values, vectors = np.linalg.eigh(matrix)
+        top = np.argsort(-np.abs(values))[:rank]
+        matrix = (vectors[:, top] * values[top]) @ vectors[:, top].T
+        np.fill_diagonal(matrix, 0.0)
+    return matrix.astype(np.float32)
+
+
+def set_released_cooccurrence(
+    model: Recommender, histories: Sequence[np.ndarray], noise_multiplier: float, *,
+    size: int = SIZE, seed: int | None = None,
+) -> tuple[float, float, int]:
+    """Release the co-occurrence of `histories` among the prior's `size` top items into `model`.
+
+    The model must already hold its released prior (which picks the items).
+    Returns the accountant entry the caller must record before the matrix is
+    kept or anything trained with it leaves the silo.
+    """
+    if noise_multiplier <= 0:
+        raise ValueError(f"a released co-occurrence needs noise: noise_multiplier must be > 0, not {noise_multiplier}")
+    if not model.has_prior:
+        raise ValueError("the co-occurrence release picks its items by the released popularity prior: release that first")
+    prior = model.prior.detach().cpu().numpy()
+    items = np.sort(np.argsort(-prior, kind="stable")[: min(size, len(prior))])
+    model.set_neighbours(items, release_cooccurrence(histories, items, len(prior), noise_multiplier, seed=seed))
+    return accountant_entry(noise_multiplier)
