@@ -19,8 +19,8 @@ import torch
 
 from client.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from common.arrays import to_numpy, to_torch
-from common.metrics import evaluate, most_pop
 from common.cooccurrence import set_released_cooccurrence
+from common.metrics import evaluate, most_pop
 from common.popularity import accountant_entry, set_released_prior
 from common.records import UserRecords
 from common.round import RoundConfig

@@ -27,9 +27,9 @@ score(user, item) = (s·u + o) · v_item  +  w·prior_item  +  c·z(Σ_h r^age(h
   item).
 
 Everything here is trained in the same DP-SGD step, so the same accountant
-covers it (the prior's release is in the accountant too); only the LoRA
-tensors and the calibration leave a silo, the per-item head and prior never
-do. The item vectors, the prior and N are constants during training and every
+covers it (the two releases are in the accountant too); only the LoRA
+tensors and the calibration leave a silo, the per-item head, prior and N
+never do. The item vectors, the prior and N are constants during training and every
 layer sees each user's record alone, so each record's gradient depends on
 that record alone, which is what per-user clipping needs.
 """
@@ -505,11 +505,10 @@ class Recommender(nn.Module):
             kept = [k for k, i in enumerate(saved) if item_ids[i] in here]
             rows = torch.as_tensor(kept, dtype=torch.long)
             matrix = state["neighbours"][rows][:, rows] if kept else torch.zeros(0, 0)
-            self.set_neighbours([here[item_ids[saved[k]]] for k in kept], matrix)
-        self._train_weights_of_releases()
+            self.set_neighbours([here[item_ids[saved[k]]] for k in kept], matrix)  # also sets what trains
 
     def save_head(self, path: Path) -> None:
-        """Write the head and prior with the item ids they align to (atomically; several processes may write)."""
+        """Write the local state (`head_state`) with the item ids it aligns to (atomically; several processes may write)."""
         state = {k: v.contiguous() for k, v in self.head_state().items()}
         if not state:
             return

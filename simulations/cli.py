@@ -129,6 +129,8 @@ def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr
     """
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
+    if epsilon is not None and cooccurrence_noise > 0 and not prior_noise > 0:
+        raise click.UsageError("--cooccurrence-noise picks its items by the popularity prior: give --prior-noise > 0 too, or --cooccurrence-noise 0")
     train_cfg = preset(
         epsilon is not None, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
         max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, seed=seed, noise_seed=noise_seed,

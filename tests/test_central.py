@@ -75,3 +75,11 @@ def test_bundled_minilm_end_to_end(tmp_path):
     assert m["model"]["base_model"] == "bundled" and m["epsilon"] <= 8
     ev = CliRunner().invoke(client, ["evaluate", "--adapter", str(out / "adapter"), "--data", str(silo), "--cache", str(tmp_path / "cache")])
     assert ev.exit_code == 0 and json.loads(ev.output)["test"]["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-6)
+
+
+def test_cooccurrence_without_the_prior_that_picks_its_items_is_refused(tmp_path, tiny_bert):
+    silo = make_synthetic_silo(tmp_path / "shop", SyntheticSpec(users=20, seed=5))
+    args = ["central", "--data", str(silo), "--out", str(tmp_path / "run"), "--base-model", str(tiny_bert),
+            "--epsilon", "8", "--prior-noise", "0"]
+    result = CliRunner().invoke(sim, args)
+    assert result.exit_code == 2 and "--prior-noise" in result.output and not (tmp_path / "run").exists()
