@@ -40,7 +40,7 @@ class CentralConfig:
     patience: int | None = 3
     # What a DP run releases once before training, in the same accountant (noise multipliers; 0:
     # none): the popularity prior (common.popularity) and the item co-occurrence among the prior's
-    # top items (common.cooccurrence, which needs the prior). Together σ 2 and 1 cost ε 4.3 at
+    # top items (common.cooccurrence, which needs the prior). Together σ 2 and 1 cost ε 4.36 at
     # δ=1e-4 and leave the rest to DP-SGD. Without them the DP model must learn popularity with a
     # per-item bias and cannot learn which items go together at all: test NDCG@10 0.0445-0.0688
     # over seven noise draws. A non-private run releases nothing; its head learns both.
