@@ -27,13 +27,12 @@ shared.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.popularity import accountant_entry
+from common.popularity import accountant_entry, gaussian_release
 
 if TYPE_CHECKING:
     from common.towers import Recommender
@@ -60,8 +59,11 @@ def pair_counts(histories: Sequence[np.ndarray], items: np.ndarray, n_items: int
     counts = np.zeros(len(upper[0]), dtype=np.float64)
     for history in histories:
         seq = slot[np.asarray(history, dtype=np.int64)]
-        a = np.concatenate([seq[:-d] for d in range(1, window + 1) if d < len(seq)] or [np.empty(0, np.int64)])
-        b = np.concatenate([seq[d:] for d in range(1, window + 1) if d < len(seq)] or [np.empty(0, np.int64)])
+        gaps = range(1, min(window, len(seq) - 1) + 1)
+        if not gaps:
+            continue
+        a = np.concatenate([seq[:-d] for d in gaps])
+        b = np.concatenate([seq[d:] for d in gaps])
         keep = (a >= 0) & (b >= 0) & (a != b)
         if not keep.any():
             continue
@@ -79,13 +81,8 @@ def release_cooccurrence(
 
     The noise is drawn from OS entropy unless `seed` is given (experiments only).
     """
-    if noise_multiplier < 0:
-        raise ValueError(f"noise_multiplier must be ≥ 0, not {noise_multiplier}")
     items = np.asarray(items, dtype=np.int64)
-    counts = pair_counts(histories, items, n_items, window)
-    if noise_multiplier > 0:
-        rng = np.random.default_rng(seed if seed is not None else secrets.randbits(63))
-        counts = counts + rng.normal(0.0, noise_multiplier, size=len(counts))
+    counts = gaussian_release(pair_counts(histories, items, n_items, window), noise_multiplier, seed=seed)
     size = len(items)
     matrix = np.zeros((size, size))
     matrix[np.triu_indices(size, k=1)] = counts

@@ -52,13 +52,17 @@ def release_counts(
     The noise is drawn from OS entropy unless `seed` is given: whoever knows
     the seed can subtract it, so a seed is for experiments only.
     """
+    return gaussian_release(item_counts(histories, n_items), noise_multiplier, seed=seed)
+
+
+def gaussian_release(values: np.ndarray, noise_multiplier: float, *, seed: int | None = None) -> np.ndarray:
+    """`values` (of L2 sensitivity 1) plus N(0, σ²) each, from OS entropy unless seeded; σ = 0 returns them exact."""
     if noise_multiplier < 0:
         raise ValueError(f"noise_multiplier must be ≥ 0, not {noise_multiplier}")
-    counts = item_counts(histories, n_items)
-    if noise_multiplier > 0:
-        rng = np.random.default_rng(seed if seed is not None else secrets.randbits(63))
-        counts = counts + rng.normal(0.0, noise_multiplier, size=n_items)
-    return counts
+    if noise_multiplier == 0:
+        return values
+    rng = np.random.default_rng(seed if seed is not None else secrets.randbits(63))
+    return values + rng.normal(0.0, noise_multiplier, size=values.shape)
 
 
 def prior_from_counts(counts: np.ndarray) -> np.ndarray:

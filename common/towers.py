@@ -301,6 +301,7 @@ class Recommender(nn.Module):
         self.register_buffer("prior", torch.zeros(len(item_ids)), persistent=False)
         # the released co-occurrence (local too): its items' catalog indices and their matrix
         self.register_buffer("neighbour_items", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("neighbour_slot", torch.full((len(item_ids),), -1, dtype=torch.long), persistent=False)  # catalog index → row, or -1
         self.register_buffer("neighbours", torch.zeros(0, 0), persistent=False)
         dim = item_vectors.shape[1]
         self.calibration = Calibration(dim, cfg.temperature)
@@ -377,9 +378,7 @@ class Recommender(nn.Module):
 
     def neighbour_scores(self, recent: torch.Tensor) -> torch.Tensor:
         """z(Σ_h r^age(h)·N[h, ·]) over the catalog for each row of `recent` (newest first, -1: none)."""
-        slot = torch.full((len(self.item_ids),), -1, dtype=torch.long, device=self.device)
-        slot[self.neighbour_items] = torch.arange(len(self.neighbour_items), device=self.device)
-        slots = torch.where(recent >= 0, slot[recent.clamp(min=0)], -1)
+        slots = torch.where(recent >= 0, self.neighbour_slot[recent.clamp(min=0)], -1)
         weights = NEIGHBOUR_RECENCY ** torch.arange(recent.shape[1], device=self.device, dtype=torch.float32)
         weights = torch.where(slots >= 0, weights, torch.zeros_like(weights))
         among = torch.einsum("bh,bhm->bm", weights, self.neighbours[slots.clamp(min=0)])
@@ -466,6 +465,8 @@ class Recommender(nn.Module):
             raise ValueError(f"co-occurrence items must be distinct catalog indices in [0, {n})")
         self.neighbour_items = items.to(self.device)
         self.neighbours = matrix.to(self.device)
+        self.neighbour_slot.fill_(-1)
+        self.neighbour_slot[self.neighbour_items] = torch.arange(len(items), device=self.device)
         self._train_weights_of_releases()
 
     def _train_weights_of_releases(self) -> None:
