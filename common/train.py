@@ -75,9 +75,10 @@ def preset(private: bool, **overrides) -> TrainConfig:
     # noise multiplier (2.00 against 1.52 for ε=8), a third less noise on each step's mean
     # gradient, but over two draws each it reached the same validation NDCG@10 (0.064 against
     # 0.060 and 0.067) in twice the time: 256 stays.
-    # Head lr: with the prior and co-occurrence released, Adam at 0.1 walked the calibration (its
-    # text offset is 384 numbers) away from the released statistics' start; at 0.01 validation
-    # NDCG@10 held 0.077-0.080 over 20 epochs.
+    # Head lr: with the prior and co-occurrence released, Adam at 0.1 (with a DP-trained item
+    # bias, common.towers.DP_MODEL_DEFAULTS) walked validation NDCG@10 from the released
+    # statistics' 0.079 to 0.069-0.075; at 0.01 and without the bias it held 0.077-0.080 over 20
+    # epochs. The calibration's text offset alone is 384 numbers of noisy Adam steps.
     base = (
         dict(epochs=20, batch_size=256, lr=1e-3, head_lr=0.01)
         if private
