@@ -225,7 +225,7 @@ def cached_item_vectors(
 
 
 class Calibration(nn.Module):
-    """The score's scale s = 1/temperature (learned in log space), a text-space offset o, and w, the prior's weight.
+    """The score's scale s = 1/temperature (learned in log space), a text-space offset o, and the releases' weights w and c.
 
     All are nn.Linear layers fed a constant 1 per user, so Opacus computes
     their per-user gradients like any other layer's.

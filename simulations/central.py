@@ -60,16 +60,14 @@ def run_central(data: Path, out: Path, cfg: CentralConfig, *, cache_dir: Path | 
     model = build_recommender(cfg.model, list(silo.items["item_id"]), item_texts(silo.items), device=device, cache_dir=cache_dir)
     score = scorer(model)
     released: list[tuple[float, float, int]] = []
-    if cfg.cooccurrence_noise > 0 and cfg.train.private and not cfg.prior_noise > 0:
-        raise ValueError("the co-occurrence release picks its items by the popularity prior: give prior_noise > 0 too, or cooccurrence_noise 0")
     if cfg.train.private and cfg.prior_noise > 0:
-        released = [set_released_prior(model, split.train, cfg.prior_noise, seed=cfg.train.noise_seed)]
+        released.append(set_released_prior(model, split.train, cfg.prior_noise, seed=cfg.train.noise_seed))
         log(f"popularity prior released with noise multiplier {cfg.prior_noise:g} (in ε)")
-        if cfg.cooccurrence_noise > 0:
-            # an experiment's fixed noise seed must not give the two releases the same noise
-            seed = None if cfg.train.noise_seed is None else cfg.train.noise_seed + 1
-            released.append(set_released_cooccurrence(model, split.train, cfg.cooccurrence_noise, seed=seed))
-            log(f"co-occurrence of the {len(model.neighbour_items)} most popular items released with noise multiplier {cfg.cooccurrence_noise:g} (in ε)")
+    if cfg.train.private and cfg.cooccurrence_noise > 0:  # refused without the prior, which picks its items
+        # an experiment's fixed noise seed must not give the two releases the same noise
+        seed = None if cfg.train.noise_seed is None else cfg.train.noise_seed + 1
+        released.append(set_released_cooccurrence(model, split.train, cfg.cooccurrence_noise, seed=seed))
+        log(f"co-occurrence of the {len(model.neighbour_items)} most popular items released with noise multiplier {cfg.cooccurrence_noise:g} (in ε)")
 
     history: list[dict] = []
     best = {"ndcg": -1.0, "epoch": 0, "shared": model.shared_state(), "head": model.head_state()}
@@ -104,8 +102,8 @@ def run_central(data: Path, out: Path, cfg: CentralConfig, *, cache_dir: Path | 
         "delta": result.delta,
         "noise_multiplier": result.noise_multiplier,
         "sample_rate": result.sample_rate,
-        "prior_noise": cfg.prior_noise if released else None,
-        "cooccurrence_noise": cfg.cooccurrence_noise if len(released) > 1 else None,
+        "prior_noise": cfg.prior_noise if model.has_prior else None,
+        "cooccurrence_noise": cfg.cooccurrence_noise if model.has_neighbours else None,
         "steps": result.steps,
         "seed": cfg.train.seed,
         "epochs": result.epochs,
