@@ -49,14 +49,38 @@ def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks: Sequence[int] = KS)
     return out
 
 
-def evaluate(score: ScoreFn, cases: Sequence[EvalCase], *, batch_size: int = 256, desc: str | None = None) -> dict[str, float]:
-    """Metrics of a scoring function over `cases`, scoring `batch_size` users at a time."""
+def ranks_of(score: ScoreFn, cases: Sequence[EvalCase], *, batch_size: int = 256, desc: str | None = None) -> np.ndarray:
+    """Each case's target rank under a scoring function, scoring `batch_size` users at a time."""
     ranks = []
     batches = range(0, len(cases), batch_size)
     for start in tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch"):
         batch = list(cases[start : start + batch_size])
         ranks.append(target_ranks(score(batch), batch).cpu())
-    return metrics_from_ranks(torch.cat(ranks) if ranks else torch.zeros(0))
+    return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
+
+
+def evaluate(score: ScoreFn, cases: Sequence[EvalCase], *, batch_size: int = 256, desc: str | None = None) -> dict[str, float]:
+    """Metrics of a scoring function over `cases`, scoring `batch_size` users at a time."""
+    return metrics_from_ranks(ranks_of(score, cases, batch_size=batch_size, desc=desc))
+
+
+def paired_difference(
+    ranks_a: np.ndarray, ranks_b: np.ndarray, *, k: int = 10, samples: int = 5000, level: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """NDCG@k of A minus B on the same users, with a paired bootstrap confidence interval.
+
+    Two models scored on the same test users differ on few of them, so the
+    difference of their means is far less uncertain than either mean; the
+    interval resamples users, keeping each user's pair of ranks together.
+    """
+    a, b = (np.asarray(r, dtype=np.float64) for r in (ranks_a, ranks_b))
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired ranks must be two equally long, non-empty lists, not {a.shape} and {b.shape}")
+    d = np.where(a <= k, 1.0 / np.log2(a + 1), 0.0) - np.where(b <= k, 1.0 / np.log2(b + 1), 0.0)
+    rng = np.random.default_rng(seed)
+    means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(samples)])
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"difference": float(d.mean()), "low": float(low), "high": float(high), "level": level, "users": len(d), "k": k}
 
 
 def popularity(split: Split) -> np.ndarray:

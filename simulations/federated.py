@@ -17,16 +17,18 @@ from typing import Any
 import numpy as np
 
 from client.ledger import PrivacyLedger
-from client.merchant import release_statistics
+from client.app import state_path
+from client.merchant import Merchant, release_statistics
 from common import atomic
 from common.errors import SilorecError
-from common.metrics import evaluate, most_pop
+from common.metrics import metrics_from_ranks, most_pop, paired_difference, ranks_of
 from common.serve import scorer
 from common.silo import load_silo
 from common.split import leave_one_out
 from common.text import item_texts
 from common.towers import build_recommender
 from common.train import default_delta, train
+from server import checkpoint
 from server.settings import ServerSettings
 from simulations.partition import plan, write_partition
 
@@ -103,11 +105,16 @@ def central_most_pop(data: Path) -> dict[str, float]:
     return most_pop(leave_one_out(silo.interactions, silo.n_items))["test"]
 
 
+def merchant_silos(silos: Path) -> list[Path]:
+    """The merchant silo folders of a partition, in a fixed order."""
+    return sorted(p for p in silos.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=print) -> dict[str, Any]:
     """Each merchant trains alone (same epochs in all, same ε budget) and is tested on its own silo."""
     cfg = settings.round
     results = []
-    for folder in sorted(p for p in silos.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in merchant_silos(silos):
         silo = load_silo(folder)
         split = leave_one_out(silo.interactions, silo.n_items)
         model = build_recommender(cfg.model(), list(silo.items["item_id"]), item_texts(silo.items))
@@ -128,8 +135,9 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
         result = train(model, split, tcfg, progress=False)
         if ledger is not None:
             epsilon = ledger.record(run="local-only", round=1, noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate, steps=result.steps)
-        test = evaluate(scorer(model), split.test)
-        results.append({"silo": folder.name, "epsilon": epsilon, **test})
+        ranks = ranks_of(scorer(model), split.test)
+        test = metrics_from_ranks(ranks)
+        results.append({"silo": folder.name, "epsilon": epsilon, **test, "test_ranks": ranks.tolist()})
         log(f"  local-only {folder.name:<14} users {test['users']:>4}  NDCG@10 {test['ndcg@10']:.4f}" + (f"  ε {epsilon:.2f}" if epsilon else ""))
     total = sum(r["users"] for r in results)
     keys = [k for k in results[0] if "@" in k]
@@ -138,3 +146,36 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
     report = {"test": summary, "per_merchant": results, "epsilon_max": max((r["epsilon"] or 0 for r in results), default=0)}
     atomic.write_json(out / "local-only.json", report)
     return report
+
+
+def federated_test_ranks(silos: Path, settings: ServerSettings, out: Path) -> dict[str, np.ndarray]:
+    """Each merchant's test ranks under the run's final global adapter, as its own evaluate reply scores them.
+
+    The simulation holds every silo, so it can score the same users the
+    federation reported on, one by one, for a paired comparison; a real
+    merchant sends only its averages.
+    """
+    final = checkpoint.load(out / "checkpoint")
+    if final is None or final.round != settings.rounds:
+        raise SilorecError(f"{out / 'checkpoint'} holds no finished run of {settings.rounds} rounds")
+    ranks = {}
+    for folder in merchant_silos(silos):  # state and cache where the simulated ClientApps keep them
+        merchant = Merchant(folder, state_path({}, folder), settings.round.model(), cache_dir=silos.parent / "cache")
+        merchant.set_global(final.global_arrays)
+        ranks[folder.name] = ranks_of(scorer(merchant.model), merchant.split.test)
+    return ranks
+
+
+def federated_minus_local_only(silos: Path, settings: ServerSettings, out: Path, local_only: dict[str, Any]) -> dict[str, float]:
+    """Test NDCG@10 of the federated model minus the local-only models', paired by user (common.metrics).
+
+    Written into OUT/local-only.json beside the report it compares with.
+    """
+    federated = federated_test_ranks(silos, settings, out)
+    local = {r["silo"]: np.asarray(r["test_ranks"]) for r in local_only["per_merchant"]}
+    if set(local) != set(federated):
+        raise SilorecError(f"local-only and federated runs cover different merchants: {sorted(local)} vs {sorted(federated)}")
+    names = sorted(federated)
+    paired = paired_difference(np.concatenate([federated[n] for n in names]), np.concatenate([local[n] for n in names]))
+    atomic.write_json(out / "local-only.json", local_only | {"federated_minus_local_only": paired})
+    return paired

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import ConfigRecord
 from flwr.clientapp import ClientApp
 from peft import PeftModel
@@ -22,11 +23,12 @@ import client.app as merchant_app
 from client.ledger import PrivacyLedger
 from common import seal
 from common.arrays import pack, to_record
+from common.metrics import metrics_from_ranks
 from common.round import RoundConfig
 from common.towers import CALIBRATION_FILE, load_encoder
 from server.report import sealing_summary
 from server.settings import ServerSettings
-from simulations.federated import SimulationSpec, run_simulation
+from simulations.federated import SimulationSpec, federated_minus_local_only, federated_test_ranks, run_local_only, run_simulation
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +47,8 @@ def test_two_dp_rounds_beat_round_zero_and_write_every_output(tmp_path, tiny_ber
     # for the gain (about 0.03 over 0.62) to stand well clear of it.
     data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=240, popularity=2.0, seed=1))
     out = tmp_path / "run"
-    m = run_simulation(SimulationSpec(data=data, out=out, merchants=3), settings(tiny_bert, out, batch_size=40))
+    run = settings(tiny_bert, out, batch_size=40)
+    m = run_simulation(SimulationSpec(data=data, out=out, merchants=3), run)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2]
     assert lines[2]["valid"]["ndcg@10"] > lines[0]["valid"]["ndcg@10"]
@@ -64,6 +67,16 @@ def test_two_dp_rounds_beat_round_zero_and_write_every_output(tmp_path, tiny_ber
     card = (out / "adapter" / "README.md").read_text()
     assert "ε spent" in card and all(s["silo"] in card for s in m["merchants"])
     PeftModel.from_pretrained(load_encoder(str(tiny_bert))[1], str(out / "adapter"))  # peft's own loader
+
+    # The comparison with local-only scores the very users and model the federation reported on.
+    federated = federated_test_ranks(out / "silos", run, out)
+    assert metrics_from_ranks(np.concatenate(list(federated.values())))["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"])
+    alone = run_local_only(out / "silos", run, out, log=lambda *_: None)
+    paired = federated_minus_local_only(out / "silos", run, out, alone)
+    assert paired["users"] == 240
+    assert paired["difference"] == pytest.approx(m["test"]["ndcg@10"] - alone["test"]["ndcg@10"])
+    assert paired["low"] <= paired["difference"] <= paired["high"]
+    assert json.loads((out / "local-only.json").read_text())["federated_minus_local_only"] == paired
 
 
 def _tamper(update: dict[str, np.ndarray], how: str) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.metrics import evaluate, metrics_from_ranks, most_pop, target_ranks
+from common.metrics import evaluate, metrics_from_ranks, most_pop, paired_difference, target_ranks
 from common.silo import load_silo
 from common.split import EvalCase, leave_one_out
 
@@ -45,6 +45,32 @@ def test_batched_evaluation_equals_unbatched():
         return table[[int(c.user_id) for c in batch]]
 
     assert evaluate(score, cases, batch_size=7) == evaluate(score, cases, batch_size=1000)
+
+
+def test_paired_difference_is_the_difference_of_means_with_a_bootstrap_interval():
+    # user 1: rank 1 vs 3 (+1 - 0.5); user 2: rank 20 (outside the top 10) vs 1 (-1)
+    hand = paired_difference(np.array([1, 20]), np.array([3, 1]), samples=200)
+    assert hand["difference"] == pytest.approx((0.5 - 1.0) / 2)
+    assert hand["low"] == pytest.approx(-1.0) and hand["high"] == pytest.approx(0.5)  # both users drawn twice
+    same = paired_difference(np.array([1, 4, 50]), np.array([1, 4, 50]))
+    assert same["difference"] == same["low"] == same["high"] == 0.0
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(1, 40, size=1000)
+    better = a.copy()
+    better[:40] = 1  # a better model on 4% of users, the same elsewhere
+    gain = paired_difference(better, a)
+    assert 0 < gain["low"] < gain["difference"] < gain["high"]
+    # pairing removes what the two models share: narrower than the normal interval of two independent means
+    g = [np.where(r <= 10, 1 / np.log2(r + 1), 0.0) for r in (better, a)]
+    unpaired = 2 * 1.96 * math.sqrt(sum(x.var() / len(x) for x in g))
+    assert gain["high"] - gain["low"] < 0.7 * unpaired
+    other = a.copy()
+    other[40:80] = 1  # as much better, on other users
+    tie = paired_difference(better, other)
+    assert tie["low"] < 0 < tie["high"]
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference(np.array([1, 2]), np.array([1]))
 
 
 def test_most_pop_ranks_by_training_counts(synthetic_silo):
