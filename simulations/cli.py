@@ -171,7 +171,7 @@ def format_table(m: dict) -> str:
 @click.option("--delta", type=float, default=None, help="DP δ (default per merchant: 1/(10·users)).")
 @click.option("--batch-size", type=int, default=RoundConfig.batch_size, show_default=True, help="Expected users per DP step.")
 @click.option("--lr", type=float, default=RoundConfig.lr, show_default=True, help="LoRA learning rate.")
-@click.option("--head-lr", type=float, default=RoundConfig.head_lr, show_default=True, help="Local item head learning rate.")
+@click.option("--head-lr", type=float, default=RoundConfig.head_lr, show_default=True, help="Learning rate of the shared calibration (temperature, text offset, release weights) and of a local item head where one is trained.")
 @click.option("--prior-noise", type=float, default=RoundConfig.prior_noise, show_default=True, help="Noise multiplier of each merchant's item-popularity prior, released once and paid from its ε budget (DP runs only); 0: no prior.")
 @click.option("--cooccurrence-noise", type=float, default=RoundConfig.cooccurrence_noise, show_default=True, help="Noise multiplier of each merchant's item co-occurrence, released once after the prior and paid from its ε budget (DP runs only); 0: none.")
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="fedavg", show_default=True, help="fedavg (users-weighted) or a robust rule.")
