@@ -197,14 +197,14 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
     OUT/metrics.jsonl, OUT/metrics.json, OUT/adapter/ (peft format, with a model
     card) and OUT/rounds.png, OUT/privacy.png.
 
-    With --local-only it also scores the final global adapter on every
-    merchant's test users one by one and prints federated minus local-only
-    NDCG@10 with a 95% paired bootstrap interval over those users (in
-    OUT/local-only.json with each merchant's ranks): the difference is
-    clear when the interval excludes 0.
+    It then scores the final global adapter on every merchant's test users
+    one by one and prints federated minus MostPop (and, with --local-only,
+    minus local-only) test NDCG@10 with a 95% paired bootstrap interval over
+    those users, in OUT/comparison.json: a difference is clear when its
+    interval excludes 0.
     """
     from simulations.federated import (
-        SimulationSpec, central_most_pop, federated_minus_local_only, run_local_only, run_simulation,
+        SimulationSpec, central_most_pop, paired_comparisons, run_local_only, run_simulation,
     )
 
     if force and not resume and out.exists():
@@ -234,20 +234,20 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
     metrics = run_simulation(spec, settings, verbose=verbose)
     fed_seconds = time.perf_counter() - started
     rows = {"federated": metrics["test"], "MostPop (all data)": central_most_pop(data), "MostPop (each merchant)": metrics["most_pop_local"]}
-    paired = None
+    alone = None
     if local_only:
         click.echo("training every merchant alone (no federation)...")
         alone = run_local_only(out / "silos", settings, out, log=click.echo)
         rows["local-only"] = alone["test"]
-        paired = federated_minus_local_only(out / "silos", settings, out, alone)
+    paired = paired_comparisons(out / "silos", settings, out, alone)
     if central_path:
         rows["centralised"] = json.loads(Path(central_path).read_text())["test"]
     click.echo("")
     click.echo(comparison_table(rows, users=int(metrics["test"]["users"])))
-    if paired is not None:
+    for name, d in paired.items():
         click.echo(
-            f"federated − local-only NDCG@10: {paired['difference']:+.4f} "
-            f"({paired['level']:.0%} CI {paired['low']:+.4f} … {paired['high']:+.4f}, paired bootstrap over {paired['users']} users)"
+            f"{name} NDCG@10: {d['difference']:+.4f} "
+            f"({d['level']:.0%} CI {d['low']:+.4f} … {d['high']:+.4f}, paired bootstrap over {d['users']} users)"
         )
     eps = metrics["epsilon_max"]
     click.echo(

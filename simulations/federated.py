@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from client.ledger import PrivacyLedger
 from client.app import state_path
 from client.merchant import Merchant, release_statistics
 from common import atomic
 from common.errors import SilorecError
-from common.metrics import metrics_from_ranks, most_pop, paired_difference, ranks_of
+from common.metrics import metrics_from_ranks, most_pop, paired_difference, popularity, ranks_of
 from common.serve import scorer
 from common.silo import load_silo
 from common.split import leave_one_out
@@ -148,8 +149,9 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
     return report
 
 
-def federated_test_ranks(silos: Path, settings: ServerSettings, out: Path) -> dict[str, np.ndarray]:
-    """Each merchant's test ranks under the run's final global adapter, as its own evaluate reply scores them.
+def merchant_test_ranks(silos: Path, settings: ServerSettings, out: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Each merchant's test ranks under the run's final global adapter (as its own evaluate reply
+    scores them) and under its own MostPop, by model and merchant.
 
     The simulation holds every silo, so it can score the same users the
     federation reported on, one by one, for a paired comparison; a real
@@ -158,24 +160,33 @@ def federated_test_ranks(silos: Path, settings: ServerSettings, out: Path) -> di
     final = checkpoint.load(out / "checkpoint")
     if final is None or final.round != settings.rounds:
         raise SilorecError(f"{out / 'checkpoint'} holds no finished run of {settings.rounds} rounds")
-    ranks = {}
+    ranks: dict[str, dict[str, np.ndarray]] = {"federated": {}, "MostPop (each merchant)": {}}
     for folder in merchant_silos(silos):  # state and cache where the simulated ClientApps keep them
         merchant = Merchant(folder, state_path({}, folder), settings.round.model(), cache_dir=silos.parent / "cache")
         merchant.set_global(final.global_arrays)
-        ranks[folder.name] = ranks_of(scorer(merchant.model), merchant.split.test)
+        cases = merchant.split.test
+        ranks["federated"][folder.name] = ranks_of(scorer(merchant.model), cases)
+        counts = torch.as_tensor(popularity(merchant.split))
+        ranks["MostPop (each merchant)"][folder.name] = ranks_of(lambda batch: counts.expand(len(batch), -1), cases)
     return ranks
 
 
-def federated_minus_local_only(silos: Path, settings: ServerSettings, out: Path, local_only: dict[str, Any]) -> dict[str, float]:
-    """Test NDCG@10 of the federated model minus the local-only models', paired by user (common.metrics).
+def paired_comparisons(silos: Path, settings: ServerSettings, out: Path, local_only: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """Federated test NDCG@10 minus each merchant's MostPop (and local-only model), paired by user.
 
-    Written into OUT/local-only.json beside the report it compares with.
+    Each with its paired bootstrap interval (common.metrics); written to OUT/comparison.json.
     """
-    federated = federated_test_ranks(silos, settings, out)
-    local = {r["silo"]: np.asarray(r["test_ranks"]) for r in local_only["per_merchant"]}
-    if set(local) != set(federated):
-        raise SilorecError(f"local-only and federated runs cover different merchants: {sorted(local)} vs {sorted(federated)}")
-    names = sorted(federated)
-    paired = paired_difference(np.concatenate([federated[n] for n in names]), np.concatenate([local[n] for n in names]))
-    atomic.write_json(out / "local-only.json", local_only | {"federated_minus_local_only": paired})
-    return paired
+    ranks = merchant_test_ranks(silos, settings, out)
+    if local_only is not None:
+        ranks["local-only"] = {r["silo"]: np.asarray(r["test_ranks"]) for r in local_only["per_merchant"]}
+    names = sorted(ranks["federated"])
+    joined = {}
+    for model, by_silo in ranks.items():
+        if sorted(by_silo) != names:
+            raise SilorecError(f"{model} and federated runs cover different merchants: {sorted(by_silo)} vs {names}")
+        joined[model] = np.concatenate([by_silo[n] for n in names])
+    report = {
+        f"federated − {model}": paired_difference(joined["federated"], joined[model]) for model in joined if model != "federated"
+    }
+    atomic.write_json(out / "comparison.json", report)
+    return report

@@ -28,7 +28,7 @@ from common.round import RoundConfig
 from common.towers import CALIBRATION_FILE, load_encoder
 from server.report import sealing_summary
 from server.settings import ServerSettings
-from simulations.federated import SimulationSpec, federated_minus_local_only, federated_test_ranks, run_local_only, run_simulation
+from simulations.federated import SimulationSpec, merchant_test_ranks, paired_comparisons, run_local_only, run_simulation
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,15 +68,17 @@ def test_two_dp_rounds_beat_round_zero_and_write_every_output(tmp_path, tiny_ber
     assert "ε spent" in card and all(s["silo"] in card for s in m["merchants"])
     PeftModel.from_pretrained(load_encoder(str(tiny_bert))[1], str(out / "adapter"))  # peft's own loader
 
-    # The comparison with local-only scores the very users and model the federation reported on.
-    federated = federated_test_ranks(out / "silos", run, out)
-    assert metrics_from_ranks(np.concatenate(list(federated.values())))["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"])
+    # The paired comparisons score the very users and models the federation reported on.
+    ranks = merchant_test_ranks(out / "silos", run, out)
+    for model, reported in (("federated", m["test"]), ("MostPop (each merchant)", m["most_pop_local"])):
+        assert metrics_from_ranks(np.concatenate(list(ranks[model].values())))["ndcg@10"] == pytest.approx(reported["ndcg@10"])
     alone = run_local_only(out / "silos", run, out, log=lambda *_: None)
-    paired = federated_minus_local_only(out / "silos", run, out, alone)
-    assert paired["users"] == 240
-    assert paired["difference"] == pytest.approx(m["test"]["ndcg@10"] - alone["test"]["ndcg@10"])
-    assert paired["low"] <= paired["difference"] <= paired["high"]
-    assert json.loads((out / "local-only.json").read_text())["federated_minus_local_only"] == paired
+    paired = paired_comparisons(out / "silos", run, out, alone)
+    assert list(paired) == ["federated − MostPop (each merchant)", "federated − local-only"]
+    for d, baseline in zip(paired.values(), (m["most_pop_local"], alone["test"])):
+        assert d["users"] == 240 and d["low"] <= d["difference"] <= d["high"]
+        assert d["difference"] == pytest.approx(m["test"]["ndcg@10"] - baseline["ndcg@10"])
+    assert json.loads((out / "comparison.json").read_text()) == paired
 
 
 def _tamper(update: dict[str, np.ndarray], how: str) -> dict[str, np.ndarray]:
@@ -190,3 +192,4 @@ def test_a_killed_run_resumes_from_its_last_round(tmp_path, tiny_bert):
     assert m["rounds"] == 4
     PeftModel.from_pretrained(load_encoder(str(tiny_bert))[1], str(out / "adapter"))
     assert "federated" in done.stdout and "MostPop" in done.stdout
+    assert "federated − MostPop (each merchant) NDCG@10" in done.stdout and (out / "comparison.json").is_file()
