@@ -257,7 +257,7 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     if (summary := sealing_summary(history)) is not None:
         click.echo(summary)
-    click.echo(f"wrote {out}/metrics.json, metrics.jsonl, adapter/, rounds.png")
+    click.echo(f"wrote {out}/metrics.json, metrics.jsonl, comparison.json, adapter/, rounds.png")
 
 
 def comparison_table(rows: dict[str, dict], *, users: int) -> str:
