@@ -69,9 +69,11 @@ def paired_difference(
 ) -> dict[str, float]:
     """NDCG@k of A minus B on the same users, with a paired bootstrap confidence interval.
 
-    Two models scored on the same test users differ on few of them, so the
-    difference of their means is far less uncertain than either mean; the
-    interval resamples users, keeping each user's pair of ranks together.
+    Two models scored on the same test users share much of their per-user
+    variation (a user whose next item is hard to guess is hard for both), so
+    the difference of their means is less uncertain than two independent
+    means would make it; the interval resamples users, keeping each user's
+    pair of ranks together.
     """
     a, b = (np.asarray(r, dtype=np.float64) for r in (ranks_a, ranks_b))
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
@@ -93,9 +95,15 @@ def popularity(split: Split) -> np.ndarray:
 
 def most_pop(split: Split) -> dict[str, dict[str, float]]:
     """MostPop (training-set popularity) on the split's validation and test cases."""
+    score = most_pop_scorer(split)
+    return {"valid": evaluate(score, split.valid), "test": evaluate(score, split.test)}
+
+
+def most_pop_scorer(split: Split) -> ScoreFn:
+    """Every user's scores are the items' training-set popularity."""
     pop = torch.as_tensor(popularity(split))
 
     def score(batch: list[EvalCase]) -> torch.Tensor:
         return pop.expand(len(batch), -1)
 
-    return {"valid": evaluate(score, split.valid), "test": evaluate(score, split.test)}
+    return score

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from client.ledger import PrivacyLedger
 from client.app import state_path
 from client.merchant import Merchant, release_statistics
 from common import atomic
 from common.errors import SilorecError
-from common.metrics import metrics_from_ranks, most_pop, paired_difference, popularity, ranks_of
+from common.metrics import metrics_from_ranks, most_pop, most_pop_scorer, paired_difference, ranks_of
 from common.serve import scorer
 from common.silo import load_silo
 from common.split import leave_one_out
@@ -166,8 +165,7 @@ def merchant_test_ranks(silos: Path, settings: ServerSettings, out: Path) -> dic
         merchant.set_global(final.global_arrays)
         cases = merchant.split.test
         ranks["federated"][folder.name] = ranks_of(scorer(merchant.model), cases)
-        counts = torch.as_tensor(popularity(merchant.split))
-        ranks["MostPop (each merchant)"][folder.name] = ranks_of(lambda batch: counts.expand(len(batch), -1), cases)
+        ranks["MostPop (each merchant)"][folder.name] = ranks_of(most_pop_scorer(merchant.split), cases)
     return ranks
 
 

@@ -48,7 +48,7 @@ def test_batched_evaluation_equals_unbatched():
 
 
 def test_paired_difference_is_the_difference_of_means_with_a_bootstrap_interval():
-    # user 1: rank 1 vs 3 (+1 - 0.5); user 2: rank 20 (outside the top 10) vs 1 (-1)
+    # user 1: rank 1 vs 3 (1 − 0.5 = +0.5); user 2: rank 20 (outside the top 10) vs 1 (0 − 1 = −1)
     hand = paired_difference(np.array([1, 20]), np.array([3, 1]), samples=200)
     assert hand["difference"] == pytest.approx((0.5 - 1.0) / 2)
     assert hand["low"] == pytest.approx(-1.0) and hand["high"] == pytest.approx(0.5)  # both users drawn twice
