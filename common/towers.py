@@ -501,13 +501,13 @@ class Recommender(nn.Module):
                 param.zero_()
                 if key in state and mine:
                     param[torch.as_tensor(mine)] = shape(state[key])[torch.as_tensor(theirs)].to(param.device)
-            # the co-occurrence keeps the saved items that are still in this catalog
-            here = {item: j for j, item in enumerate(self.item_ids)}
+            # the co-occurrence keeps the saved items that are still in this catalog, by the same alignment
+            ours = dict(zip(theirs, mine))  # saved index → index in this catalog
             saved = [int(i) for i in state.get("neighbour_items", torch.zeros(0)).tolist()]
-            kept = [k for k, i in enumerate(saved) if item_ids[i] in here]
+            kept = [k for k, i in enumerate(saved) if i in ours]
             rows = torch.as_tensor(kept, dtype=torch.long)
             matrix = state["neighbours"][rows][:, rows] if kept else torch.zeros(0, 0)
-            self.set_neighbours([here[item_ids[saved[k]]] for k in kept], matrix)  # also sets what trains
+            self.set_neighbours([ours[saved[k]] for k in kept], matrix)  # also sets what trains
 
     def save_head(self, path: Path) -> None:
         """Write the local state (`head_state`) with the item ids it aligns to (atomically; several processes may write)."""

@@ -123,9 +123,10 @@ def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr
     history budget defaults to 64 tokens and no per-item head is trained
     (--max-tokens and --local-head override them), and it keeps the best of
     the untrained start and every epoch by validation NDCG@10. Without it,
-    it early-stops on validation NDCG@10. It writes OUT/metrics.json (test and validation metrics, MostPop on the same
-    split, ε, δ, seed, epochs, wall time, device), the adapter in peft format
-    under OUT/adapter/, and OUT/training.png.
+    it early-stops on validation NDCG@10. It writes OUT/metrics.json (test
+    and validation metrics, MostPop on the same split, ε, δ, seed, epochs,
+    wall time, device), the adapter in peft format under OUT/adapter/, and
+    OUT/training.png.
     """
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
