@@ -198,11 +198,12 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
     OUT/metrics.jsonl, OUT/metrics.json, OUT/adapter/ (peft format, with a model
     card) and OUT/rounds.png, OUT/privacy.png.
 
-    It then scores the final global adapter on every merchant's test users
-    one by one and prints federated minus MostPop (and, with --local-only,
-    minus local-only) test NDCG@10 with a 95% paired bootstrap interval over
-    those users, in OUT/comparison.json: a difference is clear when its
-    interval excludes 0.
+    It then scores the final global adapter on every merchant's validation
+    and test users one by one and prints federated minus MostPop (and, with
+    --local-only, minus local-only) NDCG@10 with a 95% paired bootstrap
+    interval over those users, in OUT/comparison.json: a difference is clear
+    when its interval excludes 0. Choose settings by the validation
+    differences; report the test ones.
     """
     from simulations.federated import (
         SimulationSpec, central_most_pop, paired_comparisons, run_local_only, run_simulation,
@@ -245,11 +246,12 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
         rows["centralised"] = json.loads(Path(central_path).read_text())["test"]
     click.echo("")
     click.echo(comparison_table(rows, users=int(metrics["test"]["users"])))
-    for name, d in paired.items():
-        click.echo(
-            f"{name} NDCG@10: {d['difference']:+.4f} "
-            f"({d['level']:.0%} CI {d['low']:+.4f} … {d['high']:+.4f}, paired bootstrap over {d['users']} users)"
-        )
+    for split, differences in paired.items():
+        for name, d in differences.items():
+            click.echo(
+                f"{name} NDCG@10, {split}: {d['difference']:+.4f} "
+                f"({d['level']:.0%} CI {d['low']:+.4f} … {d['high']:+.4f}, paired bootstrap over {d['users']} users)"
+            )
     eps = metrics["epsilon_max"]
     click.echo(
         f"ε per merchant ≤ {eps:.2f} (max over {len(metrics['merchants'])} merchants)" if eps is not None else "non-private run"

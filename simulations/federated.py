@@ -32,6 +32,8 @@ from server import checkpoint
 from server.settings import ServerSettings
 from simulations.partition import plan, write_partition
 
+SPLITS = ("valid", "test")  # the order in which comparisons are reported
+
 
 @dataclass(frozen=True)
 class SimulationSpec:
@@ -135,22 +137,32 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
         result = train(model, split, tcfg, progress=False)
         if ledger is not None:
             epsilon = ledger.record(run="local-only", round=1, noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate, steps=result.steps)
-        ranks = ranks_of(scorer(model), split.test)
-        test = metrics_from_ranks(ranks)
-        results.append({"silo": folder.name, "epsilon": epsilon, **test, "test_ranks": ranks.tolist()})
+        score = scorer(model)
+        ranks = {name: ranks_of(score, getattr(split, name)) for name in SPLITS}
+        test = metrics_from_ranks(ranks["test"])
+        results.append({
+            "silo": folder.name, "epsilon": epsilon, **test, "valid": metrics_from_ranks(ranks["valid"]),
+            **{f"{name}_ranks": r.tolist() for name, r in ranks.items()},
+        })
         log(f"  local-only {folder.name:<14} users {test['users']:>4}  NDCG@10 {test['ndcg@10']:.4f}" + (f"  ε {epsilon:.2f}" if epsilon else ""))
-    total = sum(r["users"] for r in results)
-    keys = [k for k in results[0] if "@" in k]
-    summary = {k: float(np.sum([r[k] * r["users"] for r in results]) / total) for k in keys}
-    summary["users"] = total
-    report = {"test": summary, "per_merchant": results, "epsilon_max": max((r["epsilon"] or 0 for r in results), default=0)}
+    report = {
+        "test": _weighted(results), "valid": _weighted([r["valid"] for r in results]),
+        "per_merchant": results, "epsilon_max": max((r["epsilon"] or 0 for r in results), default=0),
+    }
     atomic.write_json(out / "local-only.json", report)
     return report
 
 
-def merchant_test_ranks(silos: Path, settings: ServerSettings, out: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Each merchant's test ranks under the run's final global adapter (as its own evaluate reply
-    scores them) and under its own MostPop, by model and merchant.
+def _weighted(per_merchant: list[dict[str, Any]]) -> dict[str, float]:
+    """Metrics over all merchants' evaluated users: each merchant's averages weighted by its users."""
+    total = sum(m["users"] for m in per_merchant)
+    summary = {k: float(sum(m[k] * m["users"] for m in per_merchant) / total) for k in per_merchant[0] if "@" in k}
+    return summary | {"users": total}
+
+
+def merchant_ranks(silos: Path, settings: ServerSettings, out: Path, split: str = "test") -> dict[str, dict[str, np.ndarray]]:
+    """Each merchant's ranks on `split` under the run's final global adapter (as its own evaluate
+    reply scores them) and under its own MostPop, by model and merchant.
 
     The simulation holds every silo, so it can score the same users the
     federation reported on, one by one, for a paired comparison; a real
@@ -163,28 +175,34 @@ def merchant_test_ranks(silos: Path, settings: ServerSettings, out: Path) -> dic
     for folder in merchant_silos(silos):  # state and cache where the simulated ClientApps keep them
         merchant = Merchant(folder, state_path({}, folder), settings.round.model(), cache_dir=silos.parent / "cache")
         merchant.set_global(final.global_arrays)
-        cases = merchant.split.test
+        cases = getattr(merchant.split, split)
         ranks["federated"][folder.name] = ranks_of(scorer(merchant.model), cases)
         ranks["MostPop (each merchant)"][folder.name] = ranks_of(most_pop_scorer(merchant.split), cases)
     return ranks
 
 
-def paired_comparisons(silos: Path, settings: ServerSettings, out: Path, local_only: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
-    """Federated test NDCG@10 minus each merchant's MostPop (and local-only model), paired by user.
+def paired_comparisons(
+    silos: Path, settings: ServerSettings, out: Path, local_only: dict[str, Any] | None = None
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Federated NDCG@10 minus each merchant's MostPop (and local-only model), paired by user, by split.
 
-    Each with its paired bootstrap interval (common.metrics); written to OUT/comparison.json.
+    Each with its paired bootstrap interval (common.metrics); written to
+    OUT/comparison.json. The validation differences are the ones to choose
+    settings by; the test differences are the ones to report.
     """
-    ranks = merchant_test_ranks(silos, settings, out)
-    if local_only is not None:
-        ranks["local-only"] = {r["silo"]: np.asarray(r["test_ranks"]) for r in local_only["per_merchant"]}
-    names = sorted(ranks["federated"])
-    joined = {}
-    for model, by_silo in ranks.items():
-        if sorted(by_silo) != names:
-            raise SilorecError(f"{model} and federated runs cover different merchants: {sorted(by_silo)} vs {names}")
-        joined[model] = np.concatenate([by_silo[n] for n in names])
-    report = {
-        f"federated − {model}": paired_difference(joined["federated"], joined[model]) for model in joined if model != "federated"
-    }
+    report = {}
+    for split in SPLITS:
+        ranks = merchant_ranks(silos, settings, out, split)
+        if local_only is not None:
+            ranks["local-only"] = {r["silo"]: np.asarray(r[f"{split}_ranks"]) for r in local_only["per_merchant"]}
+        names = sorted(ranks["federated"])
+        joined = {}
+        for model, by_silo in ranks.items():
+            if sorted(by_silo) != names:
+                raise SilorecError(f"{model} and federated runs cover different merchants: {sorted(by_silo)} vs {names}")
+            joined[model] = np.concatenate([by_silo[n] for n in names])
+        report[split] = {
+            f"federated − {model}": paired_difference(joined["federated"], joined[model]) for model in joined if model != "federated"
+        }
     atomic.write_json(out / "comparison.json", report)
     return report

@@ -28,7 +28,7 @@ from common.round import RoundConfig
 from common.towers import CALIBRATION_FILE, load_encoder
 from server.report import sealing_summary
 from server.settings import ServerSettings
-from simulations.federated import SimulationSpec, merchant_test_ranks, paired_comparisons, run_local_only, run_simulation
+from simulations.federated import SimulationSpec, merchant_ranks, paired_comparisons, run_local_only, run_simulation
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,15 +69,21 @@ def test_two_dp_rounds_beat_round_zero_and_write_every_output(tmp_path, tiny_ber
     PeftModel.from_pretrained(load_encoder(str(tiny_bert))[1], str(out / "adapter"))  # peft's own loader
 
     # The paired comparisons score the very users and models the federation reported on.
-    ranks = merchant_test_ranks(out / "silos", run, out)
+    ranks = merchant_ranks(out / "silos", run, out, "test")
     for model, reported in (("federated", m["test"]), ("MostPop (each merchant)", m["most_pop_local"])):
         assert metrics_from_ranks(np.concatenate(list(ranks[model].values())))["ndcg@10"] == pytest.approx(reported["ndcg@10"])
+    valid = merchant_ranks(out / "silos", run, out, "valid")["federated"]
+    assert metrics_from_ranks(np.concatenate(list(valid.values())))["ndcg@10"] == pytest.approx(lines[-1]["valid"]["ndcg@10"])
     alone = run_local_only(out / "silos", run, out, log=lambda *_: None)
     paired = paired_comparisons(out / "silos", run, out, alone)
-    assert list(paired) == ["federated − MostPop (each merchant)", "federated − local-only"]
-    for d, baseline in zip(paired.values(), (m["most_pop_local"], alone["test"])):
-        assert d["users"] == 240 and d["low"] <= d["difference"] <= d["high"]
-        assert d["difference"] == pytest.approx(m["test"]["ndcg@10"] - baseline["ndcg@10"])
+    assert list(paired) == ["valid", "test"]
+    for split, federated in (("valid", lines[-1]["valid"]), ("test", m["test"])):
+        differences = paired[split]
+        assert list(differences) == ["federated − MostPop (each merchant)", "federated − local-only"]
+        assert all(d["users"] == 240 and d["low"] <= d["difference"] <= d["high"] for d in differences.values())
+        assert differences["federated − local-only"]["difference"] == pytest.approx(federated["ndcg@10"] - alone[split]["ndcg@10"])
+    most_pop_gain = m["test"]["ndcg@10"] - m["most_pop_local"]["ndcg@10"]
+    assert paired["test"]["federated − MostPop (each merchant)"]["difference"] == pytest.approx(most_pop_gain)
     assert json.loads((out / "comparison.json").read_text()) == paired
 
 
@@ -192,4 +198,4 @@ def test_a_killed_run_resumes_from_its_last_round(tmp_path, tiny_bert):
     assert m["rounds"] == 4
     PeftModel.from_pretrained(load_encoder(str(tiny_bert))[1], str(out / "adapter"))
     assert "federated" in done.stdout and "MostPop" in done.stdout
-    assert "federated − MostPop (each merchant) NDCG@10" in done.stdout and (out / "comparison.json").is_file()
+    assert "federated − MostPop (each merchant) NDCG@10, test" in done.stdout and (out / "comparison.json").is_file()
