@@ -10,6 +10,7 @@ used this silo's state folder; it is never reset.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -145,4 +146,16 @@ class PrivacyLedger:
 
 
 def _round_rdp(noise_multiplier: float, sample_rate: float, steps: int) -> np.ndarray:
-    return np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=ORDERS))
+    return steps * np.asarray(_step_rdp(float(noise_multiplier), float(sample_rate)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _step_rdp(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    """The RDP curve of one subsampled Gaussian step; a round's is `steps` times it (as Opacus composes).
+
+    Opacus takes about 0.1 s per curve (its fractional orders are series), and
+    the ledger sums the whole history several times a round: uncached, a
+    30-round silo spent 3 s on each sum, and the simulated rounds of 11 silos
+    on 2 cores grew from 30 s to 58 s over 30 rounds.
+    """
+    return tuple(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ORDERS))

@@ -29,6 +29,17 @@ def test_epsilon_accumulates_across_rounds_and_reopening(tmp_path):
     assert [e["run"] for e in saved["entries"]] == ["a", "b"] and saved["epsilon"] == pytest.approx(e2)
 
 
+def test_a_long_mixed_history_costs_what_opacus_says(tmp_path):
+    # The ledger caches each (σ, q)'s one-step curve and scales it by the steps; the ε must stay
+    # Opacus's own for a history of releases (q = 1) and rounds at several noises and rates.
+    history = [(2.0, 1.0, 1)] + [(1.1 + 0.1 * (r % 3), 0.25 + 0.25 * (r % 2), 3 + r % 4) for r in range(30)]
+    ledger = PrivacyLedger.open(tmp_path, budget=1e6, delta=1e-4)
+    for r, (sigma, q, steps) in enumerate(history):
+        ledger.record(run="run", round=r, noise_multiplier=sigma, sample_rate=q, steps=steps)
+    assert ledger.spent() == pytest.approx(epsilon_of(history, 1e-4, "rdp"), rel=1e-9)
+    assert PrivacyLedger.open(tmp_path, budget=1e6, delta=1e-4).spent() == pytest.approx(ledger.spent(), rel=1e-12)
+
+
 def test_a_silo_past_its_budget_refuses(tmp_path):
     ledger = PrivacyLedger.open(tmp_path, budget=1.0, delta=1e-3)
     ledger.record(run="a", round=1, noise_multiplier=0.5, sample_rate=0.5, steps=50)
