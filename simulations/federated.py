@@ -160,9 +160,9 @@ def _weighted(per_merchant: list[dict[str, Any]]) -> dict[str, float]:
     return summary | {"users": total}
 
 
-def merchant_ranks(silos: Path, settings: ServerSettings, out: Path, split: str = "test") -> dict[str, dict[str, np.ndarray]]:
-    """Each merchant's ranks on `split` under the run's final global adapter (as its own evaluate
-    reply scores them) and under its own MostPop, by model and merchant.
+def merchant_ranks(silos: Path, settings: ServerSettings, out: Path) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """Each merchant's ranks under the run's final global adapter (as its own evaluate reply
+    scores them) and under its own MostPop, by split, model and merchant.
 
     The simulation holds every silo, so it can score the same users the
     federation reported on, one by one, for a paired comparison; a real
@@ -171,13 +171,16 @@ def merchant_ranks(silos: Path, settings: ServerSettings, out: Path, split: str 
     final = checkpoint.load(out / "checkpoint")
     if final is None or final.round != settings.rounds:
         raise SilorecError(f"{out / 'checkpoint'} holds no finished run of {settings.rounds} rounds")
-    ranks: dict[str, dict[str, np.ndarray]] = {"federated": {}, "MostPop (each merchant)": {}}
+    ranks: dict[str, dict[str, dict[str, np.ndarray]]] = {
+        split: {"federated": {}, "MostPop (each merchant)": {}} for split in SPLITS
+    }
     for folder in merchant_silos(silos):  # state and cache where the simulated ClientApps keep them
         merchant = Merchant(folder, state_path({}, folder), settings.round.model(), cache_dir=silos.parent / "cache")
         merchant.set_global(final.global_arrays)
-        cases = getattr(merchant.split, split)
-        ranks["federated"][folder.name] = ranks_of(scorer(merchant.model), cases)
-        ranks["MostPop (each merchant)"][folder.name] = ranks_of(most_pop_scorer(merchant.split), cases)
+        for split in SPLITS:
+            cases = getattr(merchant.split, split)
+            ranks[split]["federated"][folder.name] = ranks_of(scorer(merchant.model), cases)
+            ranks[split]["MostPop (each merchant)"][folder.name] = ranks_of(most_pop_scorer(merchant.split), cases)
     return ranks
 
 
@@ -191,8 +194,7 @@ def paired_comparisons(
     settings by; the test differences are the ones to report.
     """
     report = {}
-    for split in SPLITS:
-        ranks = merchant_ranks(silos, settings, out, split)
+    for split, ranks in merchant_ranks(silos, settings, out).items():
         if local_only is not None:
             ranks["local-only"] = {r["silo"]: np.asarray(r[f"{split}_ranks"]) for r in local_only["per_merchant"]}
         names = sorted(ranks["federated"])

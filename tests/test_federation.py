@@ -69,10 +69,10 @@ def test_two_dp_rounds_beat_round_zero_and_write_every_output(tmp_path, tiny_ber
     PeftModel.from_pretrained(load_encoder(str(tiny_bert))[1], str(out / "adapter"))  # peft's own loader
 
     # The paired comparisons score the very users and models the federation reported on.
-    ranks = merchant_ranks(out / "silos", run, out, "test")
+    ranks = merchant_ranks(out / "silos", run, out)
     for model, reported in (("federated", m["test"]), ("MostPop (each merchant)", m["most_pop_local"])):
-        assert metrics_from_ranks(np.concatenate(list(ranks[model].values())))["ndcg@10"] == pytest.approx(reported["ndcg@10"])
-    valid = merchant_ranks(out / "silos", run, out, "valid")["federated"]
+        assert metrics_from_ranks(np.concatenate(list(ranks["test"][model].values())))["ndcg@10"] == pytest.approx(reported["ndcg@10"])
+    valid = ranks["valid"]["federated"]
     assert metrics_from_ranks(np.concatenate(list(valid.values())))["ndcg@10"] == pytest.approx(lines[-1]["valid"]["ndcg@10"])
     alone = run_local_only(out / "silos", run, out, log=lambda *_: None)
     paired = paired_comparisons(out / "silos", run, out, alone)
