@@ -140,24 +140,13 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
         score = scorer(model)
         ranks = {name: ranks_of(score, getattr(split, name)) for name in SPLITS}
         test = metrics_from_ranks(ranks["test"])
-        results.append({
-            "silo": folder.name, "epsilon": epsilon, **test, "valid": metrics_from_ranks(ranks["valid"]),
-            **{f"{name}_ranks": r.tolist() for name, r in ranks.items()},
-        })
+        results.append({"silo": folder.name, "epsilon": epsilon, **test, **{f"{name}_ranks": r.tolist() for name, r in ranks.items()}})
         log(f"  local-only {folder.name:<14} users {test['users']:>4}  NDCG@10 {test['ndcg@10']:.4f}" + (f"  ε {epsilon:.2f}" if epsilon else ""))
-    report = {
-        "test": _weighted(results), "valid": _weighted([r["valid"] for r in results]),
-        "per_merchant": results, "epsilon_max": max((r["epsilon"] or 0 for r in results), default=0),
-    }
+    # over all merchants' users at once: each merchant's averages weighted by its users
+    report = {name: metrics_from_ranks(np.concatenate([r[f"{name}_ranks"] for r in results])) for name in SPLITS}
+    report |= {"per_merchant": results, "epsilon_max": max((r["epsilon"] or 0 for r in results), default=0)}
     atomic.write_json(out / "local-only.json", report)
     return report
-
-
-def _weighted(per_merchant: list[dict[str, Any]]) -> dict[str, float]:
-    """Metrics over all merchants' evaluated users: each merchant's averages weighted by its users."""
-    total = sum(m["users"] for m in per_merchant)
-    summary = {k: float(sum(m[k] * m["users"] for m in per_merchant) / total) for k in per_merchant[0] if "@" in k}
-    return summary | {"users": total}
 
 
 def merchant_ranks(silos: Path, settings: ServerSettings, out: Path) -> dict[str, dict[str, dict[str, np.ndarray]]]:
@@ -177,10 +166,10 @@ def merchant_ranks(silos: Path, settings: ServerSettings, out: Path) -> dict[str
     for folder in merchant_silos(silos):  # state and cache where the simulated ClientApps keep them
         merchant = Merchant(folder, state_path({}, folder), settings.round.model(), cache_dir=silos.parent / "cache")
         merchant.set_global(final.global_arrays)
+        scores = {"federated": scorer(merchant.model), "MostPop (each merchant)": most_pop_scorer(merchant.split)}
         for split in SPLITS:
-            cases = getattr(merchant.split, split)
-            ranks[split]["federated"][folder.name] = ranks_of(scorer(merchant.model), cases)
-            ranks[split]["MostPop (each merchant)"][folder.name] = ranks_of(most_pop_scorer(merchant.split), cases)
+            for model, score in scores.items():
+                ranks[split][model][folder.name] = ranks_of(score, getattr(merchant.split, split))
     return ranks
 
 
