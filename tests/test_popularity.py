@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from client.app import state_path
 from client.ledger import PrivacyLedger
 from client.merchant import HEAD_FILE, Merchant
 from common.popularity import accountant_entry, item_counts, prior_from_counts, release_counts, set_released_prior
 from common.round import RoundConfig
 from common.silo import load_silo
 from common.text import item_texts
-from common.towers import ModelConfig, build_recommender
+from common.towers import ModelConfig, build_recommender, load_head
 from server.settings import ServerSettings
+from simulations import federated
 from simulations.federated import run_local_only
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 
@@ -107,3 +109,24 @@ def test_local_only_merchants_pay_for_the_same_prior_from_the_same_budget(tmp_pa
     for name in ("a", "b"):
         ledger = PrivacyLedger.open(tmp_path / "run" / "local-only" / name, budget=8.0, delta=1e-3)
         assert [e.what for e in ledger.entries] == ["popularity", "train"] and ledger.spent() <= 8.0
+
+
+def test_local_only_merchants_keep_the_release_they_made_to_federate(tmp_path, tiny_bert, monkeypatch):
+    # Common random numbers: alone, a merchant scores with the very prior it released to federate,
+    # and its ledger pays for that release (here at noise 2, not the baseline's own 1).
+    silos = tmp_path / "silos"
+    for name, seed in (("a", 1), ("b", 2)):
+        make_synthetic_silo(silos / name, SyntheticSpec(users=40, seed=seed))
+    cfg = RoundConfig(base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, threads=1)
+    federating = Merchant(silos / "a", state_path({}, silos / "a"), cfg.model())
+    federating.release_statistics(replace(cfg, prior_noise=2.0), federating.ledger(cfg, None))
+    released, _ = load_head(state_path({}, silos / "a") / HEAD_FILE)
+    priors = []
+    real_train = federated.train
+    monkeypatch.setattr(federated, "train", lambda model, *a, **kw: (priors.append(model.prior.clone()), real_train(model, *a, **kw))[1])
+
+    run_local_only(silos, ServerSettings(rounds=1, out_dir=str(tmp_path / "run"), round=cfg), tmp_path / "run", log=lambda *_: None)
+    assert torch.equal(priors[0], released["prior"]) and priors[1].any()
+    for name, noise in (("a", 2.0), ("b", 1.0)):  # b never federated: it releases afresh, at its own noise
+        entries = PrivacyLedger.open(tmp_path / "run" / "local-only" / name, budget=8.0, delta=1e-3).entries
+        assert [(e.what, e.noise_multiplier) for e in entries] == [("popularity", noise), ("train", entries[1].noise_multiplier)]
