@@ -74,11 +74,17 @@ def paired_difference(
     the difference of their means is less uncertain than two independent
     means would make it; the interval resamples users, keeping each user's
     pair of ranks together.
+
+    Ranks of shape (runs, users), from repeated runs on the same users, give
+    the difference averaged over the runs: each user's differences stay
+    together when users are resampled, so the interval is over users, for
+    the mean over those runs' draws of the training noise.
     """
     a, b = (np.asarray(r, dtype=np.float64) for r in (ranks_a, ranks_b))
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"paired ranks must be two equally long, non-empty lists, not {a.shape} and {b.shape}")
+    if a.shape != b.shape or a.ndim not in (1, 2) or a.shape[-1] == 0 or a.size == 0:
+        raise ValueError(f"paired ranks must be two equally shaped, non-empty (runs ×) users arrays, not {a.shape} and {b.shape}")
     d = np.where(a <= k, 1.0 / np.log2(a + 1), 0.0) - np.where(b <= k, 1.0 / np.log2(b + 1), 0.0)
+    d = d.reshape(-1, d.shape[-1]).mean(axis=0)  # per user, over runs
     rng = np.random.default_rng(seed)
     means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(samples)])
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])

@@ -180,7 +180,7 @@ def format_table(m: dict) -> str:
 @click.option("--max-update-norm", type=float, default=ServerSettings.max_update_norm, show_default=True, help="Updates with a larger L2 norm are rejected.")
 @click.option("--min-fit-clients", type=int, default=ServerSettings.min_fit_clients, show_default=True, help="Fewest accepted updates that change the global adapter.")
 @click.option("--gpu-fraction", type=float, default=0.0, show_default=True, help="GPU share per merchant (e.g. 0.25: four at a time on one GPU).")
-@click.option("--local-only", is_flag=True, help="Also train every merchant alone (the no-federation baseline) and report it.")
+@click.option("--local-only", is_flag=True, help="Also train every merchant alone (the no-federation baseline), with the popularity it released to federate and from the same ε budget, and report it.")
 @click.option("--central", "central_path", type=click.Path(exists=True, path_type=Path), help="metrics.json of a `silorec-sim central` run to compare with.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last complete round.")
 @click.option("--force", is_flag=True, help="Delete an earlier run in OUT first.")
@@ -246,12 +246,7 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
         rows["centralised"] = json.loads(Path(central_path).read_text())["test"]
     click.echo("")
     click.echo(comparison_table(rows, users=int(metrics["test"]["users"])))
-    for split, differences in paired.items():
-        for name, d in differences.items():
-            click.echo(
-                f"{name} NDCG@10, {split}: {d['difference']:+.4f} "
-                f"({d['level']:.0%} CI {d['low']:+.4f} … {d['high']:+.4f}, paired bootstrap over {d['users']} users)"
-            )
+    echo_differences(paired)
     eps = metrics["epsilon_max"]
     click.echo(
         f"ε per merchant ≤ {eps:.2f} (max over {len(metrics['merchants'])} merchants)" if eps is not None else "non-private run"
@@ -261,6 +256,35 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
     if (summary := sealing_summary(history)) is not None:
         click.echo(summary)
     click.echo(f"wrote {out}/metrics.json, metrics.jsonl, comparison.json, adapter/, rounds.png")
+
+
+def echo_differences(paired: dict[str, dict[str, dict[str, float]]], *, over: str = "") -> None:
+    for split, differences in paired.items():
+        for name, d in differences.items():
+            click.echo(
+                f"{name} NDCG@10, {split}{over}: {d['difference']:+.4f} "
+                f"({d['level']:.0%} CI {d['low']:+.4f} … {d['high']:+.4f}, paired bootstrap over {d['users']} users)"
+            )
+
+
+@main.command("pool")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+def pool(runs: tuple[Path, ...]) -> None:
+    """Pool the paired comparisons of several `run --local-only` runs of one partition.
+
+    Each run draws its own DP noise, and one run's interval is over its users
+    only: the next draw of the noise can land outside it. This averages every
+    user's federated minus local-only (and minus each merchant's MostPop)
+    NDCG@10 over RUNS, then resamples users, so the interval is for the mean
+    over these draws. It scores each run's final adapter again (seconds per
+    merchant) and prints a line per split and difference; it writes nothing.
+
+    \b
+    silorec-sim pool runs/a runs/b runs/c
+    """
+    from simulations.federated import pooled_comparisons
+
+    echo_differences(pooled_comparisons(list(runs)), over=f", mean over {len(runs)} runs")
 
 
 def comparison_table(rows: dict[str, dict], *, users: int) -> str:

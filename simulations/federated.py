@@ -22,6 +22,7 @@ from client.merchant import HEAD_FILE, Merchant, release_statistics
 from common import atomic
 from common.errors import SilorecError
 from common.metrics import metrics_from_ranks, most_pop, most_pop_scorer, paired_difference, ranks_of
+from common.round import RoundConfig
 from common.serve import scorer
 from common.silo import load_silo
 from common.split import leave_one_out
@@ -207,18 +208,74 @@ def paired_comparisons(
     OUT/comparison.json. The validation differences are the ones to choose
     settings by; the test differences are the ones to report.
     """
-    report = {}
+    report = {split: _differences(joined) for split, joined in _joined_ranks(silos, settings, out, local_only).items()}
+    atomic.write_json(out / "comparison.json", report)
+    return report
+
+
+def pooled_comparisons(runs: list[Path]) -> dict[str, dict[str, dict[str, float]]]:
+    """`paired_comparisons` over several finished `--local-only` runs of one partition, pooled.
+
+    Every run draws its own DP noise, so one run's interval (over users) says
+    nothing of the next draw; pooled, each user's difference is averaged over
+    the runs before users are resampled.
+    """
+    if not runs:
+        raise SilorecError("pooling needs at least one run folder")
+    for out in runs:  # all checked before any is scored
+        for name in ("metrics.json", "local-only.json", "silos/partition.json"):
+            if not (out / name).is_file():
+                raise SilorecError(f"{out} holds no finished `silorec-sim run --local-only`: {out / name} is missing")
+        if _partition(out) != _partition(runs[0]):
+            raise SilorecError(f"{out} and {runs[0]} split the data into different merchants: only runs of one partition pair up")
+        if differ := sorted(k for k, v in _settings(out).items() if _settings(runs[0]).get(k) != v):
+            raise SilorecError(f"{out} and {runs[0]} ran with different settings ({', '.join(differ)}): pool draws of one setting")
+    stacked: dict[str, dict[str, list[np.ndarray]]] = {split: {} for split in SPLITS}
+    for out in runs:
+        local_only = json.loads((out / "local-only.json").read_text())
+        for split, joined in _joined_ranks(out / "silos", run_settings(out), out, local_only).items():
+            for model, ranks in joined.items():
+                stacked[split].setdefault(model, []).append(ranks)
+    for split, joined in stacked.items():
+        if len(users := {len(r) for ranks in joined.values() for r in ranks}) > 1:
+            raise SilorecError(f"the runs scored different numbers of {split} users ({sorted(users)}): they were made from different data")
+    return {split: _differences({m: np.stack(r) for m, r in joined.items()}) for split, joined in stacked.items()}
+
+
+def _settings(out: Path) -> dict[str, Any]:
+    """What a run was asked to do, without where it ran or what it was called."""
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    where = {"out_dir", "resume", "run_id", "silos_dir", "round"}
+    return {k: v for part in ("server", "round") for k, v in config[part].items() if k not in where}
+
+
+def _partition(out: Path) -> dict[str, Any]:
+    """How a run split its data (scheme, seed, silos), whatever path it named the data by."""
+    return {k: v for k, v in json.loads((out / "silos" / "partition.json").read_text()).items() if k != "source"}
+
+
+def run_settings(out: Path) -> ServerSettings:
+    """The settings a finished simulation in `out` ran with (its metrics.json)."""
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    return ServerSettings(**{**config["server"], "round": RoundConfig(**config["round"])})
+
+
+def _joined_ranks(
+    silos: Path, settings: ServerSettings, out: Path, local_only: dict[str, Any] | None
+) -> dict[str, dict[str, np.ndarray]]:
+    """By split and model, the ranks of every merchant's users, merchant after merchant in one fixed order."""
+    joined: dict[str, dict[str, np.ndarray]] = {}
     for split, ranks in merchant_ranks(silos, settings, out).items():
         if local_only is not None:
             ranks["local-only"] = {r["silo"]: np.asarray(r[f"{split}_ranks"]) for r in local_only["per_merchant"]}
         names = sorted(ranks["federated"])
-        joined = {}
+        joined[split] = {}
         for model, by_silo in ranks.items():
             if sorted(by_silo) != names:
                 raise SilorecError(f"{model} and federated runs cover different merchants: {sorted(by_silo)} vs {names}")
-            joined[model] = np.concatenate([by_silo[n] for n in names])
-        report[split] = {
-            f"federated − {model}": paired_difference(joined["federated"], joined[model]) for model in joined if model != "federated"
-        }
-    atomic.write_json(out / "comparison.json", report)
-    return report
+            joined[split][model] = np.concatenate([by_silo[n] for n in names])
+    return joined
+
+
+def _differences(joined: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    return {f"federated − {model}": paired_difference(joined["federated"], joined[model]) for model in joined if model != "federated"}

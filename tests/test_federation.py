@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,12 +24,15 @@ import client.app as merchant_app
 from client.ledger import PrivacyLedger
 from common import seal
 from common.arrays import pack, to_record
+from common.errors import SilorecError
 from common.metrics import metrics_from_ranks
 from common.round import RoundConfig
 from common.towers import CALIBRATION_FILE, load_encoder
 from server.report import sealing_summary
 from server.settings import ServerSettings
-from simulations.federated import SimulationSpec, merchant_ranks, paired_comparisons, run_local_only, run_simulation
+from simulations.federated import (
+    SimulationSpec, merchant_ranks, paired_comparisons, pooled_comparisons, run_local_only, run_simulation,
+)
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +91,19 @@ def test_two_dp_rounds_beat_round_zero_and_write_every_output(tmp_path, tiny_ber
     most_pop_gain = m["test"]["ndcg@10"] - m["most_pop_local"]["ndcg@10"]
     assert paired["test"]["federated − MostPop (each merchant)"]["difference"] == pytest.approx(most_pop_gain)
     assert json.loads((out / "comparison.json").read_text()) == paired
+    # Pooled over runs: one run twice is that run; a run of another setting, or without its
+    # local-only baseline, is refused by name before anything is scored.
+    assert pooled_comparisons([out, out]) == paired
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    changed = json.loads((other / "metrics.json").read_text())
+    changed["config"]["round"]["lr"] *= 2
+    (other / "metrics.json").write_text(json.dumps(changed))
+    with pytest.raises(SilorecError, match=r"ran with different settings \(lr\)"):
+        pooled_comparisons([out, other])
+    (other / "local-only.json").unlink()
+    with pytest.raises(SilorecError, match="local-only.json is missing"):
+        pooled_comparisons([out, other])
 
 
 def _tamper(update: dict[str, np.ndarray], how: str) -> dict[str, np.ndarray]:

@@ -69,7 +69,7 @@ def test_paired_difference_is_the_difference_of_means_with_a_bootstrap_interval(
     other[40:80] = 1  # as much better, on other users
     tie = paired_difference(better, other)
     assert tie["low"] < 0 < tie["high"]
-    with pytest.raises(ValueError, match="equally long"):
+    with pytest.raises(ValueError, match="equally shaped"):
         paired_difference(np.array([1, 2]), np.array([1]))
 
 
@@ -79,3 +79,15 @@ def test_most_pop_ranks_by_training_counts(synthetic_silo):
     mp = most_pop(split)
     assert mp["test"]["users"] == len(split.test)
     assert 0.0 < mp["test"]["hr@20"] < 1.0
+
+
+def test_paired_difference_over_runs_averages_each_users_difference_first():
+    # two runs on two users: user 1 gains +0.5 in run 1 and −0.5 in run 2 (mean 0), user 2 gains +1 twice
+    a = np.array([[1, 1], [3, 1]])
+    b = np.array([[3, 20], [1, 20]])
+    pooled = paired_difference(a, b, samples=200)
+    assert pooled["difference"] == pytest.approx(0.5) and pooled["users"] == 2
+    assert pooled["low"] == pytest.approx(0.0) and pooled["high"] == pytest.approx(1.0)  # each user's mean drawn twice
+    assert paired_difference(a[:1], b[:1])["difference"] == paired_difference(a[0], b[0])["difference"]
+    with pytest.raises(ValueError, match="equally shaped"):
+        paired_difference(a, b[:, :1])
