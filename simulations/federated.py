@@ -159,9 +159,8 @@ def reuse_releases(model: Recommender, folder: Path, ledger: PrivacyLedger) -> b
     then federates or trains alone, so the baseline reuses the federation's
     draw of the noise: the two arms of the comparison then differ only in how
     they trained (common random numbers), not also in a second draw of the
-    release's noise: over the default MovieLens runs that draw alone moved
-    local-only's test NDCG@10 over 0.0514-0.0534, as much as the federation
-    moved it.
+    release's noise. On MovieLens this narrowed the paired 95% interval of
+    federated − local-only NDCG@10 from about ±0.009 to about ±0.005.
     False where the federation released nothing here (no state, or no run yet).
     """
     state = state_path({}, folder)
@@ -230,15 +229,14 @@ def pooled_comparisons(runs: list[Path]) -> dict[str, dict[str, dict[str, float]
             raise SilorecError(f"{out} and {runs[0]} split the data into different merchants: only runs of one partition pair up")
         if differ := sorted(k for k, v in _settings(out).items() if _settings(runs[0]).get(k) != v):
             raise SilorecError(f"{out} and {runs[0]} ran with different settings ({', '.join(differ)}): pool draws of one setting")
+        if _users(out) != _users(runs[0]):
+            raise SilorecError(f"{out} and {runs[0]} scored different users: they were made from different data")
     stacked: dict[str, dict[str, list[np.ndarray]]] = {split: {} for split in SPLITS}
     for out in runs:
         local_only = json.loads((out / "local-only.json").read_text())
         for split, joined in _joined_ranks(out / "silos", run_settings(out), out, local_only).items():
             for model, ranks in joined.items():
                 stacked[split].setdefault(model, []).append(ranks)
-    for split, joined in stacked.items():
-        if len(users := {len(r) for ranks in joined.values() for r in ranks}) > 1:
-            raise SilorecError(f"the runs scored different numbers of {split} users ({sorted(users)}): they were made from different data")
     return {split: _differences({m: np.stack(r) for m, r in joined.items()}) for split, joined in stacked.items()}
 
 
@@ -247,6 +245,12 @@ def _settings(out: Path) -> dict[str, Any]:
     config = json.loads((out / "metrics.json").read_text())["config"]
     where = {"out_dir", "resume", "run_id", "silos_dir", "round"}
     return {k: v for part in ("server", "round") for k, v in config[part].items() if k not in where}
+
+
+def _users(out: Path) -> dict[str, list[int]]:
+    """How many validation and test users each merchant of a run's local-only baseline scored."""
+    merchants = json.loads((out / "local-only.json").read_text())["per_merchant"]
+    return {m["silo"]: [len(m[f"{split}_ranks"]) for split in SPLITS] for m in merchants}
 
 
 def _partition(out: Path) -> dict[str, Any]:
