@@ -225,12 +225,14 @@ def pooled_comparisons(runs: list[Path]) -> dict[str, dict[str, dict[str, float]
         for name in ("metrics.json", "local-only.json", "silos/partition.json"):
             if not (out / name).is_file():
                 raise SilorecError(f"{out} holds no finished `silorec-sim run --local-only`: {out / name} is missing")
-        if _partition(out) != _partition(runs[0]):
-            raise SilorecError(f"{out} and {runs[0]} split the data into different merchants: only runs of one partition pair up")
-        if differ := sorted(k for k, v in _settings(out).items() if _settings(runs[0]).get(k) != v):
-            raise SilorecError(f"{out} and {runs[0]} ran with different settings ({', '.join(differ)}): pool draws of one setting")
-        if _users(out) != _users(runs[0]):
-            raise SilorecError(f"{out} and {runs[0]} scored different users: they were made from different data")
+    first, partition, settings, users = runs[0], _partition(runs[0]), _settings(runs[0]), _users(runs[0])
+    for out in runs[1:]:
+        if _partition(out) != partition:
+            raise SilorecError(f"{out} and {first} split the data into different merchants: only runs of one partition pair up")
+        if differ := sorted(k for k, v in _settings(out).items() if settings.get(k) != v):
+            raise SilorecError(f"{out} and {first} ran with different settings ({', '.join(differ)}): pool draws of one setting")
+        if _users(out) != users:
+            raise SilorecError(f"{out} and {first} scored different users: they were made from different data")
     stacked: dict[str, dict[str, list[np.ndarray]]] = {split: {} for split in SPLITS}
     for out in runs:
         local_only = json.loads((out / "local-only.json").read_text())
