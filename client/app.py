@@ -21,7 +21,7 @@ from client.secagg import secure_aggregation_mod
 from client.sealing import global_arrays, key_record, merchant_key, seal_update, signing_key
 from common import seal
 from common.arrays import to_record
-from common.round import RoundConfig
+from common.round import ASK_TABLE, POOL_RECORD, TABLE_KIND, USE_POOLED, RoundConfig
 
 app = ClientApp(mods=[secure_aggregation_mod])  # SecAgg+ messages go to Flower's secaggplus_mod, all others pass through
 
@@ -41,9 +41,22 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """The merchant's public key, so the coordinator can seal the global adapter to it."""
-    state = state_path(context.node_config, silo_path(context.node_config, RoundConfig.from_record(msg.content["config"])))
-    return Message(content=RecordDict({seal.KEY_RECORD: key_record(merchant_key(state))}), reply_to=msg)
+    """The merchant's public key, so the coordinator can seal the global adapter to it; or, asked
+    to pool popularity, its released item counts keyed by item text, then the pooled ones to use."""
+    cfg = RoundConfig.from_record(msg.content["config"])
+    ask = msg.content.config_records.get(POOL_RECORD)
+    if ask is None:
+        state = state_path(context.node_config, silo_path(context.node_config, cfg))
+        return Message(content=RecordDict({seal.KEY_RECORD: key_record(merchant_key(state))}), reply_to=msg)
+    merchant = merchant_from_context(context, cfg)
+    if ask["ask"] == ASK_TABLE:
+        budget = context.node_config.get("budget")
+        table, reason = merchant.popularity_table(cfg, budget=float(budget) if budget else None)
+        return _sealed_reply(msg, context, merchant, table, reason, kind=TABLE_KIND)
+    if ask["ask"] == USE_POOLED:
+        merchant.use_pooled_popularity(global_arrays(msg, cfg, context.node_id, merchant_key(merchant.state_dir)))
+        return Message(content=RecordDict({"info": _info(merchant)}), reply_to=msg)
+    raise ValueError(f"unknown query: {ask['ask']!r}")
 
 
 def train_locally(msg: Message, context: Context) -> tuple[Merchant, TrainOutcome]:
@@ -57,18 +70,26 @@ def train_locally(msg: Message, context: Context) -> tuple[Merchant, TrainOutcom
 
 def train_reply(msg: Message, context: Context, merchant: Merchant, outcome: TrainOutcome) -> Message:
     """The reply: metrics, and the update sealed to the run's key (in the clear only if the server asked no sealing)."""
-    metrics = dict(outcome.metrics)
-    content = RecordDict({"info": _info(merchant, outcome.reason)})
-    if outcome.update is not None:
+    return _sealed_reply(msg, context, merchant, outcome.update, outcome.reason, metrics=outcome.metrics)
+
+
+def _sealed_reply(
+    msg: Message, context: Context, merchant: Merchant, arrays: dict | None, reason: str,
+    *, metrics: dict[str, float] | None = None, kind: str = "train-update",
+) -> Message:
+    """`arrays` sealed to the run's key in `msg` (in the clear only if it sent none), or just why there are none."""
+    metrics = dict(metrics or {})
+    content = RecordDict({"info": _info(merchant, reason)})
+    if arrays is not None:
         if seal.KEY_RECORD in msg.content.config_records:
             cfg = RoundConfig.from_record(msg.content["config"])
             records, metrics["seal-seconds"] = seal_update(
-                outcome.update, msg, cfg, context.node_id, signing_key(context.node_config.get("signing-key"))
+                arrays, msg, cfg, context.node_id, signing_key(context.node_config.get("signing-key")), kind=kind
             )
             for name, record in records.items():
                 content[name] = record
         else:
-            content["update"] = to_record(outcome.update)
+            content["update"] = to_record(arrays)
     content["metrics"] = MetricRecord(metrics)
     return Message(content=content, reply_to=msg)
 

@@ -4,8 +4,10 @@ A Merchant holds its silo, split and model for as long as its process lives
 (a SuperNode or a simulation actor may serve many rounds), and keeps what
 must survive a restart in the silo's state folder: the privacy ledger, the
 local item head and the released statistics (popularity prior, item
-co-occurrence). Only the update of the shared
-model (new − global: LoRA tensors and calibration) ever leaves.
+co-occurrence). What leaves: the update of the shared model (new − global:
+LoRA tensors and calibration) every round and, once, where the coordinator
+pools popularity, the released item counts keyed by a hash of each item's
+text.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import numpy as np
 import torch
 
 from client.ledger import PrivacyBudgetExceeded, PrivacyLedger
-from common.arrays import to_numpy, to_torch
+from common import atomic
+from common.arrays import pack, to_numpy, to_torch, unpack
 from common.cooccurrence import set_released_cooccurrence
-from common.metrics import evaluate, most_pop
-from common.popularity import accountant_entry, set_released_prior
+from common.metrics import evaluate, metrics_from_ranks, most_pop
+from common.popularity import accountant_entry, check_table, look_up, pool_tables, prior_from_counts, release_counts, text_keys
 from common.records import UserRecords
 from common.round import RoundConfig
-from common.serve import scorer
+from common.serve import parse_scales, prior_scale_ranks, scaled_key, scorer
 from common.silo import Silo, load_silo
 from common.split import Split, leave_one_out
 from common.text import item_texts
@@ -32,6 +35,7 @@ from common.towers import ModelConfig, Recommender, build_recommender
 from common.train import default_delta, train
 
 HEAD_FILE = "head.safetensors"
+TABLE_FILE = "popularity.safetensors"  # the silo's released item counts, keyed by item text: what it may pool
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Merchant:
             model_cfg, list(self.silo.items["item_id"]), item_texts(self.silo.items), cache_dir=cache_dir
         )
         self.trainable_users = len(UserRecords(self.split))
+        self.item_keys = text_keys(item_texts(self.silo.items))  # how other merchants' tables name our items
         self.most_pop = most_pop(self.split)  # fixed for the silo: computed once, not every round
 
     # --- state that stays in the silo ------------------------------------------
@@ -62,9 +67,43 @@ class Merchant:
         return PrivacyLedger.open(self.state_dir, budget=budget if budget is not None else cfg.epsilon, delta=delta)
 
     def release_statistics(self, cfg: RoundConfig, ledger: PrivacyLedger) -> None:
-        """The silo's popularity prior (and co-occurrence), released once and kept in the state folder."""
-        if release_statistics(self.model, self.split, cfg, ledger, run=cfg.run_id, round=cfg.round):
+        """The silo's popularity prior (and co-occurrence), released once and kept in the state folder.
+
+        The released counts are kept too, keyed by item text (TABLE_FILE),
+        before the head: a crash in between leaves no prior, so the next
+        round releases again (paying twice) rather than pooling nothing.
+        """
+        counts = release_statistics(self.model, self.split, cfg, ledger, run=cfg.run_id, round=cfg.round)
+        if counts is not None:
+            atomic.write_bytes(self.state_dir / TABLE_FILE, pack({"keys": self.item_keys, "counts": np.asarray(counts, np.float64)}))
             self.model.save_head(self.state_dir / HEAD_FILE)
+
+    def popularity_table(self, cfg: RoundConfig, *, budget: float | None = None) -> tuple[dict[str, np.ndarray] | None, str]:
+        """The silo's released item counts keyed by item text (releasing them first if it has not), or why there are none.
+
+        Sharing them is post-processing of the release: it costs no ε.
+        """
+        if not cfg.private or cfg.prior_noise <= 0:
+            return None, "this run releases no popularity"
+        self.model.restore_head(self.state_dir / HEAD_FILE)
+        if not self.model.has_prior:
+            self.release_statistics(cfg, self.ledger(cfg, budget))
+            if not self.model.has_prior:
+                return None, "the ε budget left cannot pay for the popularity release"
+        table = released_table(self.state_dir)
+        if table is None:
+            return None, f"the popularity was released without keeping its counts ({self.state_dir / TABLE_FILE} is missing)"
+        return table, ""
+
+    def use_pooled_popularity(self, table: dict[str, np.ndarray]) -> None:
+        """Score with the pooled counts of our items' texts (the coordinator's sum of every merchant's table) from now on."""
+        keys, counts = table.get("keys"), table.get("counts")
+        if set(table) != {"keys", "counts"} or keys is None or counts is None:
+            raise ValueError(f"a pooled table holds keys and counts, not {sorted(table)}")
+        check_table(keys, counts)
+        self.model.restore_head(self.state_dir / HEAD_FILE)
+        self.model.set_prior(prior_from_counts(look_up(pool_tables([(keys, counts)]), self.item_keys)))
+        self.model.save_head(self.state_dir / HEAD_FILE)
 
     # --- a round --------------------------------------------------------------------
 
@@ -120,7 +159,13 @@ class Merchant:
         """Full-ranking metrics of the global adapter (with this silo's head) on `cfg.split`, and MostPop's."""
         self.set_global(global_arrays)
         cases = self.split.test if cfg.split == "test" else self.split.valid
-        ours = evaluate(scorer(self.model), cases)
+        scales = parse_scales(cfg.score_scales)
+        if scales:  # one pass of the user tower serves every factor (all alike where there is no prior)
+            ranks = prior_scale_ranks(self.model, cases, (1.0, *scales))
+            ours = metrics_from_ranks(ranks[1.0])
+            ours |= {scaled_key(k): metrics_from_ranks(ranks[k])["ndcg@10"] for k in scales}
+        else:
+            ours = evaluate(scorer(self.model), cases)
         pop = self.most_pop["test" if cfg.split == "test" else "valid"]
         out = {k: float(v) for k, v in ours.items() if k != "users"}
         out |= {f"most-pop-{k}": float(v) for k, v in pop.items() if k != "users"}
@@ -128,22 +173,33 @@ class Merchant:
         return out
 
 
-def release_statistics(model: Recommender, split: Split, cfg: RoundConfig, ledger: PrivacyLedger, *, run: str, round: int) -> bool:
+def release_statistics(
+    model: Recommender, split: Split, cfg: RoundConfig, ledger: PrivacyLedger, *, run: str, round: int
+) -> np.ndarray | None:
     """Release the split's popularity prior, then (with `cfg.cooccurrence_noise`) its co-occurrence, into `model`.
 
     Each release is recorded in `ledger` before the caller keeps it or trains
-    with it: a crash in between costs ε, never an unaccounted release. False
-    if the budget cannot pay for the prior; the co-occurrence is left out if
-    it alone cannot be paid for.
+    with it: a crash in between costs ε, never an unaccounted release.
+    Returns the released item counts (catalog order), or None if the budget
+    cannot pay for the prior; the co-occurrence is left out if it alone
+    cannot be paid for.
     """
     if ledger.cost(*accountant_entry(cfg.prior_noise)) >= ledger.budget:
-        return False
-    noise, rate, steps = set_released_prior(model, split.train, cfg.prior_noise)
+        return None
+    counts = release_counts(split.train, len(model.item_ids), cfg.prior_noise)
+    noise, rate, steps = accountant_entry(cfg.prior_noise)
     ledger.record(run=run, round=round, noise_multiplier=noise, sample_rate=rate, steps=steps, what="popularity")
+    model.set_prior(prior_from_counts(counts))
     if cfg.cooccurrence_noise > 0 and ledger.cost(*accountant_entry(cfg.cooccurrence_noise)) < ledger.budget:
         noise, rate, steps = set_released_cooccurrence(model, split.train, cfg.cooccurrence_noise)
         ledger.record(run=run, round=round, noise_multiplier=noise, sample_rate=rate, steps=steps, what="cooccurrence")
-    return True
+    return counts
+
+
+def released_table(state_dir: Path) -> dict[str, np.ndarray] | None:
+    """The item counts a silo released, keyed by item text ({"keys", "counts"}), if it kept them."""
+    path = Path(state_dir) / TABLE_FILE
+    return unpack(path.read_bytes()) if path.is_file() else None
 
 
 _MERCHANTS: dict[tuple, Merchant] = {}

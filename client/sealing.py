@@ -54,14 +54,17 @@ def global_arrays(msg: Message, cfg: RoundConfig, node_id: int, key: X25519Priva
 
 
 def seal_update(
-    update: dict[str, np.ndarray], msg: Message, cfg: RoundConfig, node_id: int, signing_key: Ed25519PrivateKey | None = None
+    update: dict[str, np.ndarray], msg: Message, cfg: RoundConfig, node_id: int, signing_key: Ed25519PrivateKey | None = None,
+    *, kind: str = "train-update",
 ) -> tuple[dict[str, ConfigRecord], float]:
     """The reply records of the update sealed to the run's public key (sent in `msg`), and the seconds sealing took.
 
-    With `signing_key` (the merchant's enrolled Ed25519 key) the sealed bytes are also signed.
+    With `signing_key` (the merchant's enrolled Ed25519 key) the sealed bytes
+    are also signed. `kind` names what is sealed in its associated data (a
+    train update, or a popularity table).
     """
     t0 = time.perf_counter()
-    context = seal.update_context(cfg.run_id, cfg.round, node_id)
+    context = seal.update_context(cfg.run_id, cfg.round, node_id, kind=kind)
     blob = seal.seal(pack(update), bytes(msg.content[seal.KEY_RECORD]["public-key"]), context)
     records = {seal.SEALED_RECORD: ConfigRecord({"update": blob})}
     if signing_key is not None:

@@ -16,14 +16,20 @@ cheaper:
   (`accountant_entry`);
 - the prior log(1 + max(count, 0)) is post-processing of the release.
 
-The prior is per item, so it stays in the silo with the local head; only the
-scalar weight it enters the score with (`Calibration.prior_weight`) is
+The prior is per item, so the model never shares it: only the scalar weight
+it enters the score with (`Calibration.prior_weight`) is trained and
 shared. Everything trained after the release may depend on it: DP composes
-adaptively.
+adaptively. In a federation a merchant may also share the released counts
+themselves, keyed by a hash of each item's text (`text_keys`), to be summed
+with the other merchants' (`pool_tables`): post-processing of the release,
+so it costs no further ε, and it gives a merchant of a few dozen users the
+popularity seen by all merchants' users (a merchant's own counts are mostly
+noise at that size).
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -88,3 +94,52 @@ def set_released_prior(
     counts = release_counts(histories, len(model.item_ids), noise_multiplier, seed=seed)
     model.set_prior(prior_from_counts(counts))
     return accountant_entry(noise_multiplier)
+
+
+# --- pooling across merchants ------------------------------------------------------
+#
+# Item ids do not line up across merchants; item text does. A merchant may share its
+# released counts keyed by a hash of each item's text: that is post-processing of the
+# release (no further ε), and the coordinator sums the tables it receives. Each merchant
+# then scores its items with the pooled counts of their texts, an estimate from every
+# merchant's users whose noise grows only as the square root of the merchants summed.
+
+KEY_BYTES = 8  # of SHA-256: a collision among 10⁶ item texts has probability about 3·10⁻⁸
+
+
+def text_keys(texts: Sequence[str]) -> np.ndarray:
+    """One uint64 per item: the first 8 bytes of SHA-256 of the item's text (the text its vector encodes)."""
+    return np.array(
+        [int.from_bytes(hashlib.sha256(t.encode("utf-8")).digest()[:KEY_BYTES], "big") for t in texts], dtype=np.uint64
+    )
+
+
+def check_table(keys: np.ndarray, counts: np.ndarray, *, max_items: int = 10_000_000) -> None:
+    """ValueError unless (keys, counts) is a popularity table: uint64 keys, as many finite float counts."""
+    if keys.dtype != np.uint64 or keys.ndim != 1:
+        raise ValueError(f"keys must be a 1-D uint64 array, not {keys.dtype} of shape {keys.shape}")
+    if counts.dtype not in (np.float32, np.float64) or counts.shape != keys.shape:
+        raise ValueError(f"counts must be {len(keys)} floats, one per key; got {counts.dtype} of shape {counts.shape}")
+    if len(keys) > max_items:
+        raise ValueError(f"{len(keys)} items is more than the {max_items} a table may hold")
+    if not np.isfinite(counts).all():
+        raise ValueError("counts must be finite")
+
+
+def pool_tables(tables: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The tables summed by key: (distinct keys, sorted; their summed counts in float64)."""
+    if not tables:
+        return np.zeros(0, np.uint64), np.zeros(0, np.float64)
+    keys = np.concatenate([k for k, _ in tables])
+    counts = np.concatenate([np.asarray(c, np.float64) for _, c in tables])
+    distinct, where = np.unique(keys, return_inverse=True)
+    return distinct, np.bincount(where, weights=counts, minlength=len(distinct))
+
+
+def look_up(pooled: tuple[np.ndarray, np.ndarray], keys: np.ndarray) -> np.ndarray:
+    """The pooled counts of `keys` (0 for a key no table held)."""
+    distinct, sums = pooled
+    if not len(distinct):
+        return np.zeros(len(keys), np.float64)
+    at = np.minimum(np.searchsorted(distinct, keys), len(distinct) - 1)
+    return np.where(distinct[at] == keys, sums[at], 0.0)

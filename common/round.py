@@ -23,6 +23,15 @@ from common.train import TrainConfig
 SECAGG_TENSORS_KEY = "secagg-tensors"
 SECAGG_MAX_NORM_KEY = "secagg-max-update-norm"
 
+# A query message's "ask" (in its POOL_RECORD) before round 1, when the coordinator pools
+# popularity: each merchant's released counts keyed by item text (ASK_TABLE, sealed to the
+# run's key like an update), then the pooled counts of its own keys (USE_POOLED, sealed to the
+# merchant like the global adapter). A query without it asks for the merchant's sealing key.
+POOL_RECORD = "pool"
+ASK_TABLE = "popularity"
+USE_POOLED = "pooled-popularity"
+TABLE_KIND = "popularity-table"  # what a sealed table's associated data names it
+
 
 @dataclass(frozen=True)
 class RoundConfig:
@@ -39,6 +48,7 @@ class RoundConfig:
     delta: float = 0.0  # 0: each silo uses 1/(10·users)
     seed: int = 0
     split: str = "valid"  # which targets an evaluate message scores: valid or test
+    score_scales: str = ""  # evaluate: also score with the prior's weight scaled by each of these (common.serve)
     silos_dir: str = ""  # simulation only: partition-id picks a silo folder under it
     threads: int = 0  # torch threads per ClientApp; 0 keeps torch's default
     # the model

@@ -22,8 +22,10 @@ from common import atomic
 from common.arrays import nbytes, to_numpy, to_record
 from common.errors import SilorecError
 from common.round import RoundConfig
+from common.serve import PRIOR_WEIGHT, best_scale, parse_scales, scale_prior_weight, scaled_key
 from common.towers import attach_adapter, initial_calibration, load_encoder
 from server import checkpoint, report, sealing
+from server.popularity import pool_popularity
 from server.settings import ServerSettings
 from server.strategy import ScreenedFedAvg, summarize_evaluation
 from server.updates import spec_of
@@ -44,12 +46,19 @@ def run_federation(grid: Grid, settings: ServerSettings, *, state_key: bytes | N
     history: list[dict[str, Any]] = ckpt.history if ckpt else []
     start_round = ckpt.round + 1 if ckpt else 1
     base = replace(settings.round, run_id=run_id, rounds=settings.rounds)
+    tuning = prior_scales(settings)
+    if tuning:  # valid evaluations also score each factor of the prior's weight
+        base = replace(base, score_scales=",".join(f"{k:g}" for k in tuning))
     log(INFO, "silorec run %s: rounds %d..%d, update %d bytes (%d tensors), aggregation %s",
         run_id, start_round, settings.rounds, nbytes(shared), len(shared), settings.aggregation)
 
     if not history:  # round 0: the untrained adapter, the reference every round is compared with
-        valid, _ = evaluate_global(strategy, grid, global_arrays, replace(base, round=0, split="valid"), envelope)
-        history.append({"round": 0, "valid": valid})
+        zero = replace(base, round=0, split="valid")
+        pooled = None
+        if settings.pool_popularity and zero.private and zero.prior_noise > 0:
+            pooled = pool_popularity(grid, envelope, zero, min_nodes=settings.min_available_clients, timeout=settings.round_timeout)
+        valid, _ = evaluate_global(strategy, grid, global_arrays, zero, envelope)
+        history.append({"round": 0, "valid": valid} | ({"pooled_popularity": pooled} if pooled is not None else {}))
         checkpoint.save(ckpt_dir, checkpoint.Checkpoint(run_id, 0, global_arrays, history))
 
     for rnd in range(start_round, settings.rounds + 1):
@@ -71,11 +80,38 @@ def run_federation(grid: Grid, settings: ServerSettings, *, state_key: bytes | N
             rnd, settings.rounds, line["accepted"], line["merchants"], line.get("loss", float("nan")),
             valid.get("ndcg@10", float("nan")), eps, line["seconds"])
 
-    test, per_merchant = evaluate_global(strategy, grid, global_arrays, replace(base, round=settings.rounds, split="test"), envelope)
+    global_arrays, prior_weight = tune_prior_weight(global_arrays, history[-1]["valid"], tuning)
+    test_cfg = replace(base, round=settings.rounds, split="test", score_scales="")  # test users choose nothing
+    test, per_merchant = evaluate_global(strategy, grid, global_arrays, test_cfg, envelope)
     return finish_run(
         settings, base, tower, global_arrays, history, test, per_merchant,
-        update_bytes=nbytes(shared), extra={"sealed": settings.seal_updates},
+        update_bytes=nbytes(shared), extra={"sealed": settings.seal_updates, "prior_weight": prior_weight},
     )
+
+
+def prior_scales(settings: ServerSettings) -> tuple[float, ...]:
+    """The factors of the prior's weight to choose from after the last round; () where there is no prior to weigh."""
+    try:
+        scales = parse_scales(settings.prior_scales)
+    except ValueError as e:
+        raise SilorecError(f"prior-scales: {e}") from None
+    return scales if settings.round.private and settings.round.prior_noise > 0 else ()
+
+
+def tune_prior_weight(
+    arrays: dict[str, np.ndarray], valid: dict[str, float], scales: tuple[float, ...]
+) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+    """The final adapter with its prior's weight scaled by the factor of `scales` with the best
+    validation NDCG@10 over all merchants' users (`valid`, the last round's), and what was chosen."""
+    ndcg = {k: valid[scaled_key(k)] for k in scales if scaled_key(k) in valid}
+    if not ndcg:
+        return arrays, None
+    scale = best_scale(ndcg)
+    learned = float(np.asarray(arrays[PRIOR_WEIGHT]).ravel()[0])
+    log(INFO, "prior weight: learned %.3f; ×%g scores best on validation (NDCG@10 %.4f; %s)", learned, scale, ndcg[scale],
+        ", ".join(f"×{k:g} {v:.4f}" for k, v in ndcg.items()))
+    chosen = {"learned": learned, "scale": scale, "weight": learned * scale, "valid_ndcg@10": {f"{k:g}": v for k, v in ndcg.items()}}
+    return scale_prior_weight(arrays, scale), chosen
 
 
 def apply_update(global_arrays: dict[str, np.ndarray], delta: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:

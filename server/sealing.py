@@ -93,7 +93,7 @@ class Envelope:
         unknown = sorted({m.metadata.dst_node_id for m in messages} - set(self.merchant_keys))
         if unknown:
             self._ask_keys(grid, unknown, config)
-        run_key = ConfigRecord({"public-key": seal.public_bytes(self.key), "version": seal.VERSION})
+        run_key = self.key_records()[seal.KEY_RECORD]
         payloads: dict[int, bytes] = {}  # serialised once per distinct adapter (a strategy sends one to all)
         sealed = []
         for message in messages:
@@ -112,7 +112,7 @@ class Envelope:
             self.global_seal_seconds += time.perf_counter() - t0
             # a fresh RecordDict: Flower's strategies share one content object among all their messages
             content = RecordDict({
-                "config": message.content["config"],
+                **dict(message.content.config_records),  # the round config, and any ask beside it
                 seal.SEALED_GLOBAL_RECORD: ConfigRecord({"arrays": blob}),
                 seal.KEY_RECORD: run_key,
             })
@@ -129,8 +129,14 @@ class Envelope:
     def has_update(self, reply: Message) -> bool:
         return seal.SEALED_RECORD in reply.content.config_records or "update" in reply.content.array_records
 
-    def open(self, reply: Message, server_round: int) -> tuple[dict[str, np.ndarray], int]:
-        """The update in `reply` and its size on the wire; UpdateRejected if it cannot be trusted."""
+    def key_records(self) -> dict[str, ConfigRecord]:
+        """The records that give a message the run's public key (none when the run does not seal)."""
+        if self.key is None:
+            return {}
+        return {seal.KEY_RECORD: ConfigRecord({"public-key": seal.public_bytes(self.key), "version": seal.VERSION})}
+
+    def open(self, reply: Message, server_round: int, *, kind: str = "train-update") -> tuple[dict[str, np.ndarray], int]:
+        """The update in `reply` (or what else `kind` names) and its size on the wire; UpdateRejected if it cannot be trusted."""
         sealed = reply.content.config_records.get(seal.SEALED_RECORD)
         if self.key is None:
             if sealed is not None:
@@ -141,7 +147,7 @@ class Envelope:
             raise UpdateRejected("unsealed update: this run accepts only updates sealed to its key")
         blob = bytes(sealed["update"])
         node = reply.metadata.src_node_id
-        context = seal.update_context(self.run_id, server_round, node)
+        context = seal.update_context(self.run_id, server_round, node, kind=kind)
         if self.signers is not None:
             self._check_signature(reply, node, blob, context)
         t0 = time.perf_counter()

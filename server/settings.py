@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from common.round import RoundConfig
+from common.serve import PRIOR_SCALES
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,12 @@ class ServerSettings:
     max_update_norm: float = 25.0  # L2 bound on one merchant's update; larger ones are rejected
     round_timeout: float = 3600.0
     secure_aggregation: bool = False  # SecAgg+: the coordinator sees only the sum of updates (no screening, no robust aggregation)
+    # before round 1, sum the merchants' released popularity by item text and give each merchant
+    # the pooled counts (server.popularity); DP runs with a prior only, never with SecAgg+
+    pool_popularity: bool = True
+    # after the last round, scale the prior's weight by the factor that scores best on all
+    # merchants' validation users (common.serve); "" keeps the learned weight
+    prior_scales: str = PRIOR_SCALES
     seal_updates: bool = True  # merchants seal updates to the run's key; off only for debugging
     signing_keys: str = ""  # signing.json of `silorec-server enroll`: then every update must be signed by an enrolled merchant
     state_key_file: str = ""  # a file holding the key that encrypts the run's sealing key at rest (else $SILOREC_STATE_KEY)

@@ -175,6 +175,8 @@ def format_table(m: dict) -> str:
 @click.option("--head-lr", type=float, default=RoundConfig.head_lr, show_default=True, help="Learning rate of the shared calibration (temperature, text offset, release weights) and of a local item head where one is trained.")
 @click.option("--prior-noise", type=float, default=RoundConfig.prior_noise, show_default=True, help="Noise multiplier of each merchant's item-popularity prior, released once and paid from its ε budget (DP runs only); 0: no prior.")
 @click.option("--cooccurrence-noise", type=float, default=RoundConfig.cooccurrence_noise, show_default=True, help="Noise multiplier of each merchant's item co-occurrence, released once after the prior and paid from its ε budget (DP runs only); 0: none.")
+@click.option("--pool-popularity/--no-pool-popularity", default=ServerSettings.pool_popularity, show_default=True, help="Before round 1 the coordinator sums the merchants' released item counts by item text and each merchant scores with the pooled ones (no further ε; the coordinator sees each merchant's noisy counts; never with --secure-aggregation).")
+@click.option("--prior-scales", default=ServerSettings.prior_scales, show_default=True, help="After the last round, scale the prior's weight by whichever of these factors scores best on validation users (all merchants' in the federation, its own for a merchant alone); '' keeps the learned weight.")
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="fedavg", show_default=True, help="fedavg (users-weighted) or a robust rule.")
 @click.option("--secure-aggregation", is_flag=True, help="Flower's SecAgg+: the server learns only the sum of updates (no per-update screening; fedavg only).")
 @click.option("--max-update-norm", type=float, default=ServerSettings.max_update_norm, show_default=True, help="Updates with a larger L2 norm are rejected.")
@@ -187,8 +189,8 @@ def format_table(m: dict) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Flower's debug logging.")
 @model_options
-def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delta, batch_size, lr, head_lr, prior_noise, cooccurrence_noise, aggregation, secure_aggregation,
-        max_update_norm, min_fit_clients, gpu_fraction, local_only, central_path, resume, force, seed, verbose, model_cfg):
+def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delta, batch_size, lr, head_lr, prior_noise, cooccurrence_noise, pool_popularity, prior_scales,
+        aggregation, secure_aggregation, max_update_norm, min_fit_clients, gpu_fraction, local_only, central_path, resume, force, seed, verbose, model_cfg):
     """Simulate a federation of merchants on one machine and report its test metrics.
 
     Splits DATA into merchant silos (OUT/silos), runs silorec's ServerApp and
@@ -228,7 +230,7 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
     )
     settings = ServerSettings(
         rounds=rounds, out_dir=str(out), resume=resume, min_fit_clients=min_fit_clients, aggregation=aggregation,
-        secure_aggregation=secure_aggregation,
+        secure_aggregation=secure_aggregation, pool_popularity=pool_popularity, prior_scales=prior_scales,
         max_update_norm=max_update_norm, round=round_cfg,
     )
     spec = SimulationSpec(data=data, out=out, merchants=merchants, scheme=scheme, alpha=alpha, gpu_fraction=gpu_fraction)
@@ -253,6 +255,12 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
     )
     click.echo(f"update: {metrics['update_bytes']:,} bytes per merchant per round; federation wall time {fed_seconds:.0f} s")
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    if pooled := history[0].get("pooled_popularity"):
+        click.echo(f"popularity: {pooled['merchants']} merchants' released counts pooled over {pooled['item_texts']:,} item texts "
+                   f"({pooled['bytes_received']:,} bytes received once)")
+    if chosen := metrics.get("prior_weight"):
+        tried = ", ".join(f"×{k} {v:.4f}" for k, v in chosen["valid_ndcg@10"].items())
+        click.echo(f"prior weight: learned {chosen['learned']:.3f}, ×{chosen['scale']:g} chosen on validation NDCG@10 ({tried})")
     if (summary := sealing_summary(history)) is not None:
         click.echo(summary)
     click.echo(f"wrote {out}/metrics.json, metrics.jsonl, comparison.json, adapter/, rounds.png")

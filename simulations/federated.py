@@ -18,23 +18,26 @@ import numpy as np
 
 from client.ledger import PrivacyLedger
 from client.app import state_path
-from client.merchant import HEAD_FILE, Merchant, release_statistics
+from client.merchant import HEAD_FILE, Merchant, release_statistics, released_table
 from common import atomic
 from common.errors import SilorecError
 from common.metrics import metrics_from_ranks, most_pop, most_pop_scorer, paired_difference, ranks_of
+from common.popularity import look_up, pool_tables, prior_from_counts, text_keys
 from common.round import RoundConfig
-from common.serve import scorer
+from common.serve import best_scale, prior_scale_ranks, scale_prior_weight, scorer
 from common.silo import load_silo
 from common.split import leave_one_out
 from common.text import item_texts
 from common.towers import Recommender, build_recommender, load_head
 from common.train import default_delta, train
 from server import checkpoint
+from server.federation import prior_scales
 from server.settings import ServerSettings
 from simulations.partition import plan, write_partition
 
 SPLITS = ("valid", "test")  # the order in which comparisons are reported
 RELEASED = ("prior", "neighbour_items", "neighbours")  # what of a merchant's head its releases made
+LEARNED = "local-only, prior weight as trained"  # the baseline before it chose its prior's weight on validation
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,14 @@ def merchant_silos(silos: Path) -> list[Path]:
 
 def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=print) -> dict[str, Any]:
     """Each merchant trains alone (same epochs in all, same ε budget, the same released statistics
-    as its federated self where there is one) and is tested on its own silo."""
+    as its federated self where there is one) and is tested on its own silo.
+
+    Like the federation, a merchant scales its prior's weight by the factor
+    (of `settings.prior_scales`) that scores best on validation, but on its
+    own validation users: alone, it has no others.
+    """
     cfg = settings.round
+    scales = prior_scales(settings)
     results = []
     for folder in merchant_silos(silos):
         silo = load_silo(folder)
@@ -130,7 +139,8 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
         if cfg.private:
             delta = cfg.delta or default_delta(split.n_users)
             ledger = PrivacyLedger(path=out / "local-only" / folder.name / "ledger.json", budget=cfg.epsilon, delta=delta)
-        if ledger is not None and cfg.prior_noise > 0 and not reuse_releases(model, folder, ledger):
+        keys = text_keys(item_texts(silo.items))
+        if ledger is not None and cfg.prior_noise > 0 and not reuse_releases(model, folder, ledger, keys):
             release_statistics(model, split, cfg, ledger, run="local-only", round=0)  # as a federated merchant would
         if ledger is not None:
             users = sum(len(h) >= 2 for h in split.train)
@@ -140,11 +150,21 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
         result = train(model, split, tcfg, progress=False)
         if ledger is not None:
             epsilon = ledger.record(run="local-only", round=1, noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate, steps=result.steps)
-        score = scorer(model)
-        ranks = {name: ranks_of(score, getattr(split, name)) for name in SPLITS}
+        scale, learned = None, {}
+        if scales and model.has_prior:  # as the federation does, on this merchant's own validation users
+            by_scale = {name: prior_scale_ranks(model, getattr(split, name), (1.0, *scales)) for name in SPLITS}
+            scale = best_scale({k: metrics_from_ranks(by_scale["valid"][k])["ndcg@10"] for k in scales})
+            ranks = {name: by_scale[name][scale] for name in SPLITS}
+            # also as trained, so that choosing on a few dozen validation users is seen not to favour federation
+            learned = {f"{name}_ranks_learned": by_scale[name][1.0].tolist() for name in SPLITS}
+        else:
+            score = scorer(model)
+            ranks = {name: ranks_of(score, getattr(split, name)) for name in SPLITS}
         test = metrics_from_ranks(ranks["test"])
-        results.append({"silo": folder.name, "epsilon": epsilon, **test, **{f"{name}_ranks": r.tolist() for name, r in ranks.items()}})
-        log(f"  local-only {folder.name:<14} users {test['users']:>4}  NDCG@10 {test['ndcg@10']:.4f}" + (f"  ε {epsilon:.2f}" if epsilon else ""))
+        results.append({"silo": folder.name, "epsilon": epsilon, "prior_scale": scale, **test,
+                        **{f"{name}_ranks": r.tolist() for name, r in ranks.items()}, **learned})
+        log(f"  local-only {folder.name:<14} users {test['users']:>4}  NDCG@10 {test['ndcg@10']:.4f}"
+            + (f"  ε {epsilon:.2f}" if epsilon else "") + (f"  prior weight ×{scale:g}" if scale is not None else ""))
     # over all merchants' users at once: each merchant's averages weighted by its users
     report = {name: metrics_from_ranks(np.concatenate([r[f"{name}_ranks"] for r in results])) for name in SPLITS}
     report |= {"per_merchant": results, "epsilon_max": max((r["epsilon"] or 0 for r in results), default=0)}
@@ -152,7 +172,7 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
     return report
 
 
-def reuse_releases(model: Recommender, folder: Path, ledger: PrivacyLedger) -> bool:
+def reuse_releases(model: Recommender, folder: Path, ledger: PrivacyLedger, item_keys: np.ndarray) -> bool:
     """Give `model` the statistics the silo's federated merchant released, and charge `ledger` for them.
 
     A merchant releases its popularity (and co-occurrence) once, whether it
@@ -161,6 +181,9 @@ def reuse_releases(model: Recommender, folder: Path, ledger: PrivacyLedger) -> b
     they trained (common random numbers), not also in a second draw of the
     release's noise. On MovieLens this narrowed the paired 95% interval of
     federated − local-only NDCG@10 from about ±0.009 to about ±0.005.
+    The prior comes from the merchant's own released counts (`item_keys`
+    name its items in them), not from the pooled counts its federated self
+    may score with: pooling is what federating adds.
     False where the federation released nothing here (no state, or no run yet).
     """
     state = state_path({}, folder)
@@ -169,6 +192,9 @@ def reuse_releases(model: Recommender, folder: Path, ledger: PrivacyLedger) -> b
         return False
     head, item_ids = load_head(state / HEAD_FILE)
     model.load_head_state({k: v for k, v in head.items() if k in RELEASED}, item_ids)  # not the local head it trained
+    own = released_table(state)
+    if own is not None:
+        model.set_prior(prior_from_counts(look_up(pool_tables([(own["keys"], own["counts"])]), item_keys)))
     for e in releases:
         ledger.record(run="local-only", round=0, noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate, steps=e.steps, what=e.what)
     return True
@@ -188,9 +214,11 @@ def merchant_ranks(silos: Path, settings: ServerSettings, out: Path) -> dict[str
     ranks: dict[str, dict[str, dict[str, np.ndarray]]] = {
         split: {"federated": {}, "MostPop (each merchant)": {}} for split in SPLITS
     }
+    chosen = json.loads((out / "metrics.json").read_text()).get("prior_weight")
+    arrays = scale_prior_weight(final.global_arrays, chosen["scale"]) if chosen else final.global_arrays  # as exported
     for folder in merchant_silos(silos):  # state and cache where the simulated ClientApps keep them
         merchant = Merchant(folder, state_path({}, folder), settings.round.model(), cache_dir=silos.parent / "cache")
-        merchant.set_global(final.global_arrays)
+        merchant.set_global(arrays)
         scores = {"federated": scorer(merchant.model), "MostPop (each merchant)": most_pop_scorer(merchant.split)}
         for split in SPLITS:
             for model, score in scores.items():
@@ -239,7 +267,9 @@ def pooled_comparisons(runs: list[Path]) -> dict[str, dict[str, dict[str, float]
         for split, joined in _joined_ranks(out / "silos", run_settings(out), out, local_only).items():
             for model, ranks in joined.items():
                 stacked[split].setdefault(model, []).append(ranks)
-    return {split: _differences({m: np.stack(r) for m, r in joined.items()}) for split, joined in stacked.items()}
+    return {  # only what every run scored (runs older than a comparison lack it)
+        split: _differences({m: np.stack(r) for m, r in joined.items() if len(r) == len(runs)}) for split, joined in stacked.items()
+    }
 
 
 def _settings(out: Path) -> dict[str, Any]:
@@ -274,6 +304,8 @@ def _joined_ranks(
     for split, ranks in merchant_ranks(silos, settings, out).items():
         if local_only is not None:
             ranks["local-only"] = {r["silo"]: np.asarray(r[f"{split}_ranks"]) for r in local_only["per_merchant"]}
+            if all(f"{split}_ranks_learned" in r for r in local_only["per_merchant"]):
+                ranks[LEARNED] = {r["silo"]: np.asarray(r[f"{split}_ranks_learned"]) for r in local_only["per_merchant"]}
         names = sorted(ranks["federated"])
         joined[split] = {}
         for model, by_silo in ranks.items():

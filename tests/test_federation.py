@@ -22,11 +22,14 @@ from safetensors.torch import load_file
 
 import client.app as merchant_app
 from client.ledger import PrivacyLedger
+from client.merchant import HEAD_FILE, released_table
 from common import seal
 from common.arrays import pack, to_record
 from common.errors import SilorecError
 from common.metrics import metrics_from_ranks
-from common.round import RoundConfig
+from common.popularity import look_up, pool_tables, prior_from_counts
+from common.round import ASK_TABLE, POOL_RECORD, TABLE_KIND, RoundConfig
+from common.serve import best_scale
 from common.towers import CALIBRATION_FILE, load_encoder
 from server.report import sealing_summary
 from server.settings import ServerSettings
@@ -157,7 +160,14 @@ def _hostile_evaluate(msg, context):
 
 @hostile.query()
 def _hostile_query(msg, context):
-    return merchant_app.query(msg, context)
+    reply = merchant_app.query(msg, context)
+    ask = msg.content.config_records.get(POOL_RECORD)
+    if int(context.node_config["partition-id"]) == 4 and ask is not None and ask["ask"] == ASK_TABLE:
+        cfg = RoundConfig.from_record(msg.content["config"])
+        poisoned = {"keys": np.arange(3, dtype=np.uint64), "counts": np.array([1.0, np.nan, 1e9])}
+        context_ = seal.update_context(cfg.run_id, cfg.round, context.node_id, kind=TABLE_KIND)
+        reply.content["sealed"] = ConfigRecord({"update": seal.seal(pack(poisoned), bytes(msg.content["seal"]["public-key"]), context_)})
+    return reply
 
 
 def test_bad_updates_and_spent_budgets_are_left_out_and_the_round_completes(tmp_path, tiny_bert, caplog):
@@ -171,7 +181,8 @@ def test_bad_updates_and_spent_budgets_are_left_out_and_the_round_completes(tmp_
     spent = PrivacyLedger.open(silos[5] / ".silorec-state", budget=8.0, delta=1e-3)
     spent.record(run="earlier", round=1, noise_multiplier=0.5, sample_rate=1.0, steps=200)
     caplog.set_level(logging.INFO, logger="flwr")
-    m = run_simulation(spec, settings(tiny_bert, out, rounds=1, min_fit_clients=1), client_app=hostile)
+    run = settings(tiny_bert, out, rounds=1, min_fit_clients=1, prior_scales="0.25,2")
+    m = run_simulation(spec, run, client_app=hostile)
     line = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1]
     reasons = {r["silo"]: r["reason"] for r in line["rejected"]}
     assert line["accepted"] == 1 and line["merchants"] == 10
@@ -187,6 +198,32 @@ def test_bad_updates_and_spent_budgets_are_left_out_and_the_round_completes(tmp_
     for silo in (s.name for s in silos[:4] + silos[6:]):
         assert any(f"rejected update from {silo}" in r.getMessage() for r in caplog.records)
     assert m["rounds"] == 1 and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+    # Before round 1 the merchants pooled their released popularity by item text; the poisoned
+    # table was rejected by name, the spent merchant had none, and both keep their own counts.
+    pooling = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][0]["pooled_popularity"]
+    assert pooling["merchants"] == 8 and [r["silo"] for r in pooling["rejected"]] == [silos[4].name]
+    assert "finite" in pooling["rejected"][0]["reason"]
+    assert pooling["no_table"] == [{"silo": silos[5].name, "reason": "the ε budget left cannot pay for the popularity release"}]
+    assert any(f"rejected table from {silos[4].name}" in r.getMessage() for r in caplog.records)
+    tables = {s.name: released_table(s / ".silorec-state") for s in silos}
+    pooled = pool_tables([(t["keys"], t["counts"]) for name, t in tables.items() if name not in (silos[4].name, silos[5].name)])
+    for silo in silos[:4] + silos[6:]:
+        prior = load_file(silo / ".silorec-state" / HEAD_FILE)["prior"].numpy()
+        assert np.allclose(prior, prior_from_counts(look_up(pooled, tables[silo.name]["keys"])), atol=1e-5)
+        ledger = PrivacyLedger.open(silo / ".silorec-state", budget=8.0, delta=1e-3)
+        assert [e.what for e in ledger.entries] == ["popularity", "train"]  # one release; pooling is free
+    own = load_file(silos[4] / ".silorec-state" / HEAD_FILE)["prior"].numpy()
+    assert np.allclose(own, prior_from_counts(tables[silos[4].name]["counts"]), atol=1e-5)
+
+    # After the last round the prior's weight was scaled by the factor best on validation, and
+    # the paired comparisons score the adapter as exported, with that weight.
+    chosen = m["prior_weight"]
+    assert set(chosen["valid_ndcg@10"]) == {"0.25", "2"} and chosen["scale"] == best_scale({0.25: chosen["valid_ndcg@10"]["0.25"], 2.0: chosen["valid_ndcg@10"]["2"]})
+    exported = load_file(out / "adapter" / CALIBRATION_FILE)["calibration.prior_weight.weight"].item()
+    assert exported == pytest.approx(chosen["learned"] * chosen["scale"]) and chosen["learned"] != pytest.approx(exported)
+    ranks = merchant_ranks(out / "silos", run, out)["test"]["federated"]
+    assert metrics_from_ranks(np.concatenate(list(ranks.values())))["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"])
 
 
 def test_a_killed_run_resumes_from_its_last_round(tmp_path, tiny_bert):

@@ -10,10 +10,16 @@ import torch
 
 from client.app import state_path
 from client.ledger import PrivacyLedger
-from client.merchant import HEAD_FILE, Merchant
-from common.popularity import accountant_entry, item_counts, prior_from_counts, release_counts, set_released_prior
+from client.merchant import HEAD_FILE, Merchant, released_table
+from common.popularity import (
+    accountant_entry, check_table, item_counts, look_up, pool_tables, prior_from_counts, release_counts, set_released_prior,
+    text_keys,
+)
+from common.metrics import ranks_of
 from common.round import RoundConfig
+from common.serve import best_scale, parse_scales, prior_scale_ranks, scorer
 from common.silo import load_silo
+from common.split import leave_one_out
 from common.text import item_texts
 from common.towers import ModelConfig, build_recommender, load_head
 from server.settings import ServerSettings
@@ -106,6 +112,8 @@ def test_local_only_merchants_pay_for_the_same_prior_from_the_same_budget(tmp_pa
     cfg = RoundConfig(base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, threads=1)
     report = run_local_only(silos, ServerSettings(rounds=2, out_dir=str(tmp_path / "run"), round=cfg), tmp_path / "run", log=lambda *_: None)
     assert report["test"]["users"] == 80 and 0 < report["epsilon_max"] <= 8.0
+    for m in report["per_merchant"]:  # each chose its prior's weight on its own validation users, and kept the ranks as trained
+        assert m["prior_scale"] in parse_scales(ServerSettings.prior_scales) and len(m["test_ranks_learned"]) == len(m["test_ranks"])
     for name in ("a", "b"):
         ledger = PrivacyLedger.open(tmp_path / "run" / "local-only" / name, budget=8.0, delta=1e-3)
         assert [e.what for e in ledger.entries] == ["popularity", "train"] and ledger.spent() <= 8.0
@@ -113,7 +121,8 @@ def test_local_only_merchants_pay_for_the_same_prior_from_the_same_budget(tmp_pa
 
 def test_local_only_merchants_keep_the_release_they_made_to_federate(tmp_path, tiny_bert, monkeypatch):
     # Common random numbers: alone, a merchant scores with the very prior it released to federate,
-    # and its ledger pays for that release (here at noise 2, not the baseline's own 1).
+    # and its ledger pays for that release (here at noise 2, not the baseline's own 1); not with
+    # the pooled counts it federated with, which only federating gives.
     silos = tmp_path / "silos"
     for name, seed in (("a", 1), ("b", 2)):
         make_synthetic_silo(silos / name, SyntheticSpec(users=40, seed=seed))
@@ -121,6 +130,9 @@ def test_local_only_merchants_keep_the_release_they_made_to_federate(tmp_path, t
     federating = Merchant(silos / "a", state_path({}, silos / "a"), cfg.model())
     federating.release_statistics(replace(cfg, prior_noise=2.0), federating.ledger(cfg, None))
     released, _ = load_head(state_path({}, silos / "a") / HEAD_FILE)
+    table = released_table(state_path({}, silos / "a"))
+    federating.use_pooled_popularity({"keys": table["keys"], "counts": 3 * np.abs(table["counts"]) + 5})
+    assert not torch.equal(load_head(state_path({}, silos / "a") / HEAD_FILE)[0]["prior"], released["prior"])
     priors = []
     real_train = federated.train
     monkeypatch.setattr(federated, "train", lambda model, *a, **kw: (priors.append(model.prior.clone()), real_train(model, *a, **kw))[1])
@@ -130,3 +142,77 @@ def test_local_only_merchants_keep_the_release_they_made_to_federate(tmp_path, t
     for name, noise in (("a", 2.0), ("b", 1.0)):  # b never federated: it releases afresh, at its own noise
         entries = PrivacyLedger.open(tmp_path / "run" / "local-only" / name, budget=8.0, delta=1e-3).entries
         assert [(e.what, e.noise_multiplier) for e in entries] == [("popularity", noise), ("train", entries[1].noise_multiplier)]
+
+
+def test_item_texts_name_an_item_alike_at_every_merchant():
+    keys = text_keys(["Toy Story (1995); Animation", "Heat (1995); Action", "Toy Story (1995); Animation"])
+    assert keys.dtype == np.uint64 and keys[0] == keys[2] and keys[0] != keys[1]
+    assert np.array_equal(text_keys(["Heat (1995); Action"]), keys[1:2])  # not salted: another merchant computes the same
+
+
+def test_pooled_counts_are_the_tables_summed_by_item_text():
+    a, b, c, d = text_keys(["a", "b", "c", "d"])
+    shop = (np.array([a, b, c], np.uint64), np.array([1.0, 2.0, -0.5]))
+    other = (np.array([c, b], np.uint64), np.array([4.0, 0.25], np.float32))  # another order, another dtype
+    pooled = pool_tables([shop, other])
+    assert np.allclose(look_up(pooled, shop[0]), [1.0, 2.25, 3.5])
+    assert np.allclose(look_up(pooled, np.array([d, c], np.uint64)), [0.0, 3.5])  # an item no table held: 0
+    assert np.allclose(look_up(pool_tables([]), shop[0]), 0.0)
+
+
+@pytest.mark.parametrize(
+    "keys, counts, message",
+    [
+        (np.arange(3, dtype=np.int64), np.ones(3), "uint64"),
+        (np.arange(3, dtype=np.uint64), np.ones(2), "one per key"),
+        (np.arange(3, dtype=np.uint64), np.array([1.0, np.nan, 0.0]), "finite"),
+        (np.arange(3, dtype=np.uint64), np.ones(3, np.int32), "floats"),
+    ],
+)
+def test_a_table_that_is_not_one_is_refused(keys, counts, message):
+    with pytest.raises(ValueError, match=message):
+        check_table(keys, counts)
+
+
+def test_a_merchant_shares_its_release_once_and_scores_with_the_pooled_counts(tmp_path, tiny_bert, synthetic_silo):
+    cfg = RoundConfig(base_model=str(tiny_bert), rounds=1, local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, prior_noise=1.0)
+    merchant = Merchant(synthetic_silo, tmp_path / "state", cfg.model())
+    table, reason = merchant.popularity_table(cfg)
+    again, _ = merchant.popularity_table(cfg)  # asked twice (a restarted coordinator): the same release
+    assert reason == "" and np.array_equal(table["counts"], again["counts"]) and np.array_equal(table["keys"], merchant.item_keys)
+    assert np.allclose(merchant.model.prior.numpy(), prior_from_counts(table["counts"]))
+    others = 10.0 * np.arange(len(table["keys"]))
+    merchant.use_pooled_popularity({"keys": table["keys"][::-1].copy(), "counts": (table["counts"] + others)[::-1].copy()})
+    global_arrays = {k: v.numpy() for k, v in merchant.model.shared_state().items()}
+    assert merchant.train_round(global_arrays, cfg).update is not None
+    assert np.allclose(merchant.model.prior.numpy(), prior_from_counts(table["counts"] + others))
+    ledger = PrivacyLedger.open(tmp_path / "state", budget=8.0, delta=1e-3)
+    assert [e.what for e in ledger.entries] == ["popularity", "train"]  # sharing and pooling cost no ε
+    with pytest.raises(ValueError, match="finite"):
+        merchant.use_pooled_popularity({"keys": table["keys"], "counts": np.full(len(table["keys"]), np.inf)})
+    assert merchant.popularity_table(replace(cfg, epsilon=0.0)) == (None, "this run releases no popularity")
+    spent = Merchant(synthetic_silo, tmp_path / "spent", cfg.model())
+    PrivacyLedger.open(tmp_path / "spent", budget=8.0, delta=1e-3).record(run="earlier", round=1, noise_multiplier=0.5, sample_rate=1.0, steps=200)
+    assert spent.popularity_table(cfg) == (None, "the ε budget left cannot pay for the popularity release")
+
+
+def test_scaling_the_prior_weight_ranks_as_a_model_with_that_weight(tiny_bert, synthetic_silo):
+    silo = load_silo(synthetic_silo)
+    split = leave_one_out(silo.interactions, silo.n_items)
+    model = build_recommender(ModelConfig(base_model=str(tiny_bert), local_head="none"), list(silo.items["item_id"]), item_texts(silo.items))
+    model.set_prior(prior_from_counts(item_counts(split.train, silo.n_items) * 4))
+    model.calibration.prior_weight.weight.data.fill_(0.8)
+    ranks = prior_scale_ranks(model, split.valid, (1.0, 0.5, 1.0, 0.0), batch_size=7)  # batches need not divide the users
+    assert list(ranks) == [1.0, 0.5, 0.0] and np.array_equal(ranks[1.0], ranks_of(scorer(model), split.valid))
+    model.calibration.prior_weight.weight.data.fill_(0.4)
+    assert np.array_equal(ranks[0.5], ranks_of(scorer(model), split.valid))
+    assert not np.array_equal(ranks[0.0], ranks[1.0])  # the prior moves the ranks here
+
+
+def test_the_first_of_equally_good_prior_scales_is_chosen():
+    assert best_scale({1.0: 0.05, 0.5: 0.06, 0.25: 0.06}) == 0.5
+    assert best_scale({1.0: 0.0, 0.5: 0.0}) == 1.0  # a merchant whose validation cannot tell keeps the learned weight
+    assert parse_scales("1, 0.5,") == (1.0, 0.5) and parse_scales("") == ()
+    for bad in ("1,x", "-1", "nan"):
+        with pytest.raises(ValueError, match="prior scales"):
+            parse_scales(bad)
