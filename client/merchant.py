@@ -97,9 +97,9 @@ class Merchant:
 
     def use_pooled_popularity(self, table: dict[str, np.ndarray]) -> None:
         """Score with the pooled counts of our items' texts (the coordinator's sum of every merchant's table) from now on."""
-        keys, counts = table.get("keys"), table.get("counts")
-        if set(table) != {"keys", "counts"} or keys is None or counts is None:
+        if set(table) != {"keys", "counts"}:
             raise ValueError(f"a pooled table holds keys and counts, not {sorted(table)}")
+        keys, counts = table["keys"], table["counts"]
         check_table(keys, counts)
         self.model.restore_head(self.state_dir / HEAD_FILE)
         self.model.set_prior(prior_from_counts(look_up(pool_tables([(keys, counts)]), self.item_keys)))
