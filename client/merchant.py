@@ -24,7 +24,7 @@ from common import atomic
 from common.arrays import pack, to_numpy, to_torch, unpack
 from common.cooccurrence import set_released_cooccurrence
 from common.metrics import evaluate, metrics_from_ranks, most_pop
-from common.popularity import accountant_entry, check_table, look_up, pool_tables, prior_from_counts, release_counts, text_keys
+from common.popularity import accountant_entry, prior_from_counts, prior_of, release_counts, text_keys
 from common.records import UserRecords
 from common.round import RoundConfig
 from common.serve import parse_scales, prior_scale_ranks, scaled_key, scorer
@@ -97,12 +97,9 @@ class Merchant:
 
     def use_pooled_popularity(self, table: dict[str, np.ndarray]) -> None:
         """Score with the pooled counts of our items' texts (the coordinator's sum of every merchant's table) from now on."""
-        if set(table) != {"keys", "counts"}:
-            raise ValueError(f"a pooled table holds keys and counts, not {sorted(table)}")
-        keys, counts = table["keys"], table["counts"]
-        check_table(keys, counts)
+        prior = prior_of(table, self.item_keys)  # ValueError before anything changes if it is no table
         self.model.restore_head(self.state_dir / HEAD_FILE)
-        self.model.set_prior(prior_from_counts(look_up(pool_tables([(keys, counts)]), self.item_keys)))
+        self.model.set_prior(prior)
         self.model.save_head(self.state_dir / HEAD_FILE)
 
     # --- a round --------------------------------------------------------------------

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -124,6 +124,19 @@ def check_table(keys: np.ndarray, counts: np.ndarray, *, max_items: int = 10_000
         raise ValueError(f"{len(keys)} items is more than the {max_items} a table may hold")
     if not np.isfinite(counts).all():
         raise ValueError("counts must be finite")
+
+
+def read_table(table: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, counts) of a table as it travels ({"keys", "counts"}); ValueError unless it is one."""
+    if set(table) != {"keys", "counts"}:
+        raise ValueError(f"a popularity table holds keys and counts, not {sorted(table)}")
+    check_table(table["keys"], table["counts"])
+    return table["keys"], table["counts"]
+
+
+def prior_of(table: Mapping[str, np.ndarray], item_keys: np.ndarray) -> np.ndarray:
+    """The prior of the items named by `item_keys` from a table's counts (0 counts where it names none)."""
+    return prior_from_counts(look_up(pool_tables([read_table(table)]), item_keys))
 
 
 def pool_tables(tables: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.arrays import to_record
-from common.popularity import check_table, look_up, pool_tables
+from common.popularity import look_up, pool_tables, read_table
 from common.round import ASK_TABLE, POOL_RECORD, TABLE_KIND, USE_POOLED, RoundConfig
 from server.sealing import Envelope
 from server.updates import UpdateRejected
@@ -53,7 +53,7 @@ def pool_popularity(grid: Grid, envelope: Envelope, cfg: RoundConfig, *, min_nod
     for reply in grid.send_and_receive(asks, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            summary["rejected"].append({"node": node, "reason": f"error: {reply.error.reason}"})
+            summary["rejected"].append({"silo": f"node {node}", "node": node, "reason": f"error: {reply.error.reason}"})
             log(WARNING, "popularity: node %d failed: %s", node, reply.error.reason)
             continue
         info = reply.content.config_records.get("info") or ConfigRecord({})
@@ -63,15 +63,12 @@ def pool_popularity(grid: Grid, envelope: Envelope, cfg: RoundConfig, *, min_nod
             log(INFO, "popularity: %s sends no table: %s", silo, info.get("reason", ""))
             continue
         try:
-            table, size = envelope.open(reply, cfg.round, kind=TABLE_KIND)
-            if set(table) != {"keys", "counts"}:
-                raise UpdateRejected(f"a popularity table holds keys and counts, not {sorted(table)}")
-            check_table(table["keys"], table["counts"])
+            sealed, size = envelope.open(reply, cfg.round, kind=TABLE_KIND)
+            tables[node] = read_table(sealed)
         except (UpdateRejected, ValueError) as e:
             summary["rejected"].append({"silo": silo, "node": node, "reason": str(e)})
             log(WARNING, "popularity: rejected table from %s (node %d): %s", silo, node, e)
             continue
-        tables[node] = (table["keys"], table["counts"])
         summary["bytes_received"] += size
     if len(tables) < 2:
         log(INFO, "popularity: %d table(s), nothing to pool; every merchant keeps its own counts", len(tables))

@@ -22,7 +22,7 @@ from client.merchant import HEAD_FILE, Merchant, release_statistics, released_ta
 from common import atomic
 from common.errors import SilorecError
 from common.metrics import metrics_from_ranks, most_pop, most_pop_scorer, paired_difference, ranks_of
-from common.popularity import look_up, pool_tables, prior_from_counts, text_keys
+from common.popularity import prior_of, text_keys
 from common.round import RoundConfig
 from common.serve import best_scale, prior_scale_ranks, scale_prior_weight, scorer
 from common.silo import load_silo
@@ -194,7 +194,7 @@ def reuse_releases(model: Recommender, folder: Path, ledger: PrivacyLedger, item
     model.load_head_state({k: v for k, v in head.items() if k in RELEASED}, item_ids)  # not the local head it trained
     own = released_table(state)
     if own is not None:
-        model.set_prior(prior_from_counts(look_up(pool_tables([(own["keys"], own["counts"])]), item_keys)))
+        model.set_prior(prior_of(own, item_keys))
     for e in releases:
         ledger.record(run="local-only", round=0, noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate, steps=e.steps, what=e.what)
     return True

@@ -12,8 +12,8 @@ from client.app import state_path
 from client.ledger import PrivacyLedger
 from client.merchant import HEAD_FILE, Merchant, released_table
 from common.popularity import (
-    accountant_entry, check_table, item_counts, look_up, pool_tables, prior_from_counts, release_counts, set_released_prior,
-    text_keys,
+    accountant_entry, check_table, item_counts, look_up, pool_tables, prior_from_counts, read_table, release_counts,
+    set_released_prior, text_keys,
 )
 from common.metrics import ranks_of
 from common.round import RoundConfig
@@ -172,6 +172,16 @@ def test_pooled_counts_are_the_tables_summed_by_item_text():
 def test_a_table_that_is_not_one_is_refused(keys, counts, message):
     with pytest.raises(ValueError, match=message):
         check_table(keys, counts)
+    with pytest.raises(ValueError, match=message):
+        read_table({"keys": keys, "counts": counts})
+
+
+def test_a_table_holds_keys_and_counts_and_nothing_else():
+    keys = text_keys(["a", "b"])
+    assert read_table({"keys": keys, "counts": np.ones(2)})[0] is keys
+    for table in ({"keys": keys}, {"keys": keys, "counts": np.ones(2), "users": np.ones(1)}):
+        with pytest.raises(ValueError, match="holds keys and counts"):
+            read_table(table)
 
 
 def test_a_merchant_shares_its_release_once_and_scores_with_the_pooled_counts(tmp_path, tiny_bert, synthetic_silo):
