@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # A small but real federation: MovieLens-100k, 10 region merchants (+1 for non-digit ZIPs),
-# the bundled MiniLM, user-level DP at epsilon 8 per merchant. About 6 minutes on 2 CPU cores.
+# the bundled MiniLM, user-level DP at epsilon 8 per merchant. About 3-4 minutes on 2 CPU cores.
 demo: install
 	$(BIN)/silorec-sim fetch-data movielens-100k --out $(DATA)/ml-100k
 	$(BIN)/silorec-sim partition $(DATA)/ml-100k --merchants 10 --scheme region --out $(DATA)/silos --force
