@@ -23,11 +23,11 @@ from client.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from common import atomic
 from common.arrays import pack, to_numpy, to_torch, unpack
 from common.cooccurrence import set_released_cooccurrence
-from common.metrics import evaluate, metrics_from_ranks, most_pop
-from common.popularity import accountant_entry, prior_from_counts, prior_of, release_counts, text_keys
+from common.metrics import metrics_from_ranks, most_pop
+from common.popularity import accountant_entry, prior_of, release_prior, text_keys
 from common.records import UserRecords
 from common.round import RoundConfig
-from common.serve import parse_scales, prior_scale_ranks, scaled_key, scorer
+from common.serve import parse_scales, prior_scale_ranks, scaled_key
 from common.silo import Silo, load_silo
 from common.split import Split, leave_one_out
 from common.text import item_texts
@@ -157,12 +157,9 @@ class Merchant:
         self.set_global(global_arrays)
         cases = self.split.test if cfg.split == "test" else self.split.valid
         scales = parse_scales(cfg.score_scales)
-        if scales:  # one pass of the user tower serves every factor (all alike where there is no prior)
-            ranks = prior_scale_ranks(self.model, cases, (1.0, *scales))
-            ours = metrics_from_ranks(ranks[1.0])
-            ours |= {scaled_key(k): metrics_from_ranks(ranks[k])["ndcg@10"] for k in scales}
-        else:
-            ours = evaluate(scorer(self.model), cases)
+        # one pass of the user tower serves the model as it is (×1) and every factor asked for
+        ranks = prior_scale_ranks(self.model, cases, (1.0, *scales))
+        ours = metrics_from_ranks(ranks[1.0]) | {scaled_key(k): metrics_from_ranks(ranks[k])["ndcg@10"] for k in scales}
         pop = self.most_pop["test" if cfg.split == "test" else "valid"]
         out = {k: float(v) for k, v in ours.items() if k != "users"}
         out |= {f"most-pop-{k}": float(v) for k, v in pop.items() if k != "users"}
@@ -183,10 +180,9 @@ def release_statistics(
     """
     if ledger.cost(*accountant_entry(cfg.prior_noise)) >= ledger.budget:
         return None
-    counts = release_counts(split.train, len(model.item_ids), cfg.prior_noise)
+    counts = release_prior(model, split.train, cfg.prior_noise)
     noise, rate, steps = accountant_entry(cfg.prior_noise)
     ledger.record(run=run, round=round, noise_multiplier=noise, sample_rate=rate, steps=steps, what="popularity")
-    model.set_prior(prior_from_counts(counts))
     if cfg.cooccurrence_noise > 0 and ledger.cost(*accountant_entry(cfg.cooccurrence_noise)) < ledger.budget:
         noise, rate, steps = set_released_cooccurrence(model, split.train, cfg.cooccurrence_noise)
         ledger.record(run=run, round=round, noise_multiplier=noise, sample_rate=rate, steps=steps, what="cooccurrence")

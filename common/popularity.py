@@ -89,11 +89,19 @@ def set_released_prior(
     Returns the accountant entry the caller must record before the prior is
     kept or anything trained with it leaves the silo.
     """
+    release_prior(model, histories, noise_multiplier, seed=seed)
+    return accountant_entry(noise_multiplier)
+
+
+def release_prior(
+    model: Recommender, histories: Sequence[np.ndarray], noise_multiplier: float, *, seed: int | None = None
+) -> np.ndarray:
+    """`set_released_prior`, returning the released counts (catalog order) for a caller that keeps or pools them."""
     if noise_multiplier <= 0:
         raise ValueError(f"a released prior needs noise: noise_multiplier must be > 0, not {noise_multiplier}")
     counts = release_counts(histories, len(model.item_ids), noise_multiplier, seed=seed)
     model.set_prior(prior_from_counts(counts))
-    return accountant_entry(noise_multiplier)
+    return counts
 
 
 # --- pooling across merchants ------------------------------------------------------

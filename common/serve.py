@@ -87,9 +87,8 @@ def best_scale(ndcg: Mapping[float, float]) -> float:
 
 def scale_prior_weight(arrays: Mapping[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
     """The shared arrays with the prior's weight multiplied by `scale`."""
-    out = dict(arrays)
-    out[PRIOR_WEIGHT] = (np.asarray(arrays[PRIOR_WEIGHT]) * scale).astype(np.asarray(arrays[PRIOR_WEIGHT]).dtype)
-    return out
+    weight = np.asarray(arrays[PRIOR_WEIGHT])
+    return {**arrays, PRIOR_WEIGHT: (weight * scale).astype(weight.dtype)}
 
 
 def top_k(scores: torch.Tensor, exclude: np.ndarray, k: int) -> list[tuple[int, float]]:

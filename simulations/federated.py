@@ -150,16 +150,13 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
         result = train(model, split, tcfg, progress=False)
         if ledger is not None:
             epsilon = ledger.record(run="local-only", round=1, noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate, steps=result.steps)
+        by_scale = {name: prior_scale_ranks(model, getattr(split, name), (1.0, *scales)) for name in SPLITS}
         scale, learned = None, {}
         if scales and model.has_prior:  # as the federation does, on this merchant's own validation users
-            by_scale = {name: prior_scale_ranks(model, getattr(split, name), (1.0, *scales)) for name in SPLITS}
             scale = best_scale({k: metrics_from_ranks(by_scale["valid"][k])["ndcg@10"] for k in scales})
-            ranks = {name: by_scale[name][scale] for name in SPLITS}
             # also as trained, so that choosing on a few dozen validation users is seen not to favour federation
             learned = {f"{name}_ranks_learned": by_scale[name][1.0].tolist() for name in SPLITS}
-        else:
-            score = scorer(model)
-            ranks = {name: ranks_of(score, getattr(split, name)) for name in SPLITS}
+        ranks = {name: by_scale[name][1.0 if scale is None else scale] for name in SPLITS}
         test = metrics_from_ranks(ranks["test"])
         results.append({"silo": folder.name, "epsilon": epsilon, "prior_scale": scale, **test,
                         **{f"{name}_ranks": r.tolist() for name, r in ranks.items()}, **learned})
