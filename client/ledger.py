@@ -1,32 +1,28 @@
-"""A silo's privacy ledger: every round it trained, and the ε that all of them cost together.
+"""A silo's privacy ledger: every round and release its users took part in, and the ε they cost together.
 
 The ledger answers one question: "may I train this round, and with how much
-noise?" It plans the noise so that the rounds still to come fit the budget,
-records what was actually spent, and is rewritten atomically, so a crash
-mid-write leaves the previous ledger intact. ε is always computed by the
-accountant over the whole history, across every round and every run that
-used this silo's state folder; it is never reset.
+noise?" In `silo` mode it plans the noise so that the rounds still to come fit
+the budget; in `federation` mode the coordinator announces the noise and the
+sample rate of each step and the ledger checks them against the budget
+(`admit`) rather than trusting the coordinator's arithmetic. It records what
+was actually spent and is rewritten atomically, so a crash mid-write leaves
+the previous ledger intact. ε is computed by `common.accounting` (Opacus's
+accountant) over the whole history, across every round and every run that used
+this silo's state folder; it is never reset.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-
-from common import atomic
+from common import accounting, atomic
 from common.errors import SilorecError
-from common.train import MAX_NOISE, AccountantHistory, smallest_noise
 
 LEDGER_FILE = "ledger.json"
-ACCOUNTANT = "rdp"  # Rényi DP composes exactly across heterogeneous rounds: sum the curves
-ORDERS = RDPAccountant.DEFAULT_ALPHAS
+KINDS = ("train", "popularity", "cooccurrence")
 
 
 class PrivacyBudgetExceeded(SilorecError):
@@ -59,6 +55,7 @@ class PrivacyLedger:
     budget: float
     delta: float
     entries: list[Entry] = field(default_factory=list)
+    accountant: str = accounting.DEFAULT
 
     @classmethod
     def open(cls, folder: Path, *, budget: float, delta: float) -> PrivacyLedger:
@@ -72,62 +69,65 @@ class PrivacyLedger:
             saved_delta, saved_accountant = float(data["delta"]), data["accountant"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise LedgerError(f"{path}: unreadable privacy ledger ({e}); restore it from backup — never delete it to reset ε") from None
-        if entries and (saved_delta != delta or saved_accountant != ACCOUNTANT):
-            raise LedgerError(
-                f"{path}: this silo's ε was accounted at δ={saved_delta} ({saved_accountant}); "
-                f"it cannot switch to δ={delta} ({ACCOUNTANT})"
-            )
-        return cls(path=path, budget=budget, delta=delta, entries=entries)
+        if entries and saved_delta != delta:
+            raise LedgerError(f"{path}: this silo's ε was accounted at δ={saved_delta}; it cannot switch to δ={delta}")
+        if saved_accountant not in accounting.ACCOUNTANTS:
+            raise LedgerError(f"{path}: unknown accountant {saved_accountant!r}; restore the ledger from backup")
+        # a silo keeps the accountant its ε was first computed with: its reported ε never jumps
+        return cls(path=path, budget=budget, delta=delta, entries=entries, accountant=saved_accountant if entries else accounting.DEFAULT)
 
     @property
-    def history(self) -> AccountantHistory:
+    def history(self) -> list[accounting.Entry]:
         return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries]
 
     def spent(self) -> float:
-        """ε spent over every round recorded."""
-        return self._epsilon(self._rdp())
+        """ε spent over every round and release recorded."""
+        return accounting.epsilon(self.history, self.delta, self.accountant)
 
     def cost(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """ε after adding a round of `steps` steps at this noise and sample rate."""
-        return self._epsilon(self._rdp() + _round_rdp(noise_multiplier, sample_rate, steps))
+        """ε after adding `steps` steps at this noise and sample rate."""
+        return accounting.epsilon([*self.history, (noise_multiplier, sample_rate, steps)], self.delta, self.accountant)
 
-    def _rdp(self) -> np.ndarray:
-        total = np.zeros(len(ORDERS))
-        for sigma, q, steps in self.history:
-            total += _round_rdp(sigma, q, steps)
+    def admit(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> float:
+        """The ε total after these steps, if they fit the budget; PrivacyBudgetExceeded (or ValueError for nonsense) if not."""
+        total = self.cost(*accounting.check_entry(noise_multiplier, sample_rate, steps))
+        if total > self.budget:
+            raise PrivacyBudgetExceeded(
+                f"ε spent {self.spent():.3f} of budget {self.budget:g} (δ={self.delta:g}): {steps} more step(s) at "
+                f"noise multiplier {noise_multiplier:.3g} and sample rate {sample_rate:.3g} would take it to {total:.3f}"
+            )
         return total
 
-    def _epsilon(self, rdp: np.ndarray) -> float:
-        if not rdp.any():
-            return 0.0
-        eps, _ = rdp_analysis.get_privacy_spent(orders=ORDERS, rdp=rdp, delta=self.delta)
-        return float(eps)
-
     def plan(self, *, sample_rate: float, steps_per_round: int, rounds_left: int) -> float:
-        """The smallest noise multiplier for which `rounds_left` such rounds stay within the budget.
+        """The smallest noise multiplier (to 1%) for which `rounds_left` such rounds stay within the budget.
 
         Raises PrivacyBudgetExceeded when not even MAX_NOISE would fit.
         """
-        rounds_left = max(1, rounds_left)
-
-        past = self._rdp()
+        steps = steps_per_round * max(1, rounds_left)
 
         def fits(sigma: float) -> bool:
-            return self._epsilon(past + _round_rdp(sigma, sample_rate, steps_per_round * rounds_left)) <= self.budget
+            return self.cost(sigma, sample_rate, steps) <= self.budget
 
-        spent = self._epsilon(past)
-        if spent >= self.budget or not fits(MAX_NOISE):
+        spent = self.spent()
+        if spent >= self.budget or not fits(accounting.MAX_NOISE):
             raise PrivacyBudgetExceeded(
                 f"ε spent {spent:.3f} of budget {self.budget:g} (δ={self.delta:g}): "
                 f"{rounds_left} more round(s) of {steps_per_round} steps would exceed it"
             )
-        return smallest_noise(fits)
+        # The last round's plan usually still holds (what it spent is what it planned): two
+        # accountant calls to confirm it instead of a dozen to find it again.
+        last = next((e.noise_multiplier for e in reversed(self.entries) if e.what == "train" and e.sample_rate == sample_rate), None)
+        if last is not None and fits(last) and not fits(last / 1.01):
+            return last
+        return accounting.smallest_noise(fits)
 
     def record(
         self, *, run: str, round: int, noise_multiplier: float, sample_rate: float, steps: int, what: str = "train"
     ) -> float:
         """Append a trained round (or another release), save atomically, and return ε spent in total."""
-        epsilon = self.cost(noise_multiplier, sample_rate, steps)
+        if what not in KINDS:
+            raise ValueError(f"unknown ledger entry kind {what!r}; one of {', '.join(KINDS)}")
+        epsilon = self.cost(*accounting.check_entry(noise_multiplier, sample_rate, steps))
         self.entries.append(Entry(run, round, noise_multiplier, sample_rate, steps, epsilon, time.time(), what))
         self.save()
         return epsilon
@@ -138,24 +138,8 @@ class PrivacyLedger:
             {
                 "budget": self.budget,
                 "delta": self.delta,
-                "accountant": ACCOUNTANT,
+                "accountant": self.accountant,
                 "epsilon": self.spent(),
                 "entries": [asdict(e) for e in self.entries],
             },
         )
-
-
-def _round_rdp(noise_multiplier: float, sample_rate: float, steps: int) -> np.ndarray:
-    return steps * np.asarray(_step_rdp(float(noise_multiplier), float(sample_rate)))
-
-
-@functools.lru_cache(maxsize=1024)
-def _step_rdp(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
-    """The RDP curve of one subsampled Gaussian step; a round's is `steps` times it (as Opacus composes).
-
-    Opacus takes about 0.1 s per curve (its fractional orders are series), and
-    the ledger sums the whole history several times a round: uncached, a
-    30-round silo spent 3 s on each sum, and the simulated rounds of 11 silos
-    on 2 cores grew from 30 s to 58 s over 30 rounds.
-    """
-    return tuple(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ORDERS))

@@ -20,16 +20,15 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPPerLayerOptimizer
 from tqdm.auto import tqdm
 
+from common import accounting
 from common.records import UserRecord, UserRecords
 from common.split import Split
 from common.towers import Recommender
 
-AccountantHistory = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps), as Opacus keeps it
-MAX_NOISE = 100.0  # beyond this an update is noise; refuse rather than pretend to train
+AccountantHistory = list[accounting.Entry]
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ class TrainConfig:
     epsilon: float | None = None  # target ε for this call; None and no noise_multiplier: no DP
     delta: float | None = None  # default: 1 / (10 · users)
     noise_multiplier: float | None = None  # set directly (the federated ledger plans it across rounds)
-    accountant: str = "prv"
+    accountant: str = accounting.DEFAULT
     next_items: int = 5  # targets per user record: the items that followed the history prefix
     seed: int = 0  # the adapter's init, the records' cut points and (without DP) the batch order
     # The DP noise and the Poisson sampling must be unpredictable to whoever sees the result: by
@@ -120,47 +119,10 @@ def plan_noise(
         return sample_rate, cfg.noise_multiplier, delta
     if cfg.epsilon is None:
         return sample_rate, 0.0, delta
-    if history:
-        return sample_rate, noise_after(history, cfg.epsilon, delta, sample_rate, steps, cfg.accountant), delta
-    sigma = get_noise_multiplier(
-        target_epsilon=cfg.epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=cfg.accountant
+    sigma = accounting.noise_for(
+        cfg.epsilon, delta, sample_rate=sample_rate, steps=steps, history=history or (), accountant=cfg.accountant
     )
-    return sample_rate, float(sigma), delta
-
-
-def noise_after(
-    history: AccountantHistory, epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
-) -> float:
-    """The smallest noise multiplier (to 1%) for which `history` and `steps` more steps stay within ε.
-
-    What a run needs when something was released before training (the popularity prior).
-    """
-    def fits(sigma: float) -> bool:
-        return epsilon_of([*history, (sigma, sample_rate, steps)], delta, accountant) <= epsilon
-
-    if epsilon_of(list(history), delta, accountant) >= epsilon or not fits(MAX_NOISE):
-        raise ValueError(f"ε={epsilon:g} at δ={delta:g} is spent before training: {len(history)} earlier release(s) leave nothing for {steps} steps")
-    return smallest_noise(fits)
-
-
-def smallest_noise(fits: Callable[[float], bool], *, lo: float = 0.3, hi: float = MAX_NOISE) -> float:
-    """The smallest noise multiplier in [lo, hi] that `fits` (monotone in σ; `fits(hi)` holds), to 1%."""
-    if fits(lo):
-        return lo
-    while hi / lo > 1.01:  # 1% on σ is far finer than anything it changes: bisect in log space
-        mid = (lo * hi) ** 0.5
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return hi
-
-
-def epsilon_of(history: AccountantHistory, delta: float, accountant: str = "prv") -> float:
-    """ε spent by a whole accountant history at δ."""
-    if not history:
-        return 0.0
-    acc = create_accountant(accountant)
-    acc.history = [tuple(h) for h in history]
-    with np.errstate(divide="ignore"):  # PRV takes log(1 - q) of a release at sample rate 1: -inf, handled
-        return float(acc.get_epsilon(delta=delta))
+    return sample_rate, sigma, delta
 
 
 def train(
@@ -225,7 +187,7 @@ def train(
             result.epochs = epoch + 1
             if accountant is not None:
                 result.accountant_history = [tuple(h) for h in accountant.history]
-                result.epsilon = epsilon_of(result.accountant_history, delta, cfg.accountant)
+                result.epsilon = accounting.epsilon(result.accountant_history, delta, cfg.accountant)
             if on_epoch is not None and on_epoch(epoch, result):
                 break
     finally:

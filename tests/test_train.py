@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
-from opacus.accountants.utils import get_noise_multiplier
 
 from common.metrics import evaluate, most_pop
 from common.records import UserRecords
@@ -13,7 +12,8 @@ from common.silo import load_silo
 from common.split import leave_one_out
 from common.text import item_texts
 from common.towers import ModelConfig, build_recommender
-from common.train import TrainConfig, clip_bounds, dp_optimizer, epsilon_of, mask_history, next_items_loss, noise_after, train
+from common import accounting
+from common.train import TrainConfig, clip_bounds, dp_optimizer, mask_history, next_items_loss, train
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 
 
@@ -110,7 +110,7 @@ def test_dp_training_changes_every_trainable_tensor_and_reports_epsilon(tiny_ber
             assert not torch.equal(p.detach(), before[n]), f"{n} did not change"
     assert 3.0 < result.epsilon <= 4.0 + 1e-6
     assert result.noise_multiplier > 0 and result.steps == sum(s for _, _, s in result.accountant_history)
-    assert result.epsilon == pytest.approx(epsilon_of(result.accountant_history, 1e-3))
+    assert result.epsilon == pytest.approx(accounting.epsilon(result.accountant_history, 1e-3))
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
 
 
@@ -159,14 +159,3 @@ def test_next_items_loss_averages_over_each_users_targets():
     log_p1 = torch.log_softmax(torch.tensor([0.0, 0.0, 0.0]), 0)
     expected = -((log_p0[0] + log_p0[2]) / 2 + log_p1[2]) / 2
     assert next_items_loss(masked, batch).item() == pytest.approx(expected.item(), rel=1e-6)
-
-
-def test_noise_after_an_earlier_release_fits_what_is_left_of_the_budget():
-    release = [(2.0, 1.0, 1)]  # the popularity prior's one Gaussian release
-    sigma = noise_after(release, 8.0, 1e-4, 0.25, 40)
-    assert epsilon_of([*release, (sigma, 0.25, 40)], 1e-4) <= 8.0
-    assert epsilon_of([*release, (sigma / 1.05, 0.25, 40)], 1e-4) > 8.0  # and no noisier than it must be
-    alone = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-4, sample_rate=0.25, steps=40, accountant="prv")
-    assert alone < sigma < 1.2 * alone
-    with pytest.raises(ValueError, match="spent before training"):
-        noise_after([(0.3, 1.0, 1)], 8.0, 1e-4, 0.25, 40)
