@@ -10,18 +10,17 @@ Node config (set by the SuperNode, e.g. `silorec-client start`):
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.merchant import Merchant, TrainOutcome, merchant_for
+from client.merchant import Merchant, TrainOutcome, merchant_for_node, silo_path, state_path
 from client.secagg import secure_aggregation_mod
 from client.sealing import global_arrays, key_record, merchant_key, seal_update, signing_key
 from common import seal
 from common.arrays import to_record
-from common.round import ASK_TABLE, POOL_RECORD, TABLE_KIND, USE_POOLED, RoundConfig
+from common.round import (
+    ASK_CENSUS, ASK_TABLE, CENSUS_KIND, POOL_RECORD, TABLE_KIND, USE_NEIGHBOURS, USE_POOLED, RoundConfig,
+)
 
 app = ClientApp(mods=[secure_aggregation_mod])  # SecAgg+ messages go to Flower's secaggplus_mod, all others pass through
 
@@ -41,8 +40,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """The merchant's public key, so the coordinator can seal the global adapter to it; or, asked
-    to pool popularity, its released item counts keyed by item text, then the pooled ones to use."""
+    """The merchant's public key, so the coordinator can seal the global adapter to it; its census
+    (federation mode); or, asked to pool popularity, its released item counts keyed by item text;
+    then the pooled counts or co-occurrence to score with."""
     cfg = RoundConfig.from_record(msg.content["config"])
     ask = msg.content.config_records.get(POOL_RECORD)
     if ask is None:
@@ -53,8 +53,11 @@ def query(msg: Message, context: Context) -> Message:
         budget = context.node_config.get("budget")
         table, reason = merchant.popularity_table(cfg, budget=float(budget) if budget else None)
         return _sealed_reply(msg, context, merchant, table, reason, kind=TABLE_KIND)
-    if ask["ask"] == USE_POOLED:
-        merchant.use_pooled_popularity(global_arrays(msg, cfg, context.node_id, merchant_key(merchant.state_dir)))
+    if ask["ask"] == ASK_CENSUS:
+        return _sealed_reply(msg, context, merchant, merchant.census(), "", kind=CENSUS_KIND)
+    if ask["ask"] in (USE_POOLED, USE_NEIGHBOURS):
+        arrays = global_arrays(msg, cfg, context.node_id, merchant_key(merchant.state_dir))
+        (merchant.use_pooled_popularity if ask["ask"] == USE_POOLED else merchant.use_pooled_neighbours)(arrays)
         return Message(content=RecordDict({"info": _info(merchant)}), reply_to=msg)
     raise ValueError(f"unknown query: {ask['ask']!r}")
 
@@ -96,26 +99,7 @@ def _sealed_reply(
 
 def merchant_from_context(context: Context, cfg: RoundConfig) -> Merchant:
     """This node's Merchant, from its node config and the round's config."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    silo = silo_path(context.node_config, cfg)
-    state = state_path(context.node_config, silo)
-    cache = context.node_config.get("cache-path") or (Path(cfg.silos_dir).parent / "cache" if cfg.silos_dir else state / "cache")
-    return merchant_for(silo, state, cfg.model(), cache_dir=Path(str(cache)))
-
-
-def state_path(node_config: dict, silo: Path) -> Path:
-    return Path(str(node_config.get("state-path") or silo / ".silorec-state"))
-
-
-def silo_path(node_config: dict, cfg: RoundConfig) -> Path:
-    """The node's silo: `data-path`, or in simulation the partition-id-th folder of the run's silos."""
-    if "data-path" in node_config:
-        return Path(str(node_config["data-path"]))
-    if cfg.silos_dir and "partition-id" in node_config:
-        silos = sorted(p for p in Path(cfg.silos_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
-        return silos[int(node_config["partition-id"]) % len(silos)]
-    raise ValueError("node config has no data-path (and this is not a simulation with silos-dir)")
+    return merchant_for_node(context.node_config, cfg)
 
 
 def _info(merchant: Merchant, reason: str = "") -> ConfigRecord:

@@ -13,29 +13,37 @@ text.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from client.ledger import PrivacyBudgetExceeded, PrivacyLedger
-from common import atomic
+from common import atomic, distributed_dp
 from common.arrays import pack, to_numpy, to_torch, unpack
-from common.cooccurrence import set_released_cooccurrence
+from common.cooccurrence import pair_counts, set_released_cooccurrence
+from common.errors import SilorecError
 from common.metrics import metrics_from_ranks, most_pop
-from common.popularity import accountant_entry, prior_of, release_prior, text_keys
+from common.popularity import accountant_entry, counts_over_keys, key_slots, keys_from_bytes, prior_of, release_prior, text_keys
 from common.records import UserRecords
-from common.round import RoundConfig
+from common.round import RoundConfig, SumSpec
 from common.serve import parse_scales, prior_scale_ranks, scaled_key
 from common.silo import Silo, load_silo
 from common.split import Split, leave_one_out
 from common.text import item_texts
 from common.towers import ModelConfig, Recommender, build_recommender
-from common.train import default_delta, train
+from common.train import clipped_gradient_sum, default_delta, train
 
 HEAD_FILE = "head.safetensors"
 TABLE_FILE = "popularity.safetensors"  # the silo's released item counts, keyed by item text: what it may pool
+
+
+class SecureAggregationError(SilorecError):
+    """A secure sum cannot go on as announced for this merchant (its budget, its model, the lattice, too few others)."""
 
 
 @dataclass
@@ -101,6 +109,97 @@ class Merchant:
         self.model.restore_head(self.state_dir / HEAD_FILE)
         self.model.set_prior(prior)
         self.model.save_head(self.state_dir / HEAD_FILE)
+
+    # --- federation mode: shares of one sum over every merchant ------------------------
+
+    def census(self) -> dict[str, np.ndarray]:
+        """What a federation-mode coordinator asks first: how many users can train, and the keys of the item texts."""
+        return {"users": np.array([self.trainable_users], np.int64), "keys": self.item_keys}
+
+    def release_share(self, cfg: RoundConfig, spec: SumSpec, *, budget: float | None = None) -> tuple[list[np.ndarray], dict[str, float]]:
+        """This silo's share of the federation's popularity or co-occurrence release (`spec.task`), paid for in its ledger first.
+
+        Popularity: each user's distinct item-text keys among `spec.keys`,
+        1/√(how many) each. Co-occurrence: each user's pairs of the
+        `spec.keys` items within WINDOW steps, scaled to norm 1. Either way
+        one user moves the signal by at most 1 in L2, and the share adds
+        this merchant's part of noise multiplier `spec.noise_multiplier`.
+        """
+        self._admit(cfg, spec, budget)
+        keys = keys_from_bytes(spec.keys)
+        if spec.task == "popularity":
+            signal = counts_over_keys(self.split.train, self.item_keys, keys)
+        else:  # histories over the chosen keys, every other item one index past them
+            slots = key_slots(self.item_keys, keys)
+            slots = np.where(slots >= 0, slots, len(keys))
+            signal = pair_counts([slots[np.asarray(h, np.int64)] for h in self.split.train], np.arange(len(keys)), len(keys) + 1)
+        return self._share(cfg, spec, {spec.names[0]: signal}, what=spec.task, budget=budget)
+
+    def use_pooled_neighbours(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Score with the federation's released co-occurrence among its items (`keys`, `matrix`) from now on."""
+        keys, matrix = np.asarray(arrays["keys"]), np.asarray(arrays["matrix"], np.float32)
+        if keys.dtype != np.uint64 or matrix.shape != (len(keys), len(keys)):
+            raise ValueError(f"co-occurrence needs uint64 keys and a square matrix over them, not {keys.dtype} and {matrix.shape}")
+        first = {}  # an item text of several catalog items names the first of them
+        for index, key in enumerate(self.item_keys.tolist()):
+            first.setdefault(key, index)
+        mine = [k for k, key in enumerate(keys.tolist()) if key in first]
+        self.model.restore_head(self.state_dir / HEAD_FILE)
+        self.model.set_neighbours([first[int(keys[k])] for k in mine], matrix[np.ix_(mine, mine)])
+        self.model.save_head(self.state_dir / HEAD_FILE)
+
+    def gradient_share(
+        self, global_arrays: dict[str, np.ndarray], cfg: RoundConfig, spec: SumSpec, *, budget: float | None = None
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
+        """This silo's share of one federation DP-SGD step: its Poisson-sampled users' clipped gradient sum plus noise.
+
+        The announced noise and sample rate are checked against this silo's
+        own budget (and recorded) before anything is computed from its users.
+        """
+        t0 = time.perf_counter()
+        self.set_global(global_arrays)
+        trains = tuple(sorted(self.model.shared_parameters()))
+        if trains != spec.names:
+            raise SecureAggregationError(f"{self.silo.name}: the coordinator steps {len(spec.names)} tensors, this merchant trains "
+                                           f"{len(trains)} (missing a release?); it cannot take part")
+        self._admit(cfg, spec, budget)
+        records = UserRecords(self.split, seed=cfg.seed, next_items=cfg.next_items)
+        records.set_epoch(cfg.round)  # a fresh cut point per user and round
+        rng = np.random.default_rng(secrets.randbits(128))  # the sample must be secret: amplification assumes it
+        picked = np.flatnonzero(rng.random(len(records)) < spec.sample_rate)
+        train_cfg = replace(cfg.train(noise_multiplier=None, delta=None), max_grad_norm=spec.clip)
+        signal = clipped_gradient_sum(self.model, [records[int(i)] for i in picked], train_cfg)
+        arrays, metrics = self._share(cfg, spec, {n: signal[n] for n in spec.names}, what="train", budget=budget, rng=rng)
+        return arrays, metrics | {"compute-seconds": time.perf_counter() - t0}
+
+    def _admit(self, cfg: RoundConfig, spec: SumSpec, budget: float | None) -> None:
+        """SecureAggregationError unless the announced step fits this silo's own budget."""
+        if cfg.private:
+            try:
+                self.ledger(cfg, budget).admit(spec.noise_multiplier, spec.sample_rate)
+            except (PrivacyBudgetExceeded, ValueError) as e:
+                raise SecureAggregationError(f"{self.silo.name} refuses the round: {e}") from None
+
+    def _share(
+        self, cfg: RoundConfig, spec: SumSpec, signal: dict[str, np.ndarray], *, what: str, budget: float | None,
+        rng: np.random.Generator | None = None,
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
+        """`signal` as this merchant's noise share on the spec's lattice, recorded in the ledger before it leaves."""
+        lattice = spec.lattice
+        dim = int(sum(a.size for a in signal.values()))
+        try:
+            lattice.check(spec.noise_multiplier, spec.clip, dim, spec.min_replies, 1)
+        except distributed_dp.LatticeError as e:
+            raise SecureAggregationError(f"{self.silo.name}: {e}") from None
+        std = lattice.share_std(spec.noise_multiplier, spec.clip, dim, spec.min_replies) if cfg.private else 0.0
+        share = distributed_dp.encode(signal, lattice, std, rng=rng)
+        metrics: dict[str, float] = {"users": float(self.trainable_users)}
+        if cfg.private:
+            ledger = self.ledger(cfg, budget)
+            total = ledger.record(run=cfg.run_id, round=cfg.round, noise_multiplier=spec.noise_multiplier,
+                                  sample_rate=spec.sample_rate, steps=1, what=what)
+            metrics |= {"epsilon-total": total, "delta": ledger.delta, "noise-multiplier": spec.noise_multiplier}
+        return [share[n] for n in spec.names], metrics
 
     # --- a round --------------------------------------------------------------------
 
@@ -196,6 +295,31 @@ def released_table(state_dir: Path) -> dict[str, np.ndarray] | None:
 
 
 _MERCHANTS: dict[tuple, Merchant] = {}
+
+
+def merchant_for_node(node_config: Mapping, cfg: RoundConfig) -> Merchant:
+    """This node's Merchant, from its node config and the round's config."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    silo = silo_path(node_config, cfg)
+    state = state_path(node_config, silo)
+    cache = node_config.get("cache-path") or (Path(cfg.silos_dir).parent / "cache" if cfg.silos_dir else state / "cache")
+    return merchant_for(silo, state, cfg.model(), cache_dir=Path(str(cache)))
+
+
+def state_path(node_config: Mapping, silo: Path) -> Path:
+    """Where the node keeps its ledger, key and local state: `state-path`, or the silo's .silorec-state."""
+    return Path(str(node_config.get("state-path") or silo / ".silorec-state"))
+
+
+def silo_path(node_config: Mapping, cfg: RoundConfig) -> Path:
+    """The node's silo: `data-path`, or in simulation the partition-id-th folder of the run's silos."""
+    if "data-path" in node_config:
+        return Path(str(node_config["data-path"]))
+    if cfg.silos_dir and "partition-id" in node_config:
+        silos = sorted(p for p in Path(cfg.silos_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
+        return silos[int(node_config["partition-id"]) % len(silos)]
+    raise ValueError("node config has no data-path (and this is not a simulation with silos-dir)")
 
 
 def merchant_for(silo_dir: Path, state_dir: Path, model_cfg: ModelConfig, *, cache_dir: Path | None = None) -> Merchant:

@@ -53,6 +53,11 @@ def global_arrays(msg: Message, cfg: RoundConfig, node_id: int, key: X25519Priva
     return unpack(seal.open(bytes(sealed["arrays"]), key, context))
 
 
+def open_global(blob: bytes, cfg: RoundConfig, node_id: int, key: X25519PrivateKey, *, kind: str) -> dict[str, np.ndarray]:
+    """A global adapter sealed to this merchant outside a Message-API message (a SecAgg+ fit config)."""
+    return unpack(seal.open(blob, key, seal.update_context(cfg.run_id, cfg.round, node_id, kind=kind)))
+
+
 def seal_update(
     update: dict[str, np.ndarray], msg: Message, cfg: RoundConfig, node_id: int, signing_key: Ed25519PrivateKey | None = None,
     *, kind: str = "train-update",

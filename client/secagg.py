@@ -1,10 +1,21 @@
-"""A merchant's side of a secure-aggregation round: Flower's SecAgg+ over its legacy NumPyClient API.
+"""A merchant's side of a secure sum: Flower's SecAgg+ over its legacy NumPyClient API.
 
 SecAgg+ masks what a merchant sends so that the coordinator can unmask only the
 sum over merchants. Its messages have the ordinary `train` type;
 `secure_aggregation_mod` tells them apart by their SecAgg+ config record and
 answers them here, leaving every other message to the Message-API functions
-of `client.app`. Tensors travel as plain lists, in sorted-name order.
+of `client.app`. What a sum asks for is the `SumSpec` in its fit config:
+
+- `update` (silo mode): the merchant's update under its own DP, clipped to
+  the run's bound, weighted by its users;
+- `gradient`, `popularity`, `cooccurrence` (federation mode): a share on the
+  lattice of `common.distributed_dp`, weight 1. The merchant checks that
+  SecAgg+ will carry it unchanged, and will not help unmask a sum with
+  fewer merchants than the spec's `min_replies`: their noise together would
+  be less than the step's privacy needs.
+
+A merchant that refuses (its budget, a mismatched spec) raises: SecAgg+ then
+treats it as dropped out and recovers the others' sum without it.
 """
 
 from __future__ import annotations
@@ -12,21 +23,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.client import Client, NumPyClient
 from flwr.client.message_handler.message_handler import handle_legacy_message_from_msgtype
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
-from client.merchant import Merchant
+from client.merchant import Merchant, SecureAggregationError, merchant_for_node
+from client.sealing import merchant_key, open_global
 from common.arrays import l2_norm
-from common.errors import SilorecError
-from common.round import SECAGG_MAX_NORM_KEY, SECAGG_TENSORS_KEY, RoundConfig
+from common.distributed_dp import Lattice
+from common.round import SEALED_GLOBAL_KEY, RoundConfig, SumSpec
 
-
-class SecureAggregationError(SilorecError):
-    """A SecAgg+ round cannot go on (the message does not fit this merchant's adapter)."""
+SUM_STATE = "silorec-secure-sum"  # what a merchant remembers of the sum it is in (context.state), for the unmask stage
 
 
 def clip_norm(update: dict[str, np.ndarray], max_norm: float) -> dict[str, np.ndarray]:
@@ -38,38 +48,67 @@ def clip_norm(update: dict[str, np.ndarray], max_norm: float) -> dict[str, np.nd
 
 
 class MerchantClient(NumPyClient):
-    """Train under the merchant's ledger; return the update with its users as the SecAgg+ weight."""
+    """Answer a secure sum's fit with what its spec asks of this merchant."""
 
     def __init__(self, context: Context) -> None:
         self.context = context
 
-    def merchant(self, cfg: RoundConfig) -> Merchant:
-        from client import app as merchant_app  # late: client.app imports this module for its mod
-
-        return merchant_app.merchant_from_context(self.context, cfg)
-
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         cfg = RoundConfig.from_record(config)
-        names = [n for n in str(config.get(SECAGG_TENSORS_KEY, "")).split(",") if n]
-        if len(names) != len(parameters):
-            raise SecureAggregationError(
-                f"the server sent {len(parameters)} tensors for {len(names)} names; "
-                "server and merchant must run the same silorec version"
-            )
-        merchant = self.merchant(cfg)
+        spec = SumSpec.from_config(config)
+        merchant = merchant_for_node(self.context.node_config, cfg)
         budget = self.context.node_config.get("budget")
-        outcome = merchant.train_round(dict(zip(names, parameters)), cfg, budget=float(budget) if budget else None)
+        budget = float(budget) if budget else None
+        self.context.state.config_records[SUM_STATE] = ConfigRecord({"min-replies": spec.min_replies})
+        if spec.lattice is not None:
+            check_ranges(self.context, spec.lattice, merchant.silo.name)
+        if spec.task == "update":
+            return self._update(merchant, self._global(merchant, parameters, config, cfg), cfg, spec, budget)
+        if spec.task == "gradient":
+            arrays, metrics = merchant.gradient_share(self._global(merchant, parameters, config, cfg), cfg, spec, budget=budget)
+        else:
+            arrays, metrics = merchant.release_share(cfg, spec, budget=budget)
+        return arrays, 1, {**metrics, "silo": merchant.silo.name, "reason": ""}
+
+    def _global(self, merchant: Merchant, parameters: list[np.ndarray], config: dict, cfg: RoundConfig) -> dict[str, np.ndarray]:
+        """The global adapter: sealed to this merchant in the config, or (a run without sealing) the parameters."""
+        if SEALED_GLOBAL_KEY in config:
+            return open_global(bytes(config[SEALED_GLOBAL_KEY]), cfg, self.context.node_id, merchant_key(merchant.state_dir), kind="global-secagg")
+        names = [n for n in str(config.get("sum-global-names", "")).split(",") if n]
+        if len(names) != len(parameters):
+            raise SecureAggregationError(f"the server sent {len(parameters)} tensors for {len(names)} names; "
+                                         "server and merchant must run the same silorec version")
+        return dict(zip(names, parameters))
+
+    def _update(
+        self, merchant: Merchant, global_arrays: dict[str, np.ndarray], cfg: RoundConfig, spec: SumSpec, budget: float | None
+    ) -> tuple[list[np.ndarray], int, dict]:
+        """Silo mode: train under the merchant's ledger; the update with its users as the SecAgg+ weight."""
+        outcome = merchant.train_round(global_arrays, cfg, budget=budget)
         metrics: dict = {**outcome.metrics, "silo": merchant.silo.name, "reason": outcome.reason}
         update = outcome.update
         if update is not None and not all(np.isfinite(a).all() for a in update.values()):
             update, metrics["reason"] = None, "the update had non-finite values; it was left out of the sum"
         if update is None:  # every merchant must send a vector: zeros with weight 0 leave the sum unchanged
             shared = merchant.model.shared_state()  # what an update holds (LoRA B only in FFA-LoRA mode)
-            return [np.zeros(tuple(shared[k].shape), np.float64) for k in sorted(shared)], 0, metrics
-        update = clip_norm(update, float(config.get(SECAGG_MAX_NORM_KEY, 0.0)))
+            return [np.zeros(tuple(shared[k].shape), np.float64) for k in spec.names], 0, metrics
+        if sorted(update) != sorted(spec.names):
+            raise SecureAggregationError(f"{merchant.silo.name}: the coordinator sums {len(spec.names)} tensors, this merchant "
+                                         f"shares {len(update)}; server and merchant must run the same silorec version")
+        update = clip_norm(update, spec.clip)
         # float64: SecAgg+ quantises (x + clipping range) in the arrays' own dtype, and in float32 that
         # sum keeps only ~7 digits, i.e. an error of ~2e-6 at a range of 25: larger than SecAgg+'s own step.
-        return [update[k].astype(np.float64) for k in sorted(update)], int(outcome.metrics["users"]), metrics
+        return [update[k].astype(np.float64) for k in spec.names], int(outcome.metrics["users"]), metrics
+
+
+def check_ranges(context: Context, lattice: Lattice, silo: str) -> None:
+    """SecureAggregationError unless this node's SecAgg+ setup carries the lattice's integers unchanged."""
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    setup = {k: state.get(k) for k in ("clipping_range", "target_range", "mod_range", "max_weight")} if state else {}
+    want = {"clipping_range": float(lattice.half), "target_range": lattice.range, "mod_range": lattice.modulus, "max_weight": 1.0}
+    if setup != want:
+        raise SecureAggregationError(f"{silo}: SecAgg+ was set up with {setup}, not the {want} its shares need "
+                                     "to sum exactly; refusing rather than sending a share it would clip")
 
 
 def secagg_mod_for(client_fn: Callable[[Context], Client]) -> Mod:
@@ -79,8 +118,17 @@ def secagg_mod_for(client_fn: Callable[[Context], Client]) -> Mod:
         return handle_legacy_message_from_msgtype(client_fn, msg, context)
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is None:
             return call_next(msg, context)
+        if configs.get(Key.STAGE) == Stage.UNMASK:
+            need = int((context.state.config_records.get(SUM_STATE) or {}).get("min-replies", 0))
+            active = len(configs.get(Key.ACTIVE_NODE_ID_LIST, []))
+            if active < need:
+                raise SecureAggregationError(
+                    f"only {active} merchant(s) are left in this secure sum, fewer than the {need} whose noise it needs: "
+                    "refusing to help unmask it"
+                )
         return secaggplus_mod(msg, context, legacy)
 
     return mod

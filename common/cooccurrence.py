@@ -83,10 +83,19 @@ def release_cooccurrence(
     """
     items = np.asarray(items, dtype=np.int64)
     counts = gaussian_release(pair_counts(histories, items, n_items, window), noise_multiplier, seed=seed)
-    size = len(items)
+    return project(symmetric(counts, len(items)), rank)
+
+
+def symmetric(pairs: np.ndarray, size: int) -> np.ndarray:
+    """The `size`² symmetric matrix (zero diagonal) of flattened upper-triangle pair counts."""
     matrix = np.zeros((size, size))
-    matrix[np.triu_indices(size, k=1)] = counts
-    matrix = matrix + matrix.T
+    matrix[np.triu_indices(size, k=1)] = pairs
+    return matrix + matrix.T
+
+
+def project(matrix: np.ndarray, rank: int = RANK) -> np.ndarray:
+    """`matrix` projected onto its `rank` eigenvalues largest in magnitude (0: as it is), zero diagonal, float32."""
+    size = len(matrix)
     if 0 < rank < size:
         values, vectors = np.linalg.eigh(matrix)
         top = np.argsort(-np.abs(values))[:rank]

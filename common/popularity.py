@@ -122,6 +122,18 @@ def text_keys(texts: Sequence[str]) -> np.ndarray:
     )
 
 
+def keys_to_bytes(keys: np.ndarray) -> bytes:
+    """Item-text keys as they travel in a config value: big-endian uint64s."""
+    return np.asarray(keys, np.uint64).astype(">u8").tobytes()
+
+
+def keys_from_bytes(data: bytes) -> np.ndarray:
+    """Inverse of `keys_to_bytes`; ValueError if `data` is not whole keys."""
+    if len(data) % KEY_BYTES:
+        raise ValueError(f"{len(data)} bytes are not a whole number of {KEY_BYTES}-byte item keys")
+    return np.frombuffer(bytes(data), ">u8").astype(np.uint64)
+
+
 def check_table(keys: np.ndarray, counts: np.ndarray, *, max_items: int = 10_000_000) -> None:
     """ValueError unless (keys, counts) is a popularity table: uint64 keys, as many finite float counts."""
     if keys.dtype != np.uint64 or keys.ndim != 1:
@@ -155,6 +167,25 @@ def pool_tables(tables: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.nda
     counts = np.concatenate([np.asarray(c, np.float64) for _, c in tables])
     distinct, where = np.unique(keys, return_inverse=True)
     return distinct, np.bincount(where, weights=counts, minlength=len(distinct))
+
+
+def key_slots(item_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Each item's position among the sorted, distinct `keys` (-1 where its key is not there)."""
+    if not len(keys):
+        return np.full(len(item_keys), -1, np.int64)
+    at = np.minimum(np.searchsorted(keys, item_keys), len(keys) - 1)
+    return np.where(keys[at] == item_keys, at, -1).astype(np.int64)
+
+
+def counts_over_keys(histories: Sequence[np.ndarray], item_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """`item_counts` over item-text keys: each user's distinct keys, 1/√(how many) each, so still L2 norm 1 a user.
+
+    `item_keys` names each catalog item, `keys` (sorted, distinct) the
+    coordinates; two items of one text are one coordinate, counted once a user.
+    """
+    slots = key_slots(item_keys, keys)
+    mapped = [slots[np.asarray(h, dtype=np.int64)] for h in histories]
+    return item_counts([m[m >= 0] for m in mapped], len(keys))
 
 
 def look_up(pooled: tuple[np.ndarray, np.ndarray], keys: np.ndarray) -> np.ndarray:

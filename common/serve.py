@@ -12,7 +12,7 @@ from common.metrics import ScoreFn, target_ranks
 from common.silo import Silo
 from common.split import EvalCase
 from common.text import item_texts
-from common.towers import Recommender, build_recommender, load_model_config
+from common.towers import PRIOR_WEIGHT, Recommender, build_recommender, load_model_config
 
 
 @torch.no_grad()
@@ -44,7 +44,6 @@ def scorer(model: Recommender) -> ScoreFn:
 # 0.0624. So the weight is scaled by the factor, of a few, that scores best on validation users:
 # one scalar, chosen like an early-stopping epoch, never on test users.
 
-PRIOR_WEIGHT = "calibration.prior_weight.weight"
 PRIOR_SCALES = "1,0.5,0.25,0.75,1.5"  # the factors tried by default; 1 first, so a tie keeps the learned weight
 
 

@@ -416,6 +416,17 @@ class Recommender(nn.Module):
         """Everything a merchant shares: LoRA tensors (B only in FFA mode) and the calibration."""
         return self.adapter_state() | calibration_state(self.calibration)
 
+    def shared_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters that are shared, under their `shared_state` names: what a federation step trains."""
+        adapter = f".{self.user_tower.active_adapter}"
+        out = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad and name.startswith("user_tower."):
+                out[name.removeprefix("user_tower.").replace(adapter, "")] = p  # as peft names its saved tensors
+            elif p.requires_grad and name.startswith(CALIBRATION_PREFIX):
+                out[name] = p
+        return out
+
     def load_shared_state(self, state: dict[str, torch.Tensor]) -> None:
         """Set LoRA tensors and calibration from `state` (as `shared_state` returns them, A included)."""
         calibration = {k: v for k, v in state.items() if k.startswith(CALIBRATION_PREFIX)}
@@ -528,6 +539,20 @@ class Recommender(nn.Module):
         """Save the adapter in peft's format, the model config, the calibration and (locally) the item head."""
         save_shared(folder, self.user_tower, self.cfg, calibration_state(self.calibration))
         self.save_head(Path(folder) / HEAD_FILE)
+
+
+PRIOR_WEIGHT = CALIBRATION_PREFIX + "prior_weight.weight"
+NEIGHBOUR_WEIGHT = CALIBRATION_PREFIX + "neighbour_weight.weight"
+
+
+def trained_names(shared: Sequence[str], cfg: ModelConfig, *, prior: bool, neighbours: bool) -> list[str]:
+    """Which of the `shared` tensors a model trains (sorted): FFA-LoRA freezes A, a release's weight waits for the release.
+
+    What `Recommender.shared_parameters` holds, known to a coordinator that never builds the model.
+    """
+    frozen = {PRIOR_WEIGHT} if not prior else set()
+    frozen |= {NEIGHBOUR_WEIGHT} if not neighbours else set()
+    return sorted(n for n in shared if n not in frozen and not (cfg.ffa and "lora_A" in n))
 
 
 def calibration_state(calibration: Calibration) -> dict[str, torch.Tensor]:

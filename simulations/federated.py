@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 
 from client.ledger import PrivacyLedger
-from client.app import state_path
-from client.merchant import HEAD_FILE, Merchant, release_statistics, released_table
+from client.merchant import HEAD_FILE, Merchant, release_statistics, released_table, state_path
 from common import atomic
 from common.errors import SilorecError
 from common.metrics import metrics_from_ranks, most_pop, most_pop_scorer, paired_difference, ranks_of
 from common.popularity import prior_of, text_keys
-from common.round import RoundConfig
+from common.round import SILO_PRESET, RoundConfig
 from common.serve import best_scale, prior_scale_ranks, scale_prior_weight, scorer
 from common.silo import load_silo
 from common.split import leave_one_out
@@ -106,6 +105,20 @@ def _as_run_config(settings: ServerSettings) -> dict[str, Any]:
     return {k.replace("_", "-"): v for k, v in flat.items()}
 
 
+def local_only_settings(settings: ServerSettings) -> ServerSettings:
+    """The settings a merchant trains alone with: silo mode's, where the run is in federation mode.
+
+    Alone, a merchant has only its own users: one DP-SGD step a round would
+    leave it a handful of noisy steps, so it trains local epochs like a silo.
+    """
+    if settings.privacy == "silo":
+        return settings
+    names = ("epsilon", "seed", "lr", "max_grad_norm", "next_items", "base_model", "lora_r", "lora_alpha", "lora_targets",
+             "ffa", "max_tokens", "recency", "temperature", "local_head", "threads", "silos_dir")
+    cfg = RoundConfig.for_mode("silo", **{k: getattr(settings.round, k) for k in names})
+    return replace(settings, rounds=SILO_PRESET["rounds"], round=replace(cfg, rounds=SILO_PRESET["rounds"]))
+
+
 def central_most_pop(data: Path) -> dict[str, float]:
     """MostPop with the whole data set's popularity, on the same split as the federated test sets."""
     silo = load_silo(data)
@@ -181,17 +194,19 @@ def reuse_releases(model: Recommender, folder: Path, ledger: PrivacyLedger, item
     The prior comes from the merchant's own released counts (`item_keys`
     name its items in them), not from the pooled counts its federated self
     may score with: pooling is what federating adds.
-    False where the federation released nothing here (no state, or no run yet).
+    False where the merchant released nothing of its own here (no state, no
+    run yet, or a federation-mode run, whose releases were the federation's).
     """
     state = state_path({}, folder)
+    own = released_table(state)
+    if own is None or not (state / HEAD_FILE).is_file():
+        return False
     releases = [e for e in PrivacyLedger.open(state, budget=ledger.budget, delta=ledger.delta).entries if e.what != "train"]
-    if not releases or not (state / HEAD_FILE).is_file():
+    if not releases:
         return False
     head, item_ids = load_head(state / HEAD_FILE)
     model.load_head_state({k: v for k, v in head.items() if k in RELEASED}, item_ids)  # not the local head it trained
-    own = released_table(state)
-    if own is not None:
-        model.set_prior(prior_of(own, item_keys))
+    model.set_prior(prior_of(own, item_keys))
     for e in releases:
         ledger.record(run="local-only", round=0, noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate, steps=e.steps, what=e.what)
     return True

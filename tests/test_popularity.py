@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.app import state_path
+from client.merchant import state_path
 from client.ledger import PrivacyLedger
 from client.merchant import HEAD_FILE, Merchant, released_table
 from common.popularity import (
