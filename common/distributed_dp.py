@@ -104,7 +104,8 @@ def plan(
     room = half - 1 - scale * math.sqrt(dim)
     if room <= 0:
         raise LatticeError(f"{dim} coordinates of noise multiplier {noise_multiplier:g} do not fit a range of ±{half}")
-    lattice = Lattice(step=(bound + scale * clip) / room, bound=float(bound), range=span, modulus=modulus)
+    step = (bound + scale * clip) / room * (1 + 1e-9)  # a hair coarser, so rounding cannot tip `check` over
+    lattice = Lattice(step=step, bound=float(bound), range=span, modulus=modulus)
     lattice.check(noise_multiplier, clip, dim, min_replies, merchants)
     return lattice
 

@@ -18,7 +18,7 @@ keeps its own counts.
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,7 @@ def pool_popularity(grid: Grid, envelope: Envelope, cfg: RoundConfig, *, min_nod
             tables[a.node] = read_table(a.arrays)
         except ValueError as e:
             a.arrays, a.reason, a.rejected, a.size = None, str(e), True, 0
+            log(WARNING, "popularity: rejected table from %s (node %d): %s", a.silo, a.node, e)
     report = queries.summary_of(answers)
     summary: dict[str, Any] = {"merchants": 0, "item_texts": 0, "bytes_received": report["bytes_received"],
                                "rejected": report["rejected"], "no_table": report["no_reply"]}

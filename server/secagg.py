@@ -28,6 +28,7 @@ sum needs three merchants or more where that matters (docs/threat-model.md).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -130,8 +131,8 @@ class SumCollector(LegacyFedAvg):
                                       "accepted" if res.num_examples > 0 else "no-update", str(res.metrics.get("reason", "")))
             merchant.update_bytes = sum(a.size for a in parameters_to_ndarrays(res.parameters)) * 8  # masked int64
             result.merchants.append(merchant)
-        for failure in failures:
-            result.merchants.append(MerchantReport(-1, "?", {}, "error", str(failure)))
+        for reason in dict.fromkeys(failure_reason(str(f)) for f in failures):  # Flower may list one failure twice
+            result.merchants.append(MerchantReport(-1, "?", {}, "error", reason))
         result.contributors = len(result.accepted)
         need = max(2, self.spec.min_replies)
         mean = parameters_to_ndarrays(results[0][1].parameters) if results else []
@@ -200,6 +201,18 @@ class SecureSum:
             clipping_range=float(spec.clip), quantization_range=quantization_range(max(merchants, 2)),
             modulus_range=MODULUS, **common,
         )
+
+
+_RAISED = re.compile(r"(?:client|common|server)\.\w+\.\w+: (.+?)(?:\\n|\n|'>|$)")
+
+
+def failure_reason(text: str) -> str:
+    """What a merchant's ClientApp raised, from the error Flower relays (a repr of a remote traceback), in one line."""
+    raised = _RAISED.findall(text)
+    if raised:
+        return raised[-1].strip().rstrip("\\")
+    lines = [line.strip() for line in text.replace("\\n", "\n").splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "no reason given"
 
 
 def check(settings: ServerSettings) -> None:

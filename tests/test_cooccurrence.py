@@ -99,7 +99,7 @@ def test_released_neighbours_enter_the_score_times_the_shared_weight_and_stay_lo
 
 
 def test_a_merchant_releases_both_once_and_pays_for_them_in_its_ledger(tmp_path, tiny_bert, synthetic_silo):
-    cfg = RoundConfig(base_model=str(tiny_bert), rounds=2, local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, prior_noise=2.0, cooccurrence_noise=1.5)
+    cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), rounds=2, local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, prior_noise=2.0, cooccurrence_noise=1.5)
     merchant = Merchant(synthetic_silo, tmp_path / "state", cfg.model())
     global_arrays = {k: v.numpy() for k, v in merchant.model.shared_state().items()}
     for r in (1, 2):

@@ -108,7 +108,7 @@ def _wait_for(predicate, timeout: float, what: str, procs: Processes) -> None:
     raise AssertionError(f"timed out waiting for {what}:\n" + procs.log("server")[-3000:])
 
 
-def test_two_enrolled_merchants_train_over_tls_and_an_unenrolled_node_is_refused(tmp_path, tiny_bert, processes):
+def test_two_enrolled_merchants_train_in_federation_mode_over_tls_and_an_unenrolled_node_is_refused(tmp_path, tiny_bert, processes):
     runner = CliRunner()
     pki, enrolled, rogue_dir = tmp_path / "pki", tmp_path / "enrolled", tmp_path / "rogue"
     assert runner.invoke(server_main, ["certs", "--out", str(pki)]).exit_code == 0
@@ -124,7 +124,7 @@ def test_two_enrolled_merchants_train_over_tls_and_an_unenrolled_node_is_refused
         str(BIN / "silorec-server"), "start", "--certs", str(pki), "--enrolled", str(enrolled),
         "--address", f"127.0.0.1:{port}", "--state", str(state), "--out", str(out), "--exit-after-run",
         "--run-config", f"num-server-rounds={ROUNDS}", "--run-config", f"base-model={tiny_bert}",
-        "--run-config", "local-epochs=1", "--run-config", "batch-size=16", "--run-config", "delta=1e-3",
+        "--run-config", "batch-size=16", "--run-config", "delta=1e-3", "--run-config", f"eval-every={ROUNDS}",
         "--run-config", "threads=1",
     ])
     # a node whose key is not registered yet is refused, so the merchants start once both keys are in
@@ -153,6 +153,9 @@ def test_two_enrolled_merchants_train_over_tls_and_an_unenrolled_node_is_refused
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2]
     assert all(line["accepted"] == 2 and "silo-rogue" not in line["epsilon"] for line in lines[1:])
+    # federation mode: each round one secure sum of both merchants' noise shares, accounted once and in both ledgers
+    assert metrics["privacy"]["mode"] == "federation" and metrics["privacy"]["steps"] == ROUNDS and metrics["secure_aggregation"]
+    assert all(eps == pytest.approx(metrics["privacy"]["epsilon"]) for eps in lines[-1]["epsilon"].values())
     # accepted although the run demanded updates signed with the merchants' enrolled Ed25519 keys
     assert metrics["sealed"] and metrics["config"]["server"]["signing_keys"].endswith("signing.json")
     PeftModel.from_pretrained(load_encoder(str(tiny_bert))[1], str(out / "adapter"))

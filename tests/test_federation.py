@@ -18,12 +18,13 @@ import pytest
 from flwr.app import ConfigRecord
 from flwr.clientapp import ClientApp
 from peft import PeftModel
+from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
 import client.app as merchant_app
 from client.ledger import PrivacyLedger
 from client.merchant import HEAD_FILE, released_table
-from common import seal
+from common import accounting, seal
 from common.arrays import pack, to_record
 from common.errors import SilorecError
 from common.metrics import metrics_from_ranks
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def settings(tiny_bert, out, rounds=2, **kw):
-    round_cfg = RoundConfig(base_model=str(tiny_bert), local_epochs=2, batch_size=16, epsilon=8.0, delta=1e-3, threads=1)
+    round_cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), local_epochs=2, batch_size=16, epsilon=8.0, delta=1e-3, threads=1)
     server = {k: kw.pop(k) for k in list(kw) if k in ServerSettings.__dataclass_fields__}
     return ServerSettings(rounds=rounds, out_dir=str(out), round=replace(round_cfg, **kw), **server)
 
@@ -226,11 +227,12 @@ def test_bad_updates_and_spent_budgets_are_left_out_and_the_round_completes(tmp_
     assert metrics_from_ranks(np.concatenate(list(ranks.values())))["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"])
 
 
-def test_a_killed_run_resumes_from_its_last_round(tmp_path, tiny_bert):
+def test_a_killed_run_resumes_from_its_last_round_with_the_same_accountant(tmp_path, tiny_bert):
+    # federation mode, the default: the coordinator's accountant and optimiser must carry on, not restart
     data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=60, seed=3))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "simulations.cli", "run", "--data", str(data), "--out", str(out), "--merchants", "2",
-           "--rounds", "4", "--local-epochs", "1", "--batch-size", "16", "--delta", "1e-3", "--base-model", str(tiny_bert)]
+           "--rounds", "4", "--batch-size", "16", "--delta", "1e-3", "--eval-every", "4", "--base-model", str(tiny_bert)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     state = out / "checkpoint" / "state.json"
@@ -252,6 +254,16 @@ def test_a_killed_run_resumes_from_its_last_round(tmp_path, tiny_bert):
     assert [line["round"] for line in lines] == [0, 1, 2, 3, 4]
     m = json.loads((out / "metrics.json").read_text())
     assert m["rounds"] == 4
+    plan = lines[0]["plan"]
+    history = [tuple(e) for e in plan["releases"]] + [(plan["noise_multiplier"], plan["sample_rate"], 4)]
+    assert m["privacy"]["steps"] == 4 and m["privacy"]["epsilon"] == pytest.approx(accounting.epsilon(history, 1e-3))
+    # the descent went on from the checkpoint's moments: AdamW took exactly one step per round
+    final = json.loads(state.read_text())
+    assert int(load_numpy(out / "checkpoint" / final["arrays"])["schedule.step"][0]) == 4
+    for silo in (out / "silos").iterdir():
+        if silo.is_dir():  # a merchant records a step when it sends its share: the killed round may be counted twice
+            steps = [e for e in PrivacyLedger.open(silo / ".silorec-state", budget=8.0, delta=1e-3).entries if e.what == "train"]
+            assert 4 <= len(steps) <= 5
     PeftModel.from_pretrained(load_encoder(str(tiny_bert))[1], str(out / "adapter"))
     assert "federated" in done.stdout and "MostPop" in done.stdout
     assert "federated − MostPop (each merchant) NDCG@10, test" in done.stdout and (out / "comparison.json").is_file()

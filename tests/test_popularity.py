@@ -78,7 +78,7 @@ def test_prior_enters_the_score_times_the_shared_weight_and_is_saved_locally(tmp
 
 
 def test_a_merchant_releases_once_and_pays_for_it_in_its_ledger(tmp_path, tiny_bert, synthetic_silo):
-    cfg = RoundConfig(base_model=str(tiny_bert), rounds=2, local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, prior_noise=1.0)
+    cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), rounds=2, local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, prior_noise=1.0)
     merchant = Merchant(synthetic_silo, tmp_path / "state", cfg.model())
     global_arrays = {k: v.numpy() for k, v in merchant.model.shared_state().items()}
     for r in (1, 2):
@@ -109,7 +109,7 @@ def test_local_only_merchants_pay_for_the_same_prior_from_the_same_budget(tmp_pa
     silos = tmp_path / "silos"
     for name, seed in (("a", 1), ("b", 2)):
         make_synthetic_silo(silos / name, SyntheticSpec(users=40, seed=seed))
-    cfg = RoundConfig(base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, threads=1)
+    cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, threads=1)
     report = run_local_only(silos, ServerSettings(rounds=2, out_dir=str(tmp_path / "run"), round=cfg), tmp_path / "run", log=lambda *_: None)
     assert report["test"]["users"] == 80 and 0 < report["epsilon_max"] <= 8.0
     for m in report["per_merchant"]:  # each chose its prior's weight on its own validation users, and kept the ranks as trained
@@ -126,7 +126,7 @@ def test_local_only_merchants_keep_the_release_they_made_to_federate(tmp_path, t
     silos = tmp_path / "silos"
     for name, seed in (("a", 1), ("b", 2)):
         make_synthetic_silo(silos / name, SyntheticSpec(users=40, seed=seed))
-    cfg = RoundConfig(base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, threads=1)
+    cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, threads=1)
     federating = Merchant(silos / "a", state_path({}, silos / "a"), cfg.model())
     federating.release_statistics(replace(cfg, prior_noise=2.0), federating.ledger(cfg, None))
     released, _ = load_head(state_path({}, silos / "a") / HEAD_FILE)
@@ -185,7 +185,7 @@ def test_a_table_holds_keys_and_counts_and_nothing_else():
 
 
 def test_a_merchant_shares_its_release_once_and_scores_with_the_pooled_counts(tmp_path, tiny_bert, synthetic_silo):
-    cfg = RoundConfig(base_model=str(tiny_bert), rounds=1, local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, prior_noise=1.0)
+    cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), rounds=1, local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, prior_noise=1.0)
     merchant = Merchant(synthetic_silo, tmp_path / "state", cfg.model())
     table, reason = merchant.popularity_table(cfg)
     again, _ = merchant.popularity_table(cfg)  # asked twice (a restarted coordinator): the same release

@@ -12,7 +12,8 @@ from flwr.clientapp import ClientApp
 import client.app as merchant_app
 from client.secagg import MerchantClient, clip_norm, secagg_mod_for, secure_aggregation_mod
 from common.errors import SilorecError
-from common.round import RoundConfig
+from client.merchant import merchant_for_node
+from common.round import RoundConfig, SumSpec
 from server import checkpoint
 from server.secagg import check, quantization_range
 from server.settings import ServerSettings
@@ -29,9 +30,11 @@ class RecordingClient(MerchantClient):
         cfg = RoundConfig.from_record(config)
         folder = Path(cfg.silos_dir).parent / "plaintext"
         folder.mkdir(exist_ok=True)
-        names = str(config["secagg-tensors"]).split(",")
+        names = SumSpec.from_config(config).names
+        merchant = merchant_for_node(self.context.node_config, cfg)
+        start = {n: a for n, a in self._global(merchant, parameters, config, cfg).items() if n in names}
         np.savez(folder / f"round-{cfg.round}-node-{self.context.node_id}.npz", users=users,
-                 **{f"update-{i}": a for i, a in enumerate(arrays)}, **{f"global-{n}": p for n, p in zip(names, parameters)})
+                 **{f"update-{i}": a for i, a in enumerate(arrays)}, **{f"global-{n}": p for n, p in start.items()})
         return arrays, users, metrics
 
 
@@ -48,14 +51,18 @@ def _evaluate(msg, context):
     return merchant_app.evaluate(msg, context)
 
 
+recording.query()(merchant_app.query)  # the coordinator asks each merchant for its sealing key
+
+
 # What client/app.py's ClientApp becomes with secure aggregation: the same functions, one mod more.
 merchant = ClientApp(mods=[secure_aggregation_mod])
 merchant.train()(merchant_app.train)
 merchant.evaluate()(merchant_app.evaluate)
+merchant.query()(merchant_app.query)
 
 
 def _settings(tiny_bert: Path, out: Path, *, rounds: int, epsilon: float) -> ServerSettings:
-    cfg = RoundConfig(base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=epsilon, delta=1e-3, threads=1)
+    cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=epsilon, delta=1e-3, threads=1)
     return ServerSettings(rounds=rounds, out_dir=str(out), secure_aggregation=True, round=cfg)
 
 
