@@ -163,7 +163,7 @@ class Merchant:
             raise SecureAggregationError(f"{self.silo.name}: the coordinator steps {len(spec.names)} tensors, this merchant trains "
                                            f"{len(trains)} (missing a release?); it cannot take part")
         self._admit(cfg, spec, budget)
-        records = UserRecords(self.split, seed=cfg.seed, next_items=cfg.next_items)
+        records = UserRecords(self.split, seed=cfg.seed, next_items=cfg.next_items, cut=cfg.cut)
         records.set_epoch(cfg.round)  # a fresh cut point per user and round
         rng = np.random.default_rng(secrets.randbits(128))  # the sample must be secret: amplification assumes it
         picked = np.flatnonzero(rng.random(len(records)) < spec.sample_rate)

@@ -7,12 +7,16 @@ averaged over evaluated users, for K = 10 and 20.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common import atomic
+from common.errors import SilorecError
 from common.split import EvalCase, Split
 
 KS = (10, 20)
@@ -64,6 +68,26 @@ def evaluate(score: ScoreFn, cases: Sequence[EvalCase], *, batch_size: int = 256
     return metrics_from_ranks(ranks_of(score, cases, batch_size=batch_size, desc=desc))
 
 
+RANKS_FILE = "ranks.json"  # a run's per-user target ranks, by split: what `silorec-sim compare` pairs runs by
+
+
+def save_ranks(folder: Path, ranks: Mapping[str, Mapping[str, int]], *, model: str) -> Path:
+    """Write `folder`/ranks.json: each evaluated user's target rank by split ({"valid": {user_id: rank}, "test": …})."""
+    path = Path(folder) / RANKS_FILE
+    atomic.write_json(path, {"model": model, **{split: {str(u): int(r) for u, r in by_user.items()} for split, by_user in ranks.items()}})
+    return path
+
+
+def load_ranks(folder: Path) -> dict[str, dict[str, int]]:
+    """What `save_ranks` wrote in `folder`, by split and user id; SilorecError if there is none."""
+    path = Path(folder) / RANKS_FILE
+    try:
+        data = json.loads(path.read_text())
+        return {split: {str(u): int(r) for u, r in data[split].items()} for split in ("valid", "test")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SilorecError(f"{path}: no per-user ranks to pair ({e}); finish the run with this version of silorec") from None
+
+
 def paired_difference(
     ranks_a: np.ndarray, ranks_b: np.ndarray, *, k: int = 10, samples: int = 5000, level: float = 0.95, seed: int = 0
 ) -> dict[str, float]:
@@ -76,15 +100,19 @@ def paired_difference(
     pair of ranks together.
 
     Ranks of shape (runs, users), from repeated runs on the same users, give
-    the difference averaged over the runs: each user's differences stay
-    together when users are resampled, so the interval is over users, for
-    the mean over those runs' draws of the training noise.
+    the difference of each arm's mean over its runs (the arms may have run
+    different numbers of times): each user's differences stay together when
+    users are resampled, so the interval is over users, for the mean over
+    those runs' draws of the training noise.
     """
     a, b = (np.asarray(r, dtype=np.float64) for r in (ranks_a, ranks_b))
-    if a.shape != b.shape or a.ndim not in (1, 2) or a.shape[-1] == 0 or a.size == 0:
-        raise ValueError(f"paired ranks must be two equally shaped, non-empty (runs ×) users arrays, not {a.shape} and {b.shape}")
-    d = np.where(a <= k, 1.0 / np.log2(a + 1), 0.0) - np.where(b <= k, 1.0 / np.log2(b + 1), 0.0)
-    d = d.reshape(-1, d.shape[-1]).mean(axis=0)  # per user, over runs
+    if a.ndim not in (1, 2) or b.ndim not in (1, 2) or a.shape[-1] != b.shape[-1] or not a.size or not b.size:
+        raise ValueError(f"paired ranks must be two non-empty (runs ×) users arrays over the same users, not {a.shape} and {b.shape}")
+
+    def gain(r: np.ndarray) -> np.ndarray:  # per user, over runs
+        return np.where(r <= k, 1.0 / np.log2(r + 1), 0.0).reshape(-1, r.shape[-1]).mean(axis=0)
+
+    d = gain(a) - gain(b)
     rng = np.random.default_rng(seed)
     means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(samples)])
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])

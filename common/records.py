@@ -18,6 +18,11 @@ import numpy as np
 from common.split import Split
 
 
+Cut = Literal["random", "recent", "last"]
+CUTS: tuple[str, ...] = ("random", "recent", "last")
+RECENT = 10  # cut="recent": the prefix ends within the last this many training items
+
+
 @dataclass(frozen=True)
 class UserRecord:
     """`history` (catalog indices, oldest first) → `targets` (what came next, in order), for user `user`."""
@@ -36,15 +41,17 @@ class UserRecords:
     """A map-style data set (usable by torch's DataLoader) over the users who can train.
 
     A user can train when their training history has at least two items.
-    `cut="random"` draws the prefix length uniformly per epoch; `cut="last"`
-    always predicts the last training item from everything before it.
+    `cut="random"` draws the prefix length uniformly per epoch; `cut="recent"`
+    draws it among the last RECENT positions, where a user is evaluated
+    (what comes after the whole history); `cut="last"` always predicts the
+    last training item from everything before it.
     """
 
-    def __init__(
-        self, split: Split, *, seed: int = 0, cut: Literal["random", "last"] = "random", next_items: int = 1
-    ) -> None:
+    def __init__(self, split: Split, *, seed: int = 0, cut: Cut = "random", next_items: int = 1) -> None:
         if next_items < 1:
             raise ValueError(f"next_items must be at least 1, not {next_items}")
+        if cut not in CUTS:
+            raise ValueError(f"cut must be one of {', '.join(CUTS)}, not {cut!r}")
         self.histories = split.train
         self.next_items = next_items
         self.users = np.array([u for u, h in enumerate(split.train) if len(h) >= 2], dtype=np.int64)
@@ -65,7 +72,8 @@ class UserRecords:
         if self.cut == "last":
             t = len(seq) - 1
         else:
-            t = int(np.random.default_rng((self.seed, self.epoch, user)).integers(1, len(seq)))
+            low = max(1, len(seq) - RECENT) if self.cut == "recent" else 1
+            t = int(np.random.default_rng((self.seed, self.epoch, user)).integers(low, len(seq)))
         return UserRecord(user=user, history=seq[:t], targets=seq[t : t + self.next_items])
 
     def records(self) -> list[UserRecord]:

@@ -59,6 +59,7 @@ class RoundConfig:
     head_lr: float = 0.01
     max_grad_norm: float = TrainConfig.max_grad_norm
     next_items: int = TrainConfig.next_items
+    cut: str = TrainConfig.cut  # where a user's training record cuts their history (common.records)
     epsilon: float = 8.0  # the run's per-merchant ε budget; 0 trains without DP
     delta: float = 0.0  # 0: each silo uses 1/(10·users)
     seed: int = 0
@@ -123,6 +124,7 @@ class RoundConfig:
             head_lr=self.head_lr,
             max_grad_norm=self.max_grad_norm,
             next_items=self.next_items,
+            cut=self.cut,
             noise_multiplier=noise_multiplier,
             delta=delta,
             seed=self.seed + 1009 * self.round,  # fresh records each round, reproducible

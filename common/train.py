@@ -24,7 +24,7 @@ from opacus.optimizers import DPPerLayerOptimizer
 from tqdm.auto import tqdm
 
 from common import accounting
-from common.records import UserRecord, UserRecords
+from common.records import Cut, UserRecord, UserRecords
 from common.split import Split
 from common.towers import Recommender
 
@@ -48,6 +48,7 @@ class TrainConfig:
     noise_multiplier: float | None = None  # set directly (the federated ledger plans it across rounds)
     accountant: str = accounting.DEFAULT
     next_items: int = 5  # targets per user record: the items that followed the history prefix
+    cut: Cut = "random"  # where a user's record cuts its history (common.records)
     seed: int = 0  # the adapter's init, the records' cut points and (without DP) the batch order
     # The DP noise and the Poisson sampling must be unpredictable to whoever sees the result: by
     # default they are seeded afresh from the OS's entropy. A fixed noise_seed makes an experiment
@@ -137,7 +138,7 @@ def train(
     """Train `model` in place on the split's training histories; return losses and privacy spent."""
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    records = UserRecords(split, seed=cfg.seed, next_items=cfg.next_items)
+    records = UserRecords(split, seed=cfg.seed, next_items=cfg.next_items, cut=cfg.cut)
     users = len(records)
     result = TrainResult(users=users, accountant_history=[tuple(h) for h in (history or [])])
     if users == 0:

@@ -17,7 +17,7 @@ import torch
 
 from common import atomic
 from common.cooccurrence import set_released_cooccurrence
-from common.metrics import evaluate, most_pop
+from common.metrics import evaluate, metrics_from_ranks, most_pop, ranks_of, save_ranks
 from common.popularity import set_released_prior
 from common.serve import scorer
 from common.silo import load_silo
@@ -92,8 +92,8 @@ def run_central(data: Path, out: Path, cfg: CentralConfig, *, cache_dir: Path | 
     result = train(model, split, cfg.train, history=released, on_epoch=on_epoch)
     model.load_shared_state(best["shared"])
     model.load_head_state(best["head"], model.item_ids)
-    valid = evaluate(score, split.valid, desc="validation")
-    test = evaluate(score, split.test, desc="test")
+    ranks = {name: ranks_of(score, getattr(split, name), desc=name) for name in ("valid", "test")}
+    valid, test = metrics_from_ranks(ranks["valid"]), metrics_from_ranks(ranks["test"])
     metrics = {
         "test": test,
         "valid": valid,
@@ -119,6 +119,8 @@ def run_central(data: Path, out: Path, cfg: CentralConfig, *, cache_dir: Path | 
     with atomic.directory(out, replace=force) as scratch:
         model.save(scratch / "adapter")
         atomic.write_json(scratch / "metrics.json", metrics)
+        save_ranks(scratch, {name: dict(zip((c.user_id for c in getattr(split, name)), r.tolist())) for name, r in ranks.items()},
+                   model="centralised" + ("" if result.epsilon is None else " DP"))
         plot_curves(
             scratch / "training.png",
             {"train loss": [h["loss"] for h in history]},

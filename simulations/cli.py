@@ -13,6 +13,8 @@ import json
 import time
 from dataclasses import replace
 
+from common.metrics import RANKS_FILE
+from common.records import CUTS
 from common.round import PRIVACY_MODES, SILO_PRESET, RoundConfig, preset_of
 from common.towers import DP_MODEL_DEFAULTS
 from common.train import TrainConfig, preset
@@ -120,13 +122,14 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
 @click.option("--head-lr", type=float, default=None, help="Learning rate of the calibration and the local item head [0.02; 0.01 with --epsilon].")
 @click.option("--max-grad-norm", type=float, default=TrainConfig.max_grad_norm, show_default=True, help="Per-user clipping bound (DP).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the adapter's init, the records and (without DP) the batch order.")
+@click.option("--cut", type=click.Choice(CUTS), default=TrainConfig.cut, show_default=True, help="Where a user's training record cuts their history: anywhere (random), within the last items (recent), or at the last one.")
 @click.option("--noise-seed", type=int, default=None, help="Seed the DP noise and sampling, for a reproducible experiment (default: fresh OS entropy). Whoever knows it can subtract the noise: never for a model you release.")
 @click.option("--prior-noise", type=float, default=CentralConfig.prior_noise, show_default=True, help="Noise multiplier of an item-popularity prior released once before training and counted in ε (DP runs only); 0: no prior.")
 @click.option("--cooccurrence-noise", type=float, default=CentralConfig.cooccurrence_noise, show_default=True, help="Noise multiplier of the item co-occurrence among the prior's top items, released once after it and counted in ε (DP runs only; needs the prior); 0: none.")
 @model_options
 @click.option("--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr, max_grad_norm, seed, noise_seed, prior_noise, cooccurrence_noise, model_cfg, cache, force):
+def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr, max_grad_norm, seed, cut, noise_seed, prior_noise, cooccurrence_noise, model_cfg, cache, force):
     """Train the recommender on all users of one silo (no federation) and report test metrics.
 
     The upper bound for federated runs. With --epsilon it first releases the
@@ -145,7 +148,7 @@ def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr
         raise click.UsageError("--cooccurrence-noise picks its items by the popularity prior: give --prior-noise > 0 too, or --cooccurrence-noise 0")
     train_cfg = preset(
         epsilon is not None, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
-        max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, seed=seed, noise_seed=noise_seed,
+        max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, seed=seed, noise_seed=noise_seed, cut=cut,
     )
     model_cfg = replace(model_cfg, seed=seed)
     if epsilon is not None:
@@ -188,6 +191,7 @@ def format_table(m: dict) -> str:
 @click.option("--delta", type=float, default=None, help="DP δ (default: 1/(10·users) of the federation, or of each merchant in silo mode).")
 @click.option("--batch-size", type=int, default=None, help=f"Expected users per DP-SGD step: over every merchant in federation mode, per merchant in silo mode [{_preset('batch_size')}].")
 @click.option("--lr", type=float, default=RoundConfig.lr, show_default=True, help="LoRA learning rate.")
+@click.option("--cut", type=click.Choice(CUTS), default=RoundConfig.cut, show_default=True, help="Where a user's training record cuts their history: anywhere (random), within the last items (recent), or at the last one.")
 @click.option("--head-lr", type=float, default=None, help=f"Learning rate of the shared calibration (temperature, text offset, release weights) and of a local item head where one is trained [{_preset('head_lr')}].")
 @click.option("--prior-noise", type=float, default=None, help=f"Noise multiplier of the item-popularity release, paid from the ε budget (DP runs only): one release over all merchants in federation mode, one per merchant in silo mode; 0: none [{_preset('prior_noise')}].")
 @click.option("--cooccurrence-noise", type=float, default=None, help=f"Noise multiplier of the item co-occurrence release after the popularity, paid from the same budget (DP runs only); 0: none [{_preset('cooccurrence_noise')}].")
@@ -201,13 +205,13 @@ def format_table(m: dict) -> str:
 @click.option("--min-fit-clients", type=int, default=ServerSettings.min_fit_clients, show_default=True, help="Silo mode: fewest accepted updates that change the global adapter.")
 @click.option("--gpu-fraction", type=float, default=0.0, show_default=True, help="GPU share per merchant (e.g. 0.25: four at a time on one GPU).")
 @click.option("--local-only", is_flag=True, help="Also train every merchant alone (the no-federation baseline, with silo mode's settings) from the same ε budget, and report it.")
-@click.option("--central", "central_path", type=click.Path(exists=True, path_type=Path), help="metrics.json of a `silorec-sim central` run to compare with (paired by user when it kept its ranks).")
+@click.option("--central", "central_path", type=click.Path(exists=True, path_type=Path), help="A `silorec-sim central` run (its folder or metrics.json) to compare with, paired by user.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last complete round.")
 @click.option("--force", is_flag=True, help="Delete an earlier run in OUT first.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Flower's debug logging.")
 @model_options
-def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsilon, delta, batch_size, lr, head_lr, prior_noise, cooccurrence_noise,
+def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsilon, delta, batch_size, lr, cut, head_lr, prior_noise, cooccurrence_noise,
         min_replies, eval_every, pool_popularity, prior_scales, aggregation, secure_aggregation, max_update_norm, min_fit_clients, gpu_fraction,
         local_only, central_path, resume, force, seed, verbose, model_cfg):
     """Simulate a federation of merchants on one machine and report its test metrics.
@@ -246,7 +250,7 @@ def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsi
              "prior_noise": prior_noise, "cooccurrence_noise": cooccurrence_noise}
     round_cfg = RoundConfig.for_mode(
         privacy, **{k: v for k, v in given.items() if v is not None and k != "rounds"},
-        lr=lr, epsilon=epsilon, delta=delta or 0.0, seed=seed,
+        lr=lr, cut=cut, epsilon=epsilon, delta=delta or 0.0, seed=seed,
         base_model=model_cfg.base_model, lora_r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha,
         lora_targets=",".join(model_cfg.lora_targets), ffa=model_cfg.ffa, max_tokens=model_cfg.max_tokens,
         recency=model_cfg.recency, temperature=model_cfg.temperature, local_head=model_cfg.local_head,
@@ -268,11 +272,17 @@ def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsi
         alone = run_local_only(out / "silos", local_only_settings(settings), out, log=click.echo)
         rows["local-only"] = alone["test"]
     paired = paired_comparisons(out / "silos", settings, out, alone)
+    central_dir = None
     if central_path:
-        rows["centralised"] = json.loads(Path(central_path).read_text())["test"]
+        central_dir = central_path if central_path.is_dir() else central_path.parent
+        rows["centralised"] = json.loads((central_dir / "metrics.json").read_text())["test"]
     click.echo("")
     click.echo(comparison_table(rows, users=int(metrics["test"]["users"])))
     echo_differences(paired)
+    if central_dir is not None and (central_dir / RANKS_FILE).is_file():
+        from simulations.federated import compare_runs
+
+        echo_differences({split: {"federated − centralised": d} for split, d in compare_runs([out], [central_dir]).items()})
     eps, privacy = metrics["epsilon_max"], metrics.get("privacy") or {}
     if privacy.get("epsilon") is not None:
         click.echo(f"ε of the federation {privacy['epsilon']:.2f} at δ={privacy['delta']:.1e} over its {privacy['users']} users "
@@ -320,6 +330,29 @@ def pool(runs: tuple[Path, ...]) -> None:
     from simulations.federated import pooled_comparisons
 
     echo_differences(pooled_comparisons(list(runs)), over=f", mean over {len(runs)} runs")
+
+
+@main.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--against", "against", multiple=True, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A run to compare RUNS with (repeatable: several draws of one setting).")
+def compare(runs: tuple[Path, ...], against: tuple[Path, ...]) -> None:
+    """NDCG@10 of RUNS minus that of the --against runs, paired by user, with a 95% bootstrap interval.
+
+    Any finished runs on the same users: `run` (either privacy mode) or
+    `central`, each pairing by its ranks.json. Several runs of one setting
+    (draws of the DP noise) are averaged per user before users are
+    resampled, so the interval is for the mean over those draws. It writes
+    nothing.
+
+    \b
+    silorec-sim compare runs/fed-1 runs/fed-2 runs/fed-3 --against runs/central-dp-1 --against runs/central-dp-2
+    """
+    from simulations.federated import compare_runs
+
+    for split, d in compare_runs(list(runs), list(against)).items():
+        click.echo(f"NDCG@10 of {len(runs)} run(s) − {len(against)} run(s), {split}: {d['difference']:+.4f} "
+                   f"({d['level']:.0%} CI {d['low']:+.4f} … {d['high']:+.4f}, paired bootstrap over {d['users']} users)")
 
 
 def comparison_table(rows: dict[str, dict], *, users: int) -> str:

@@ -20,7 +20,9 @@ from client.ledger import PrivacyLedger
 from client.merchant import HEAD_FILE, Merchant, release_statistics, released_table, state_path
 from common import atomic
 from common.errors import SilorecError
-from common.metrics import metrics_from_ranks, most_pop, most_pop_scorer, paired_difference, ranks_of
+from common.metrics import (
+    load_ranks, metrics_from_ranks, most_pop, most_pop_scorer, paired_difference, ranks_of, save_ranks,
+)
 from common.popularity import prior_of, text_keys
 from common.round import SILO_PRESET, RoundConfig
 from common.serve import best_scale, prior_scale_ranks, scale_prior_weight, scorer
@@ -113,7 +115,7 @@ def local_only_settings(settings: ServerSettings) -> ServerSettings:
     """
     if settings.privacy == "silo":
         return settings
-    names = ("epsilon", "seed", "lr", "max_grad_norm", "next_items", "base_model", "lora_r", "lora_alpha", "lora_targets",
+    names = ("epsilon", "seed", "lr", "max_grad_norm", "next_items", "cut", "base_model", "lora_r", "lora_alpha", "lora_targets",
              "ffa", "max_tokens", "recency", "temperature", "local_head", "threads", "silos_dir")
     cfg = RoundConfig.for_mode("silo", **{k: getattr(settings.round, k) for k in names})
     return replace(settings, rounds=SILO_PRESET["rounds"], round=replace(cfg, rounds=SILO_PRESET["rounds"]))
@@ -247,8 +249,43 @@ def paired_comparisons(
     OUT/comparison.json. The validation differences are the ones to choose
     settings by; the test differences are the ones to report.
     """
-    report = {split: _differences(joined) for split, joined in _joined_ranks(silos, settings, out, local_only).items()}
+    joined = _joined_ranks(silos, settings, out, local_only)
+    ids = user_ids(silos)
+    save_ranks(out, {split: dict(zip(ids[split], joined[split]["federated"].tolist())) for split in SPLITS},
+               model=f"federated ({settings.privacy} privacy)")
+    report = {split: _differences(by_model) for split, by_model in joined.items()}
     atomic.write_json(out / "comparison.json", report)
+    return report
+
+
+def user_ids(silos: Path) -> dict[str, list[str]]:
+    """Every merchant's evaluated users by split, merchant after merchant in the order `_joined_ranks` joins them."""
+    ids: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for folder in merchant_silos(silos):
+        silo = load_silo(folder)
+        split = leave_one_out(silo.interactions, silo.n_items)
+        for name in SPLITS:
+            ids[name] += [c.user_id for c in getattr(split, name)]
+    return ids
+
+
+def compare_runs(runs: list[Path], against: list[Path]) -> dict[str, dict[str, float]]:
+    """NDCG@10 of the runs `runs` minus that of the runs `against`, paired by user, by split.
+
+    Any runs that scored the same users: federated (either privacy mode),
+    centralised, or several draws of each (each arm averaged over its runs
+    per user before users are resampled). Each run's OUT/ranks.json.
+    """
+    arms = [[load_ranks(r) for r in runs], [load_ranks(r) for r in against]]
+    report = {}
+    for split in SPLITS:
+        users = sorted(arms[0][0][split])
+        for arm, folders in zip(arms, (runs, against)):
+            for ranks, folder in zip(arm, folders):
+                if sorted(ranks[split]) != users:
+                    raise SilorecError(f"{folder} scored other {split} users than {runs[0]}: only runs on the same data pair up")
+        stacked = [np.array([[r[split][u] for u in users] for r in arm]) for arm in arms]
+        report[split] = paired_difference(*stacked) | {"runs": len(runs), "against": len(against)}
     return report
 
 

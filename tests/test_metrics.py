@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.metrics import evaluate, metrics_from_ranks, most_pop, paired_difference, target_ranks
+from common.errors import SilorecError
+from common.metrics import evaluate, load_ranks, metrics_from_ranks, most_pop, paired_difference, save_ranks, target_ranks
 from common.silo import load_silo
 from common.split import EvalCase, leave_one_out
 
@@ -69,7 +70,7 @@ def test_paired_difference_is_the_difference_of_means_with_a_bootstrap_interval(
     other[40:80] = 1  # as much better, on other users
     tie = paired_difference(better, other)
     assert tie["low"] < 0 < tie["high"]
-    with pytest.raises(ValueError, match="equally shaped"):
+    with pytest.raises(ValueError, match="over the same users"):
         paired_difference(np.array([1, 2]), np.array([1]))
 
 
@@ -89,5 +90,29 @@ def test_paired_difference_over_runs_averages_each_users_difference_first():
     assert pooled["difference"] == pytest.approx(0.5) and pooled["users"] == 2
     assert pooled["low"] == pytest.approx(0.0) and pooled["high"] == pytest.approx(1.0)  # each user's mean drawn twice
     assert paired_difference(a[:1], b[:1])["difference"] == paired_difference(a[0], b[0])["difference"]
-    with pytest.raises(ValueError, match="equally shaped"):
+    with pytest.raises(ValueError, match="over the same users"):
         paired_difference(a, b[:, :1])
+
+
+def test_runs_pair_by_user_id_and_each_arm_is_averaged_over_its_draws(tmp_path):
+    from simulations.federated import compare_runs
+
+    users = [f"u{i}" for i in range(200)]
+    rng = np.random.default_rng(0)
+    better = [tmp_path / f"better-{k}" for k in range(2)]
+    worse = [tmp_path / "worse"]
+    for folder, top in [(f, 3) for f in better] + [(f, 30) for f in worse]:
+        folder.mkdir()
+        ranks = {u: int(rng.integers(1, top + 1)) for u in reversed(users)}  # written in another order than read
+        save_ranks(folder, {"valid": ranks, "test": ranks}, model="test")
+    report = compare_runs(better, worse)
+    a = np.array([[load_ranks(f)["test"][u] for u in sorted(users)] for f in better])
+    b = np.array([[load_ranks(worse[0])["test"][u] for u in sorted(users)]])
+    assert report["test"]["difference"] == pytest.approx(paired_difference(a, b)["difference"])
+    assert report["test"]["difference"] > 0.2
+    assert report["test"]["low"] > 0 and report["test"]["runs"] == 2 and report["test"]["against"] == 1
+    save_ranks(worse[0], {"valid": {"u0": 1}, "test": {"u0": 1}}, model="test")
+    with pytest.raises(SilorecError, match="other valid users"):
+        compare_runs(better, worse)
+    with pytest.raises(SilorecError, match="no per-user ranks"):
+        load_ranks(tmp_path)
