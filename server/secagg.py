@@ -29,6 +29,7 @@ sum needs three merchants or more where that matters (docs/threat-model.md).
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -84,6 +85,26 @@ class SumResult:
     @property
     def bytes_received(self) -> int:
         return sum(m.update_bytes for m in self.merchants)
+
+
+class TimedSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, timing each of its four stages (the merchants' own work is in collect)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seconds: dict[str, float] = {}
+        for stage in ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage", "unmask_stage"):
+            setattr(self, stage, self._timed(stage, getattr(self, stage)))
+
+    def _timed(self, name: str, stage):
+        def run(*args: Any) -> bool:
+            t0 = time.perf_counter()
+            try:
+                return stage(*args)
+            finally:
+                self.seconds[name.removesuffix("_stage")] = round(time.perf_counter() - t0, 4)
+
+        return run
 
 
 class SumCollector(LegacyFedAvg):
@@ -187,16 +208,16 @@ class SecureSum:
         workflow(self.grid, self.legacy)
         result = c.result or SumResult(total=None, reason="SecAgg+ halted before it could unmask the sum (too few merchants answered)")
         result.workflow = {"clipping_range": workflow.clipping_range, "quantization_range": workflow.quantization_range,
-                           "max_weight": workflow.max_weight, "modulus": workflow.modulus_range}
+                           "max_weight": workflow.max_weight, "modulus": workflow.modulus_range, "seconds": workflow.seconds}
         self.users_seen += [m.metrics["users"] for m in result.merchants if m.metrics.get("users")]
         return result
 
-    def _workflow(self, spec: SumSpec, *, merchants: int) -> SecAggPlusWorkflow:
+    def _workflow(self, spec: SumSpec, *, merchants: int) -> TimedSecAggPlus:
         common = {"num_shares": NUM_SHARES, "reconstruction_threshold": RECONSTRUCTION_THRESHOLD, "timeout": self.settings.round_timeout}
         if spec.lattice is not None:
-            return SecAggPlusWorkflow(max_weight=1.0, clipping_range=float(spec.lattice.half),
+            return TimedSecAggPlus(max_weight=1.0, clipping_range=float(spec.lattice.half),
                                       quantization_range=spec.lattice.range, modulus_range=spec.lattice.modulus, **common)
-        return SecAggPlusWorkflow(
+        return TimedSecAggPlus(
             max_weight=2.0 * max(self.users_seen) if self.users_seen else DEFAULT_MAX_WEIGHT,
             clipping_range=float(spec.clip), quantization_range=quantization_range(max(merchants, 2)),
             modulus_range=MODULUS, **common,

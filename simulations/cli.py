@@ -123,13 +123,14 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
 @click.option("--max-grad-norm", type=float, default=TrainConfig.max_grad_norm, show_default=True, help="Per-user clipping bound (DP).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the adapter's init, the records and (without DP) the batch order.")
 @click.option("--cut", type=click.Choice(CUTS), default=TrainConfig.cut, show_default=True, help="Where a user's training record cuts their history: anywhere (random), within the last items (recent), or at the last one.")
+@click.option("--next-items", type=int, default=TrainConfig.next_items, show_default=True, help="Targets of a training record: the items that followed the cut.")
 @click.option("--noise-seed", type=int, default=None, help="Seed the DP noise and sampling, for a reproducible experiment (default: fresh OS entropy). Whoever knows it can subtract the noise: never for a model you release.")
 @click.option("--prior-noise", type=float, default=CentralConfig.prior_noise, show_default=True, help="Noise multiplier of an item-popularity prior released once before training and counted in ε (DP runs only); 0: no prior.")
 @click.option("--cooccurrence-noise", type=float, default=CentralConfig.cooccurrence_noise, show_default=True, help="Noise multiplier of the item co-occurrence among the prior's top items, released once after it and counted in ε (DP runs only; needs the prior); 0: none.")
 @model_options
 @click.option("--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr, max_grad_norm, seed, cut, noise_seed, prior_noise, cooccurrence_noise, model_cfg, cache, force):
+def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr, max_grad_norm, seed, cut, next_items, noise_seed, prior_noise, cooccurrence_noise, model_cfg, cache, force):
     """Train the recommender on all users of one silo (no federation) and report test metrics.
 
     The upper bound for federated runs. With --epsilon it first releases the
@@ -148,7 +149,7 @@ def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr
         raise click.UsageError("--cooccurrence-noise picks its items by the popularity prior: give --prior-noise > 0 too, or --cooccurrence-noise 0")
     train_cfg = preset(
         epsilon is not None, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
-        max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, seed=seed, noise_seed=noise_seed, cut=cut,
+        max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, seed=seed, noise_seed=noise_seed, cut=cut, next_items=next_items,
     )
     model_cfg = replace(model_cfg, seed=seed)
     if epsilon is not None:
@@ -330,6 +331,41 @@ def pool(runs: tuple[Path, ...]) -> None:
     from simulations.federated import pooled_comparisons
 
     echo_differences(pooled_comparisons(list(runs)), over=f", mean over {len(runs)} runs")
+
+
+@main.command("benchmark")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="Silo folder of the data set.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Benchmark folder: one run folder per arm and draw, benchmark.json.")
+@click.option("--draws", type=click.IntRange(min=1), default=3, show_default=True, help="Runs of each arm (fresh DP noise each).")
+@click.option("--arms", default="federation,silo,central-dp", show_default=True, help="Comma-separated, of federation, silo, central-dp, central (non-private).")
+@click.option("--merchants", type=int, default=10, show_default=True, help="Region merchants of the federated arms.")
+@click.option("--epsilon", type=float, default=8.0, show_default=True, help="ε of every DP arm.")
+@click.option("--delta", type=float, default=1e-4, show_default=True, help="δ of every DP arm (below 1/users).")
+@click.option("--arm-options", "arm_options", multiple=True, metavar="ARM=OPTIONS",
+              help="Extra options for one arm's command, e.g. 'federation=--rounds 200' (repeatable).")
+def benchmark(data, out, draws, arms, merchants, epsilon, delta, arm_options):
+    """Run each arm DRAWS times and print the privacy modes' comparison: federation vs silo vs central DP.
+
+    Each run is its own `silorec-sim run` or `central` process in
+    OUT/<arm>-<draw>; finished runs are kept, so a stopped benchmark resumes.
+    Prints each arm's test and validation NDCG@10 (mean and each draw), ε,
+    wall time, the paired differences federation − central DP and
+    federation − silo (averaged over draws per user, 95% bootstrap
+    intervals), and for the federation its validation after the last round
+    against round 0 and what a round costs. Writes OUT/benchmark.json.
+    """
+    from simulations.benchmark import ARMS, BenchmarkSpec, parse_options, run_benchmark, table
+
+    chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
+    if not chosen or any(a not in ARMS for a in chosen):
+        raise click.BadParameter(f"choose among {', '.join(ARMS)}", param_hint="--arms")
+    spec = BenchmarkSpec(data=data, out=out, draws=draws, arms=chosen, merchants=merchants, epsilon=epsilon, delta=delta,
+                         options=parse_options(arm_options))
+    summary = run_benchmark(spec, log=click.echo)
+    click.echo("")
+    for line in table(summary):
+        click.echo(line)
+    click.echo(f"wrote {out}/benchmark.json")
 
 
 @main.command("compare")
