@@ -158,6 +158,7 @@ class Merchant:
         """
         t0 = time.perf_counter()
         self.set_global(global_arrays)
+        self.model.set_adapter_trainable(cfg.lr > 0)
         trains = tuple(sorted(self.model.shared_parameters()))
         if trains != spec.names:
             raise SecureAggregationError(f"{self.silo.name}: the coordinator steps {len(spec.names)} tensors, this merchant trains "

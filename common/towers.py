@@ -416,6 +416,12 @@ class Recommender(nn.Module):
         """Everything a merchant shares: LoRA tensors (B only in FFA mode) and the calibration."""
         return self.adapter_state() | calibration_state(self.calibration)
 
+    def set_adapter_trainable(self, trainable: bool) -> None:
+        """Train the LoRA tensors or hold them fixed (FFA-LoRA's A is always fixed)."""
+        for name, p in self.user_tower.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(trainable and not (self.cfg.ffa and "lora_A" in name))
+
     def shared_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable parameters that are shared, under their `shared_state` names: what a federation step trains."""
         adapter = f".{self.user_tower.active_adapter}"
@@ -545,14 +551,17 @@ PRIOR_WEIGHT = CALIBRATION_PREFIX + "prior_weight.weight"
 NEIGHBOUR_WEIGHT = CALIBRATION_PREFIX + "neighbour_weight.weight"
 
 
-def trained_names(shared: Sequence[str], cfg: ModelConfig, *, prior: bool, neighbours: bool) -> list[str]:
-    """Which of the `shared` tensors a model trains (sorted): FFA-LoRA freezes A, a release's weight waits for the release.
+def trained_names(shared: Sequence[str], cfg: ModelConfig, *, prior: bool, neighbours: bool, adapter: bool = True) -> list[str]:
+    """Which of the `shared` tensors a model trains (sorted): FFA-LoRA freezes A, a release's weight waits for the
+    release, and the adapter trains only with a learning rate (`adapter`).
 
     What `Recommender.shared_parameters` holds, known to a coordinator that never builds the model.
     """
     frozen = {PRIOR_WEIGHT} if not prior else set()
     frozen |= {NEIGHBOUR_WEIGHT} if not neighbours else set()
-    return sorted(n for n in shared if n not in frozen and not (cfg.ffa and "lora_A" in n))
+    lora = [n for n in shared if not n.startswith(CALIBRATION_PREFIX)]
+    frozen |= set(lora) if not adapter else {n for n in lora if cfg.ffa and "lora_A" in n}
+    return sorted(n for n in shared if n not in frozen)
 
 
 def calibration_state(calibration: Calibration) -> dict[str, torch.Tensor]:

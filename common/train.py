@@ -144,6 +144,7 @@ def train(
     if users == 0:
         return result
     steps_per_epoch = max(1, math.ceil(users / cfg.batch_size))
+    model.set_adapter_trainable(cfg.lr > 0)  # lr 0: the adapter stays as it is and takes no share of the clipping bound
     sample_rate, sigma, delta = plan_noise(cfg, users, steps=cfg.epochs * steps_per_epoch, history=history)
     result.sample_rate, result.noise_multiplier = sample_rate, sigma
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -205,7 +206,7 @@ def optimizer_for(
     The same for central training, each merchant training alone, and the
     coordinator's step in `federation` mode.
     """
-    groups = [{"params": list(adapter), "lr": cfg.lr}] + ([{"params": list(rest), "lr": cfg.head_lr}] if rest else [])
+    groups = ([{"params": list(adapter), "lr": cfg.lr}] if adapter else []) + ([{"params": list(rest), "lr": cfg.head_lr}] if rest else [])
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     total = max(1, total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))

@@ -259,7 +259,8 @@ class FederationTraining:
         entries, held, released = release_statistics(self.secure, self.grid, self.envelope, cfg, self.census, min_replies=m,
                                                      timeout=self.settings.round_timeout)
         self.history = list(entries)
-        names = tuple(trained_names(sorted(self.shared), cfg.model(), prior=held["prior"], neighbours=held["neighbours"]))
+        names = tuple(trained_names(sorted(self.shared), cfg.model(), prior=held["prior"], neighbours=held["neighbours"],
+                                    adapter=cfg.lr > 0))
         dim = int(sum(self.shared[n].size for n in names))
         lattice = plan(bound=cfg.max_grad_norm * self.census.max_users, noise_multiplier=sigma, clip=cfg.max_grad_norm,
                        dim=dim, min_replies=m, merchants=merchants)

@@ -13,7 +13,7 @@ from common.split import leave_one_out
 from common.text import item_texts
 from common.towers import ModelConfig, build_recommender
 from common import accounting
-from common.train import TrainConfig, clip_bounds, dp_optimizer, mask_history, next_items_loss, train
+from common.train import TrainConfig, clip_bounds, clipped_gradient_sum, dp_optimizer, mask_history, next_items_loss, train
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 
 
@@ -112,6 +112,42 @@ def test_dp_training_changes_every_trainable_tensor_and_reports_epsilon(tiny_ber
     assert result.noise_multiplier > 0 and result.steps == sum(s for _, _, s in result.accountant_history)
     assert result.epsilon == pytest.approx(accounting.epsilon(result.accountant_history, 1e-3))
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+
+
+def test_without_an_adapter_learning_rate_only_the_calibration_trains_and_takes_the_whole_bound(tiny_bert, synthetic_silo):
+    model, split = setup(synthetic_silo, tiny_bert)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    offset = model.calibration.offset.weight.detach().clone()
+    train(model, split, TrainConfig(epochs=1, batch_size=16, lr=0.0, head_lr=0.1, epsilon=4.0, delta=1e-3), progress=False)
+    assert all(torch.equal(p, lora[n]) for n, p in model.named_parameters() if "lora_" in n)
+    assert not torch.equal(model.calibration.offset.weight, offset)
+    assert sorted(model.shared_parameters()) == ["calibration.log_scale.weight", "calibration.offset.weight"]
+    bounds = clip_bounds(model, TrainConfig(max_grad_norm=1.0))
+    assert sum(b * b for b in bounds.values()) == pytest.approx(1.0) and all("lora_" not in n for n in bounds)
+
+
+def test_clipped_gradient_sums_are_opacus_clipped_per_user_gradients_added_up(tiny_bert, synthetic_silo):
+    model, split = setup(synthetic_silo, tiny_bert)
+    perturb(model)
+    records = UserRecords(split, seed=0, next_items=3).records()[:6]
+    cfg = TrainConfig(max_grad_norm=0.5)
+    total = clipped_gradient_sum(model, records, cfg)
+    bounds = clip_bounds(model, cfg)
+    by_param = {id(p): n for n, p in model.named_parameters()}
+    shared = {id(p): n for n, p in model.shared_parameters().items()}
+    expected = {}
+    for r in records:  # each user alone, clipped per tensor to its bound, then summed
+        model.zero_grad()
+        batch_loss(model, model, [r]).backward()
+        for p in model.parameters():
+            if id(p) in shared:
+                g = p.grad.detach().double()
+                factor = min(1.0, bounds[by_param[id(p)]] / (float(g.norm()) + 1e-6))
+                expected[shared[id(p)]] = expected.get(shared[id(p)], 0) + factor * g
+    assert sorted(total) == sorted(expected)
+    for n, g in expected.items():
+        assert np.allclose(total[n], g.numpy(), atol=1e-5), n
+    assert all(not np.any(v) for v in clipped_gradient_sum(model, [], cfg).values())  # an empty draw: zeros
 
 
 def test_empty_poisson_batches_still_count_as_steps(tiny_bert, synthetic_silo):
