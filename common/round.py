@@ -16,10 +16,10 @@ from typing import Any
 from flwr.app import ConfigRecord
 
 from common.distributed_dp import Lattice
+from common.modes import PRIVACY_MODES
 from common.towers import DP_MODEL_DEFAULTS, ModelConfig
 from common.train import TrainConfig
 
-PRIVACY_MODES = ("federation", "silo")
 # The defaults below are `federation` mode's: one DP-SGD step per round over every merchant's
 # users, with central DP-SGD's settings (common.train.preset) and its two releases. `silo` mode,
 # where each merchant trains local epochs under its own noise, runs with these instead where a

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from common.cli import CONTEXT, RoleGroup
+from common.modes import PRIVACY_MODES
 from common.errors import SilorecError
 
 
@@ -76,11 +77,14 @@ def enroll(out: Path, merchant: str, force: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run output folder (out-dir). [default: STATE/run]")
 @click.option("--run-config", "run_config", multiple=True, metavar="K=V",
               help="Override a [tool.flwr.app.config] value, e.g. num-server-rounds=5 (repeatable; V is TOML, bare text is a string).")
+@click.option("--privacy", type=click.Choice(PRIVACY_MODES), default=None,
+              help="federation: one DP-SGD step a round over every merchant's users, noise added once through SecAgg+; "
+              "silo: every merchant adds its own noise (set its preset too: see docs/operator.md). [default: the run config's, federation]")
 @click.option("--app", type=click.Path(file_okay=False, path_type=Path), default=None, help="The silorec project folder to run. [default: this installation's]")
 @click.option("--exit-after-run", is_flag=True, help="Stop the SuperLink when the run ends; exit 0 only if it completed.")
 @click.option("--insecure", is_flag=True, help="Local development only: no TLS and no node authentication.")
 def start(certs_dir: Path | None, enrolled: Path | None, address: str, state: Path, out: Path | None,
-          run_config: tuple[str, ...], app: Path | None, exit_after_run: bool, insecure: bool) -> None:
+          run_config: tuple[str, ...], privacy: str | None, app: Path | None, exit_after_run: bool, insecure: bool) -> None:
     """Start the SuperLink (TLS + SuperNode authentication), register enrolled merchants, submit the run.
 
     Keeps serving until interrupted (Ctrl+C), or with --exit-after-run until the
@@ -108,6 +112,8 @@ def start(certs_dir: Path | None, enrolled: Path | None, address: str, state: Pa
             raise pki.PkiError(f"no merchant is enrolled in {enrolled}: enrol one with `silorec-server enroll --out {enrolled} --merchant NAME`")
         spec = deploy.LinkSpec(host, port, state, *(f.resolve() for f in files))
     overrides = {"out-dir": str((out or state / "run").resolve()), **_parse_run_config(run_config)}
+    if privacy is not None:
+        overrides["privacy"] = privacy
     if enrolled is not None and (enrolled / pki.SIGNING_REGISTRY).is_file():
         # the ServerApp then accepts only updates signed by an enrolled merchant's Ed25519 key
         overrides.setdefault("signing-keys", str((enrolled / pki.SIGNING_REGISTRY).resolve()))

@@ -41,6 +41,10 @@ class BenchmarkSpec:
     delta: float = 1e-4
     # extra command-line options per arm, e.g. {"federation": ["--rounds", "200"]}
     options: dict[str, list[str]] = field(default_factory=dict)
+    draws_of: dict[str, int] = field(default_factory=dict)  # arms run another number of times than `draws`
+
+    def runs(self, arm: str) -> list[int]:
+        return list(range(1, self.draws_of.get(arm, self.draws) + 1))
 
 
 def command(spec: BenchmarkSpec, arm: str, out: Path) -> list[str]:
@@ -64,12 +68,12 @@ def run_benchmark(spec: BenchmarkSpec, *, log: Callable[[str], None] = print) ->
     spec.out.mkdir(parents=True, exist_ok=True)
     walls = _load(spec.out / "walls.json")
     for arm in spec.arms:
-        for draw in range(1, spec.draws + 1):
+        for draw in spec.runs(arm):
             out = spec.out / f"{arm}-{draw}"
             if (out / "metrics.json").is_file() and (out / "ranks.json").is_file():
                 continue
             cmd = command(spec, arm, out) + (["--force"] if out.exists() else [])
-            log(f"[{arm} {draw}/{spec.draws}] {' '.join(cmd[2:])}")
+            log(f"[{arm} {draw}/{len(spec.runs(arm))}] {' '.join(cmd[2:])}")
             t0 = time.perf_counter()
             with open(spec.out / f"{arm}-{draw}.log", "wb") as sink:
                 done = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT)
@@ -84,7 +88,7 @@ def run_benchmark(spec: BenchmarkSpec, *, log: Callable[[str], None] = print) ->
 
 def summarize(spec: BenchmarkSpec, walls: dict[str, float]) -> dict[str, Any]:
     """Per arm: mean test/valid metrics over draws and wall time; the paired comparisons; federation's rounds."""
-    runs = {arm: [spec.out / f"{arm}-{d}" for d in range(1, spec.draws + 1)] for arm in spec.arms}
+    runs = {arm: [spec.out / f"{arm}-{d}" for d in spec.runs(arm)] for arm in spec.arms}
     arms: dict[str, Any] = {}
     for arm, folders in runs.items():
         metrics = [json.loads((f / "metrics.json").read_text()) for f in folders]
@@ -168,6 +172,17 @@ def _history(folder: Path) -> list[dict[str, Any]]:
 
 def _load(path: Path) -> dict[str, float]:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def parse_draws(pairs: Sequence[str]) -> dict[str, int]:
+    """"central=1" → {"central": 1}."""
+    out = {}
+    for pair in pairs:
+        arm, sep, n = pair.partition("=")
+        if not sep or arm not in ARMS or not n.isdigit() or int(n) < 1:
+            raise SilorecError(f"--arm-draws {pair!r}: write ARM=N with ARM one of {', '.join(ARMS)} and N ≥ 1")
+        out[arm] = int(n)
+    return out
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, list[str]]:

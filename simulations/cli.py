@@ -247,6 +247,8 @@ def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsi
         raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
     if epsilon > 0:
         model_cfg = with_defaults(model_cfg, DP_MODEL_DEFAULTS)
+    if privacy == "federation":  # the coordinator steps only what is shared: no merchant-local item head
+        model_cfg = with_defaults(model_cfg, {"local_head": "none"})
     given = {"rounds": rounds, "local_epochs": local_epochs, "batch_size": batch_size, "head_lr": head_lr,
              "prior_noise": prior_noise, "cooccurrence_noise": cooccurrence_noise}
     round_cfg = RoundConfig.for_mode(
@@ -343,7 +345,8 @@ def pool(runs: tuple[Path, ...]) -> None:
 @click.option("--delta", type=float, default=1e-4, show_default=True, help="δ of every DP arm (below 1/users).")
 @click.option("--arm-options", "arm_options", multiple=True, metavar="ARM=OPTIONS",
               help="Extra options for one arm's command, e.g. 'federation=--rounds 200' (repeatable).")
-def benchmark(data, out, draws, arms, merchants, epsilon, delta, arm_options):
+@click.option("--arm-draws", "arm_draws", multiple=True, metavar="ARM=N", help="Run one arm another number of times, e.g. 'central=1'.")
+def benchmark(data, out, draws, arms, merchants, epsilon, delta, arm_options, arm_draws):
     """Run each arm DRAWS times and print the privacy modes' comparison: federation vs silo vs central DP.
 
     Each run is its own `silorec-sim run` or `central` process in
@@ -354,13 +357,13 @@ def benchmark(data, out, draws, arms, merchants, epsilon, delta, arm_options):
     intervals), and for the federation its validation after the last round
     against round 0 and what a round costs. Writes OUT/benchmark.json.
     """
-    from simulations.benchmark import ARMS, BenchmarkSpec, parse_options, run_benchmark, table
+    from simulations.benchmark import ARMS, BenchmarkSpec, parse_draws, parse_options, run_benchmark, table
 
     chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
     if not chosen or any(a not in ARMS for a in chosen):
         raise click.BadParameter(f"choose among {', '.join(ARMS)}", param_hint="--arms")
     spec = BenchmarkSpec(data=data, out=out, draws=draws, arms=chosen, merchants=merchants, epsilon=epsilon, delta=delta,
-                         options=parse_options(arm_options))
+                         options=parse_options(arm_options), draws_of=parse_draws(arm_draws))
     summary = run_benchmark(spec, log=click.echo)
     click.echo("")
     for line in table(summary):
