@@ -1,29 +1,30 @@
 """silorec ClientApp: a merchant's side of each round (Flower Message API).
 
-Node config (set by the SuperNode, e.g. `silorec-client start`):
-  data-path   the silo folder (in simulation: partition-id picks one under the run's silos)
-  state-path  where the ledger and local head live (default: <data-path>/.silorec-state)
-  cache-path  cache of item vectors (default: <state-path>/cache; in simulation one shared by all silos)
-  budget      this merchant's ε budget (default: the run's epsilon)
-  signing-key the merchant's enrolled Ed25519 key (NAME.sign.key); its updates are then signed
+The node's settings come from its node config (`client.node_config`), the
+round's from the message. In a deployment every message starts a fresh
+ClientApp process, so this module imports the model (torch, transformers,
+peft, Opacus: about ten seconds) only in the handlers that need one; the key
+query and SecAgg+'s setup, key-sharing and unmasking stages never do.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.merchant import Merchant, TrainOutcome, merchant_for_node, silo_path, state_path
+from client.node_config import NodeConfig
 from client.secagg import secure_aggregation_mod
-from client.sealing import global_arrays, key_record, merchant_key, seal_update, signing_key
+from client.sealing import key_record, merchant_key
 from common import seal
-from common.arrays import to_record
-from common.round import (
-    ASK_CENSUS, ASK_TABLE, CENSUS_KIND, POOL_RECORD, TABLE_KIND, USE_NEIGHBOURS, USE_POOLED, RoundConfig,
-)
+from common.messages import POOL_RECORD
+
+if TYPE_CHECKING:
+    from client.merchant import Merchant, TrainOutcome
+    from common.round import RoundConfig
 
 app = ClientApp(mods=[secure_aggregation_mod])  # SecAgg+ messages go to Flower's secaggplus_mod, all others pass through
-
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
@@ -32,6 +33,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    from client.sealing import global_arrays
+    from common.round import RoundConfig
+
     cfg = RoundConfig.from_record(msg.content["config"])
     merchant = merchant_from_context(context, cfg)
     metrics = merchant.evaluate(global_arrays(msg, cfg, context.node_id, merchant_key(merchant.state_dir)), cfg)
@@ -43,15 +47,18 @@ def query(msg: Message, context: Context) -> Message:
     """The merchant's public key, so the coordinator can seal the global adapter to it; its census
     (federation mode); or, asked to pool popularity, its released item counts keyed by item text;
     then the pooled counts or co-occurrence to score with."""
-    cfg = RoundConfig.from_record(msg.content["config"])
     ask = msg.content.config_records.get(POOL_RECORD)
     if ask is None:
-        state = state_path(context.node_config, silo_path(context.node_config, cfg))
+        state = NodeConfig.parse(context.node_config).state(str(msg.content["config"].get("silos_dir", "")))
         return Message(content=RecordDict({seal.KEY_RECORD: key_record(merchant_key(state))}), reply_to=msg)
+    from client.sealing import global_arrays
+    from common.messages import ASK_CENSUS, ASK_TABLE, CENSUS_KIND, TABLE_KIND, USE_NEIGHBOURS, USE_POOLED
+    from common.round import RoundConfig
+
+    cfg = RoundConfig.from_record(msg.content["config"])
     merchant = merchant_from_context(context, cfg)
     if ask["ask"] == ASK_TABLE:
-        budget = context.node_config.get("budget")
-        table, reason = merchant.popularity_table(cfg, budget=float(budget) if budget else None)
+        table, reason = merchant.popularity_table(cfg, budget=NodeConfig.parse(context.node_config).budget)
         return _sealed_reply(msg, context, merchant, table, reason, kind=TABLE_KIND)
     if ask["ask"] == ASK_CENSUS:
         return _sealed_reply(msg, context, merchant, merchant.census(), "", kind=CENSUS_KIND)
@@ -64,11 +71,13 @@ def query(msg: Message, context: Context) -> Message:
 
 def train_locally(msg: Message, context: Context) -> tuple[Merchant, TrainOutcome]:
     """Train this merchant's silo from the global adapter in `msg` (the update is still in the clear)."""
+    from client.sealing import global_arrays
+    from common.round import RoundConfig
+
     cfg = RoundConfig.from_record(msg.content["config"])
     merchant = merchant_from_context(context, cfg)
-    budget = context.node_config.get("budget")
     arrays = global_arrays(msg, cfg, context.node_id, merchant_key(merchant.state_dir))
-    return merchant, merchant.train_round(arrays, cfg, budget=float(budget) if budget else None)
+    return merchant, merchant.train_round(arrays, cfg, budget=NodeConfig.parse(context.node_config).budget)
 
 
 def train_reply(msg: Message, context: Context, merchant: Merchant, outcome: TrainOutcome) -> Message:
@@ -81,13 +90,17 @@ def _sealed_reply(
     *, metrics: dict[str, float] | None = None, kind: str = "train-update",
 ) -> Message:
     """`arrays` sealed to the run's key in `msg` (in the clear only if it sent none), or just why there are none."""
+    from client.sealing import seal_update, signing_key
+    from common.arrays import to_record
+    from common.round import RoundConfig
+
     metrics = dict(metrics or {})
     content = RecordDict({"info": _info(merchant, reason)})
     if arrays is not None:
         if seal.KEY_RECORD in msg.content.config_records:
             cfg = RoundConfig.from_record(msg.content["config"])
             records, metrics["seal-seconds"] = seal_update(
-                arrays, msg, cfg, context.node_id, signing_key(context.node_config.get("signing-key")), kind=kind
+                arrays, msg, cfg, context.node_id, signing_key(NodeConfig.parse(context.node_config).signing_key), kind=kind
             )
             for name, record in records.items():
                 content[name] = record
@@ -99,6 +112,8 @@ def _sealed_reply(
 
 def merchant_from_context(context: Context, cfg: RoundConfig) -> Merchant:
     """This node's Merchant, from its node config and the round's config."""
+    from client.merchant import merchant_for_node
+
     return merchant_for_node(context.node_config, cfg)
 
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from client.ledger import PrivacyBudgetExceeded, PrivacyLedger
+from client.node_config import NodeConfig
+from client.secagg import SecureAggregationError
 from common import atomic, distributed_dp
 from common.arrays import pack, to_numpy, to_torch, unpack
 from common.cooccurrence import pair_counts, set_released_cooccurrence
@@ -30,7 +32,8 @@ from common.errors import SilorecError
 from common.metrics import metrics_from_ranks, most_pop
 from common.popularity import accountant_entry, counts_over_keys, key_slots, keys_from_bytes, prior_of, release_prior, text_keys
 from common.records import UserRecords
-from common.round import RoundConfig, SumSpec
+from common.messages import SumSpec
+from common.round import RoundConfig
 from common.serve import parse_scales, prior_scale_ranks, scaled_key
 from common.silo import Silo, load_silo
 from common.split import Split, leave_one_out
@@ -40,10 +43,6 @@ from common.train import clipped_gradient_sum, default_delta, train
 
 HEAD_FILE = "head.safetensors"
 TABLE_FILE = "popularity.safetensors"  # the silo's released item counts, keyed by item text: what it may pool
-
-
-class SecureAggregationError(SilorecError):
-    """A secure sum cannot go on as announced for this merchant (its budget, its model, the lattice, too few others)."""
 
 
 @dataclass
@@ -302,25 +301,13 @@ def merchant_for_node(node_config: Mapping, cfg: RoundConfig) -> Merchant:
     """This node's Merchant, from its node config and the round's config."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    silo = silo_path(node_config, cfg)
-    state = state_path(node_config, silo)
-    cache = node_config.get("cache-path") or (Path(cfg.silos_dir).parent / "cache" if cfg.silos_dir else state / "cache")
-    return merchant_for(silo, state, cfg.model(), cache_dir=Path(str(cache)))
+    node = NodeConfig.parse(node_config)
+    return merchant_for(node.silo(cfg.silos_dir), node.state(cfg.silos_dir), cfg.model(), cache_dir=node.cache(cfg.silos_dir))
 
 
 def state_path(node_config: Mapping, silo: Path) -> Path:
     """Where the node keeps its ledger, key and local state: `state-path`, or the silo's .silorec-state."""
-    return Path(str(node_config.get("state-path") or silo / ".silorec-state"))
-
-
-def silo_path(node_config: Mapping, cfg: RoundConfig) -> Path:
-    """The node's silo: `data-path`, or in simulation the partition-id-th folder of the run's silos."""
-    if "data-path" in node_config:
-        return Path(str(node_config["data-path"]))
-    if cfg.silos_dir and "partition-id" in node_config:
-        silos = sorted(p for p in Path(cfg.silos_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
-        return silos[int(node_config["partition-id"]) % len(silos)]
-    raise ValueError("node config has no data-path (and this is not a simulation with silos-dir)")
+    return NodeConfig.parse(node_config).state_path or silo / ".silorec-state"
 
 
 def merchant_for(silo_dir: Path, state_dir: Path, model_cfg: ModelConfig, *, cache_dir: Path | None = None) -> Merchant:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
@@ -20,7 +21,9 @@ from flwr.app import ConfigRecord, Message
 
 from common import atomic, seal
 from common.arrays import from_record, pack, unpack
-from common.round import RoundConfig
+
+if TYPE_CHECKING:
+    from common.round import RoundConfig
 
 KEY_FILE = "seal-key.pem"
 

@@ -21,6 +21,7 @@ treats it as dropped out and recovers the others' sum without it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message
@@ -30,11 +31,19 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
-from client.merchant import Merchant, SecureAggregationError, merchant_for_node
-from client.sealing import merchant_key, open_global
+from client.node_config import NodeConfig
 from common.arrays import l2_norm
 from common.distributed_dp import Lattice
-from common.round import SEALED_GLOBAL_KEY, RoundConfig, SumSpec
+from common.errors import SilorecError
+from common.messages import SEALED_GLOBAL_KEY, SumSpec
+
+if TYPE_CHECKING:
+    from client.merchant import Merchant
+    from common.round import RoundConfig
+
+class SecureAggregationError(SilorecError):
+    """A secure sum cannot go on as announced for this merchant (its budget, its model, the lattice, too few others)."""
+
 
 SUM_STATE = "silorec-secure-sum"  # what a merchant remembers of the sum it is in (context.state), for the unmask stage
 
@@ -54,11 +63,13 @@ class MerchantClient(NumPyClient):
         self.context = context
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        from client.merchant import merchant_for_node  # the model: only the collecting stage needs it
+        from common.round import RoundConfig
+
         cfg = RoundConfig.from_record(config)
         spec = SumSpec.from_config(config)
         merchant = merchant_for_node(self.context.node_config, cfg)
-        budget = self.context.node_config.get("budget")
-        budget = float(budget) if budget else None
+        budget = NodeConfig.parse(self.context.node_config).budget
         self.context.state.config_records[SUM_STATE] = ConfigRecord({"min-replies": spec.min_replies})
         if spec.lattice is not None:
             check_ranges(self.context, spec.lattice, merchant.silo.name)
@@ -72,6 +83,8 @@ class MerchantClient(NumPyClient):
 
     def _global(self, merchant: Merchant, parameters: list[np.ndarray], config: dict, cfg: RoundConfig) -> dict[str, np.ndarray]:
         """The global adapter: sealed to this merchant in the config, or (a run without sealing) the parameters."""
+        from client.sealing import merchant_key, open_global
+
         if SEALED_GLOBAL_KEY in config:
             return open_global(bytes(config[SEALED_GLOBAL_KEY]), cfg, self.context.node_id, merchant_key(merchant.state_dir), kind="global-secagg")
         names = [n for n in str(config.get("sum-global-names", "")).split(",") if n]

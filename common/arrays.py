@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load as load_bytes
 from safetensors.numpy import save as save_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 
 def to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -16,6 +20,8 @@ def to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 def to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    import torch  # here, not at the top: a ClientApp that moves no tensors need not import it
+
     return {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in arrays.items()}
 
 

@@ -35,7 +35,8 @@ from common import accounting, atomic
 from common.arrays import nbytes, to_numpy, to_record
 from common.distributed_dp import Lattice, plan
 from common.errors import SilorecError
-from common.round import RoundConfig, SumSpec
+from common.messages import SumSpec
+from common.round import RoundConfig
 from common.serve import best_scale, parse_scales, scale_prior_weight, scaled_key
 from common.towers import PRIOR_WEIGHT, attach_adapter, initial_calibration, load_encoder, trained_names
 from common.train import TrainConfig, default_delta

@@ -27,7 +27,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.popularity import look_up, pool_tables, read_table
-from common.round import ASK_TABLE, TABLE_KIND, USE_POOLED, RoundConfig
+from common.messages import ASK_TABLE, TABLE_KIND, USE_POOLED
+from common.round import RoundConfig
 from server import queries
 from server.sealing import Envelope
 

@@ -20,7 +20,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from common.arrays import to_record
-from common.round import POOL_RECORD, RoundConfig
+from common.messages import POOL_RECORD
+from common.round import RoundConfig
 from server.sealing import Envelope
 from server.updates import UpdateRejected
 

@@ -33,7 +33,8 @@ from common import distributed_dp
 from common.accounting import Entry
 from common.cooccurrence import RANK, SIZE, project, symmetric
 from common.popularity import keys_to_bytes, look_up
-from common.round import ASK_CENSUS, CENSUS_KIND, USE_NEIGHBOURS, USE_POOLED, RoundConfig, SumSpec
+from common.messages import ASK_CENSUS, CENSUS_KIND, SumSpec, USE_NEIGHBOURS, USE_POOLED
+from common.round import RoundConfig
 from server import queries
 from server.secagg import SecureSum
 from server.sealing import Envelope

@@ -52,7 +52,7 @@ from flwr.serverapp import Grid
 from common import distributed_dp, seal
 from common.arrays import pack, to_record
 from common.errors import SilorecError
-from common.round import SEALED_GLOBAL_KEY, SumSpec
+from common.messages import SEALED_GLOBAL_KEY, SumSpec
 from server.sealing import Envelope
 from server.settings import ServerSettings
 from server.strategy import MerchantReport

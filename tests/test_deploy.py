@@ -145,7 +145,7 @@ def test_two_enrolled_merchants_train_in_federation_mode_over_tls_and_an_unenrol
     assert rogue_code != 0, processes.log("rogue")
     assert "Failed to activate SuperNode" in processes.log("rogue")
 
-    server.wait(timeout=300)
+    server.wait(timeout=600)
     assert server.returncode == 0, processes.log("server")[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rounds"] == ROUNDS

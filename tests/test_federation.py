@@ -29,7 +29,8 @@ from common.arrays import pack, to_record
 from common.errors import SilorecError
 from common.metrics import metrics_from_ranks
 from common.popularity import look_up, pool_tables, prior_from_counts
-from common.round import ASK_TABLE, POOL_RECORD, TABLE_KIND, RoundConfig
+from common.messages import ASK_TABLE, POOL_RECORD, TABLE_KIND
+from common.round import RoundConfig
 from common.serve import best_scale
 from common.towers import CALIBRATION_FILE, load_encoder
 from server.report import sealing_summary

@@ -20,11 +20,12 @@ from opacus.accountants import create_accountant
 
 import client.app as merchant_app
 from client.ledger import PrivacyLedger
-from client.merchant import SecureAggregationError, merchant_for_node
-from client.secagg import MerchantClient, secagg_mod_for
+from client.merchant import merchant_for_node
+from client.secagg import MerchantClient, SecureAggregationError, secagg_mod_for
 from common import accounting, distributed_dp
 from common.errors import SilorecError
-from common.round import RoundConfig, SumSpec
+from common.messages import SumSpec
+from common.round import RoundConfig
 from server import checkpoint
 from server.federation import check_settings
 from server.optimizer import GlobalOptimizer

@@ -13,7 +13,8 @@ import client.app as merchant_app
 from client.secagg import MerchantClient, clip_norm, secagg_mod_for, secure_aggregation_mod
 from common.errors import SilorecError
 from client.merchant import merchant_for_node
-from common.round import RoundConfig, SumSpec
+from common.messages import SumSpec
+from common.round import RoundConfig
 from server import checkpoint
 from server.secagg import check, quantization_range
 from server.settings import ServerSettings
