@@ -58,7 +58,9 @@ def query(msg: Message, context: Context) -> Message:
     cfg = RoundConfig.from_record(msg.content["config"])
     merchant = merchant_from_context(context, cfg)
     if ask["ask"] == ASK_TABLE:
-        table, reason = merchant.popularity_table(cfg, budget=NodeConfig.parse(context.node_config).budget)
+        node = NodeConfig.parse(context.node_config)
+        node.check_privacy(cfg.epsilon, "a popularity release")
+        table, reason = merchant.popularity_table(cfg, budget=node.budget)
         return _sealed_reply(msg, context, merchant, table, reason, kind=TABLE_KIND)
     if ask["ask"] == ASK_CENSUS:
         return _sealed_reply(msg, context, merchant, merchant.census(), "", kind=CENSUS_KIND)
@@ -75,9 +77,11 @@ def train_locally(msg: Message, context: Context) -> tuple[Merchant, TrainOutcom
     from common.round import RoundConfig
 
     cfg = RoundConfig.from_record(msg.content["config"])
+    node = NodeConfig.parse(context.node_config)
+    node.check_privacy(cfg.epsilon, "a training round")
     merchant = merchant_from_context(context, cfg)
     arrays = global_arrays(msg, cfg, context.node_id, merchant_key(merchant.state_dir))
-    return merchant, merchant.train_round(arrays, cfg, budget=NodeConfig.parse(context.node_config).budget)
+    return merchant, merchant.train_round(arrays, cfg, budget=node.budget)
 
 
 def train_reply(msg: Message, context: Context, merchant: Merchant, outcome: TrainOutcome) -> Message:

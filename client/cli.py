@@ -108,9 +108,13 @@ def evaluate_cmd(adapter: Path, data: Path, cache: Path) -> None:
 @click.option("--port", type=int, default=9094, show_default=True, help="Local port of the node's Runtime API (127.0.0.1 only).")
 @click.option("--signing-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="This merchant's Ed25519 key (NAME.sign.key from `enroll`) to sign updates with. [default: beside --key, if there]")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
+              help="The most ε this silo's users may spend, over every run (its ledger refuses past it); the node then "
+              "takes part only in DP rounds, whatever the coordinator announces.")
+@click.option("--no-dp", "no_dp", is_flag=True, help="Take part in a run without differential privacy (no budget, no noise). Says so loudly.")
 @click.option("--insecure", is_flag=True, help="Local development only: no TLS and no node authentication.")
 def start(data: Path, server: str, ca: Path | None, key: Path | None, state: Path | None, port: int, signing_key: Path | None,
-          insecure: bool) -> None:
+          budget: float, no_dp: bool, insecure: bool) -> None:
     """Join the federation: run a Flower SuperNode that trains on the silo in DATA.
 
     The silo is validated first; raw interactions never leave it. The node
@@ -129,8 +133,11 @@ def start(data: Path, server: str, ca: Path | None, key: Path | None, state: Pat
         signing_key = key.with_suffix(".sign.key")
     if signing_key is not None and not signing_key.is_file():
         raise NodeError(f"signing key {signing_key} not found: it is NAME.sign.key from `silorec-server enroll`")
+    if no_dp:
+        click.secho("WARNING: --no-dp: this node trains without differential privacy; its updates reveal its users' data.",
+                    fg="red", bold=True, err=True)
     spec = NodeSpec(server, data, state or data / ".silorec-state", None if insecure else ca, None if insecure else key, port,
-                    signing_key)
+                    signing_key, budget=None if no_dp else budget)
     check_files(spec)
     click.echo(f"silo {silo.name}: valid; connecting to {server} ({'TLS, node key ' + str(key) if spec.secure else 'INSECURE'})")
     code = run_supernode(spec)

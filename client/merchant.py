@@ -12,6 +12,7 @@ text.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import time
@@ -28,9 +29,8 @@ from client.secagg import SecureAggregationError
 from common import atomic, distributed_dp
 from common.arrays import pack, to_numpy, to_torch, unpack
 from common.cooccurrence import pair_counts, set_released_cooccurrence
-from common.errors import SilorecError
 from common.metrics import metrics_from_ranks, most_pop
-from common.popularity import accountant_entry, counts_over_keys, key_slots, keys_from_bytes, prior_of, release_prior, text_keys
+from common.popularity import accountant_entry, counts_over_keys, key_slots, prior_of, release_prior, text_keys
 from common.records import UserRecords
 from common.messages import SumSpec
 from common.round import RoundConfig
@@ -43,6 +43,7 @@ from common.train import clipped_gradient_sum, default_delta, train
 
 HEAD_FILE = "head.safetensors"
 TABLE_FILE = "popularity.safetensors"  # the silo's released item counts, keyed by item text: what it may pool
+TIMING_FILE = "timing.jsonl"  # seconds each federation step took this merchant: local only (it would tell its sample size)
 
 
 @dataclass
@@ -115,17 +116,22 @@ class Merchant:
         """What a federation-mode coordinator asks first: how many users can train, and the keys of the item texts."""
         return {"users": np.array([self.trainable_users], np.int64), "keys": self.item_keys}
 
-    def release_share(self, cfg: RoundConfig, spec: SumSpec, *, budget: float | None = None) -> tuple[list[np.ndarray], dict[str, float]]:
-        """This silo's share of the federation's popularity or co-occurrence release (`spec.task`), paid for in its ledger first.
+    def release_share(
+        self, cfg: RoundConfig, spec: SumSpec, keys: np.ndarray, *, budget: float | None = None
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
+        """This silo's share of the federation's popularity or co-occurrence release (`spec.task`) over the item-text
+        `keys`, paid for in its ledger first.
 
-        Popularity: each user's distinct item-text keys among `spec.keys`,
-        1/√(how many) each. Co-occurrence: each user's pairs of the
-        `spec.keys` items within WINDOW steps, scaled to norm 1. Either way
-        one user moves the signal by at most 1 in L2, and the share adds
-        this merchant's part of noise multiplier `spec.noise_multiplier`.
+        Popularity: each user's distinct keys, 1/√(how many) each.
+        Co-occurrence: each user's pairs of `keys` items within WINDOW steps,
+        scaled to norm 1. Either way one user moves the signal by at most 1 in
+        L2 and every user counts: a spec that says otherwise is refused.
         """
+        if spec.clip != 1.0 or spec.sample_rate != 1.0:
+            raise SecureAggregationError(f"{self.silo.name}: a release counts every user with L2 norm 1, not clip {spec.clip:g} "
+                                         f"and sample rate {spec.sample_rate:g} as announced; refusing it")
         self._admit(cfg, spec, budget)
-        keys = keys_from_bytes(spec.keys)
+        keys = np.asarray(keys, np.uint64)
         if spec.task == "popularity":
             signal = counts_over_keys(self.split.train, self.item_keys, keys)
         else:  # histories over the chosen keys, every other item one index past them
@@ -157,11 +163,11 @@ class Merchant:
         """
         t0 = time.perf_counter()
         self.set_global(global_arrays)
-        self.model.set_adapter_trainable(cfg.lr > 0)
-        trains = tuple(sorted(self.model.shared_parameters()))
-        if trains != spec.names:
-            raise SecureAggregationError(f"{self.silo.name}: the coordinator steps {len(spec.names)} tensors, this merchant trains "
-                                           f"{len(trains)} (missing a release?); it cannot take part")
+        try:  # what the federation steps, whatever this merchant holds of the releases (their weights' gradient is then 0)
+            self.model.set_trained(spec.names)
+        except KeyError as e:
+            raise SecureAggregationError(f"{self.silo.name}: the coordinator steps a tensor this model lacks ({e}); "
+                                         "coordinator and merchant must run the same silorec version") from None
         self._admit(cfg, spec, budget)
         records = UserRecords(self.split, seed=cfg.seed, next_items=cfg.next_items, cut=cfg.cut)
         records.set_epoch(cfg.round)  # a fresh cut point per user and round
@@ -170,7 +176,10 @@ class Merchant:
         train_cfg = replace(cfg.train(noise_multiplier=None, delta=None), max_grad_norm=spec.clip)
         signal = clipped_gradient_sum(self.model, [records[int(i)] for i in picked], train_cfg)
         arrays, metrics = self._share(cfg, spec, {n: signal[n] for n in spec.names}, what="train", budget=budget, rng=rng)
-        return arrays, metrics | {"compute-seconds": time.perf_counter() - t0}
+        # how long it took tells how many users were sampled, which must stay secret: kept here, never sent
+        with open(self.state_dir / TIMING_FILE, "a") as log:
+            log.write(json.dumps({"run": cfg.run_id, "round": cfg.round, "seconds": round(time.perf_counter() - t0, 4)}) + "\n")
+        return arrays, metrics
 
     def _admit(self, cfg: RoundConfig, spec: SumSpec, budget: float | None) -> None:
         """SecureAggregationError unless the announced step fits this silo's own budget."""
@@ -188,7 +197,7 @@ class Merchant:
         lattice = spec.lattice
         dim = int(sum(a.size for a in signal.values()))
         try:
-            lattice.check(spec.noise_multiplier, spec.clip, dim, spec.min_replies, 1)
+            lattice.check_share(spec.noise_multiplier, spec.clip, dim, spec.min_replies)
         except distributed_dp.LatticeError as e:
             raise SecureAggregationError(f"{self.silo.name}: {e}") from None
         std = lattice.share_std(spec.noise_multiplier, spec.clip, dim, spec.min_replies) if cfg.private else 0.0
@@ -306,8 +315,8 @@ def merchant_for_node(node_config: Mapping, cfg: RoundConfig) -> Merchant:
 
 
 def state_path(node_config: Mapping, silo: Path) -> Path:
-    """Where the node keeps its ledger, key and local state: `state-path`, or the silo's .silorec-state."""
-    return NodeConfig.parse(node_config).state_path or silo / ".silorec-state"
+    """Where the node of `silo` keeps its ledger, key and local state."""
+    return NodeConfig.parse(node_config | {"data-path": str(silo)}).state()
 
 
 def merchant_for(silo_dir: Path, state_dir: Path, model_cfg: ModelConfig, *, cache_dir: Path | None = None) -> Merchant:

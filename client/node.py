@@ -27,6 +27,7 @@ class NodeSpec:
     key: Path | None = None
     port: int = 9094  # the SuperNode's local Runtime API, used by its ClientApp processes
     signing_key: Path | None = None  # the merchant's Ed25519 key: its ClientApp signs every sealed update
+    budget: float | None = None  # the silo's ε ceiling; None: a node that takes part without DP (`--no-dp`)
 
     @property
     def secure(self) -> bool:
@@ -45,6 +46,7 @@ def supernode_command(spec: NodeSpec) -> list[str]:
     pairs = [("data-path", spec.silo.resolve()), ("state-path", spec.state.resolve())]
     if spec.signing_key is not None:
         pairs.append(("signing-key", spec.signing_key.resolve()))
+    pairs.append(("budget", spec.budget) if spec.budget is not None else ("no-dp", "true"))
     node_config = " ".join(f"{k}={json.dumps(str(v))}" for k, v in pairs)
     cmd = [tool("flower-supernode"), "--superlink", spec.server, "--node-config", node_config,
            "--port", str(spec.port)]

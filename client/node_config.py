@@ -3,8 +3,12 @@
   data-path    the silo folder (in simulation: partition-id picks one under the run's silos)
   state-path   where the ledger, sealing key and released statistics live (default: <data-path>/.silorec-state)
   cache-path   cache of item vectors (default: <state-path>/cache; in simulation one shared by all silos)
-  budget       this merchant's ε budget (default: the run's epsilon)
+  budget       this merchant's ε budget (default: the run's epsilon); with one, the node takes part only in DP rounds
+  no-dp        "true": the node may take part in a run without DP (what `silorec-client start --no-dp` sets)
   signing-key  the merchant's enrolled Ed25519 key (NAME.sign.key); what it seals is then signed
+
+Without `budget` or `no-dp` (a simulation, where the researcher sets both
+sides) a node follows the run's ε, 0 included.
 
 Light on purpose: in a deployment every message starts a fresh ClientApp
 process, and the messages of SecAgg+'s setup, key-sharing and unmasking
@@ -32,6 +36,7 @@ class NodeConfig:
     cache_path: Path | None = None
     budget: float | None = None
     signing_key: Path | None = None
+    no_dp: bool = False
     partition_id: int | None = None  # simulation only
 
     @classmethod
@@ -50,9 +55,18 @@ class NodeConfig:
             if not (math.isfinite(budget) and budget > 0):
                 raise NodeConfigError(f"node config budget {budget!r} must be a finite ε > 0")
         partition = node_config.get("partition-id")
+        no_dp = str(node_config.get("no-dp", "")).lower() in ("true", "1", "yes")
+        if no_dp and budget not in (None, ""):
+            raise NodeConfigError("node config sets both budget and no-dp: a node either has a budget or takes part without DP")
         return cls(data_path=path("data-path"), state_path=path("state-path"), cache_path=path("cache-path"),
-                   budget=budget if budget not in (None, "") else None, signing_key=path("signing-key"),
+                   budget=budget if budget not in (None, "") else None, signing_key=path("signing-key"), no_dp=no_dp,
                    partition_id=int(partition) if partition is not None else None)
+
+    def check_privacy(self, epsilon: float, what: str) -> None:
+        """NodeConfigError if a node with a budget is asked to take part in something without DP (epsilon 0)."""
+        if epsilon <= 0 and self.budget is not None:
+            raise NodeConfigError(f"{what} without differential privacy: this node has an ε budget ({self.budget:g}) and "
+                                  "takes part only in DP rounds (start it with --no-dp to join a non-private run)")
 
     def silo(self, silos_dir: str = "") -> Path:
         """The node's silo: data-path, or in simulation the partition-id-th folder of the run's silos."""

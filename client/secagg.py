@@ -30,6 +30,7 @@ from flwr.client.message_handler.message_handler import handle_legacy_message_fr
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+from flwr.compat.common.recorddict_compat import recorddict_to_fitins
 
 from client.node_config import NodeConfig
 from common.arrays import l2_norm
@@ -68,21 +69,23 @@ class MerchantClient(NumPyClient):
 
         cfg = RoundConfig.from_record(config)
         spec = SumSpec.from_config(config)
+        node = NodeConfig.parse(self.context.node_config)
+        node.check_privacy(cfg.epsilon, f"a secure sum ({spec.task})")
         merchant = merchant_for_node(self.context.node_config, cfg)
-        budget = NodeConfig.parse(self.context.node_config).budget
-        self.context.state.config_records[SUM_STATE] = ConfigRecord({"min-replies": spec.min_replies})
         if spec.lattice is not None:
             check_ranges(self.context, spec.lattice, merchant.silo.name)
+        sealed = self._sealed(merchant, parameters, config, cfg)
         if spec.task == "update":
-            return self._update(merchant, self._global(merchant, parameters, config, cfg), cfg, spec, budget)
+            return self._update(merchant, sealed, cfg, spec, node.budget)
         if spec.task == "gradient":
-            arrays, metrics = merchant.gradient_share(self._global(merchant, parameters, config, cfg), cfg, spec, budget=budget)
+            arrays, metrics = merchant.gradient_share(sealed, cfg, spec, budget=node.budget)
         else:
-            arrays, metrics = merchant.release_share(cfg, spec, budget=budget)
+            arrays, metrics = merchant.release_share(cfg, spec, sealed["keys"], budget=node.budget)
         return arrays, 1, {**metrics, "silo": merchant.silo.name, "reason": ""}
 
-    def _global(self, merchant: Merchant, parameters: list[np.ndarray], config: dict, cfg: RoundConfig) -> dict[str, np.ndarray]:
-        """The global adapter: sealed to this merchant in the config, or (a run without sealing) the parameters."""
+    def _sealed(self, merchant: Merchant, parameters: list[np.ndarray], config: dict, cfg: RoundConfig) -> dict[str, np.ndarray]:
+        """What the sum sealed to this merchant in its config (the global adapter, or a release's item keys), or, in a
+        run without sealing, the parameters."""
         from client.sealing import merchant_key, open_global
 
         if SEALED_GLOBAL_KEY in config:
@@ -124,6 +127,13 @@ def check_ranges(context: Context, lattice: Lattice, silo: str) -> None:
                                      "to sum exactly; refusing rather than sending a share it would clip")
 
 
+def _enough(merchants: int, need: int, where: str) -> None:
+    """SecureAggregationError if fewer merchants than `need` are `where`: their noise together is less than DP needs."""
+    if merchants < need:
+        raise SecureAggregationError(f"only {merchants} merchant(s) are {where}, fewer than the {need} whose noise it needs: "
+                                     "refusing to take part")
+
+
 def secagg_mod_for(client_fn: Callable[[Context], Client]) -> Mod:
     """A ClientApp mod that answers SecAgg+ messages with `client_fn`'s client and passes the rest on."""
 
@@ -134,14 +144,14 @@ def secagg_mod_for(client_fn: Callable[[Context], Client]) -> Mod:
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         if configs is None:
             return call_next(msg, context)
-        if configs.get(Key.STAGE) == Stage.UNMASK:
+        stage = configs.get(Key.STAGE)
+        if stage == Stage.COLLECT_MASKED_VECTORS:  # before anything is computed or spent: are there enough others?
+            need = SumSpec.from_config(recorddict_to_fitins(msg.content, keep_input=True).config).min_replies
+            context.state.config_records[SUM_STATE] = ConfigRecord({"min-replies": need})
+            _enough(len(configs.get(Key.SOURCE_LIST, [])) + 1, need, "in this secure sum")
+        if stage == Stage.UNMASK:
             need = int((context.state.config_records.get(SUM_STATE) or {}).get("min-replies", 0))
-            active = len(configs.get(Key.ACTIVE_NODE_ID_LIST, []))
-            if active < need:
-                raise SecureAggregationError(
-                    f"only {active} merchant(s) are left in this secure sum, fewer than the {need} whose noise it needs: "
-                    "refusing to help unmask it"
-                )
+            _enough(len(configs.get(Key.ACTIVE_NODE_ID_LIST, [])), need, "left in this secure sum")
         return secaggplus_mod(msg, context, legacy)
 
     return mod

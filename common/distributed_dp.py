@@ -14,7 +14,8 @@ ICML 2021):
    C/Δ + √d in L2 (d coordinates, each rounding changes by < 1), so that is
    the sensitivity the noise is calibrated to;
 3. add discrete Gaussian noise of variance σ²·(C/Δ + √d)²/m_min per
-   coordinate, sampled exactly (Canonne, Kamath, Steinke 2020).
+   coordinate (Canonne, Kamath, Steinke 2020's rejection sampler, with
+   floating-point coins).
 
 With at least m_min honest merchants in the sum, its noise has variance at
 least σ²·(C/Δ + √d)²: the step is the central sampled Gaussian mechanism with
@@ -73,11 +74,17 @@ class Lattice:
         return noise_multiplier * self.sensitivity(clip, dim) / math.sqrt(min_replies)
 
     def check(self, noise_multiplier: float, clip: float, dim: int, min_replies: int, merchants: int) -> None:
-        """LatticeError unless a share fits the range with TAIL stds to spare and `merchants` shares cannot wrap."""
+        """LatticeError unless a share fits the range (`check_share`) and `merchants` shares cannot wrap the sum."""
+        self.check_share(noise_multiplier, clip, dim, min_replies)
+        if merchants * self.range >= self.modulus:
+            raise LatticeError(f"range {self.range} for {merchants} merchants does not fit SecAgg+ (modulus {self.modulus})")
+
+    def check_share(self, noise_multiplier: float, clip: float, dim: int, min_replies: int) -> None:
+        """LatticeError unless one merchant's share fits the range with TAIL stds of its noise to spare."""
         if not (self.step > 0 and math.isfinite(self.step) and self.bound > 0 and math.isfinite(self.bound)):
             raise LatticeError(f"a lattice needs a finite step and bound > 0, not step {self.step!r}, bound {self.bound!r}")
-        if not (0 < self.range <= MAX_RANGE and self.range % 2 == 0) or merchants * self.range >= self.modulus:
-            raise LatticeError(f"range {self.range} for {merchants} merchants does not fit SecAgg+ (modulus {self.modulus})")
+        if not (0 < self.range <= MAX_RANGE and self.range % 2 == 0 and self.range < self.modulus):
+            raise LatticeError(f"range {self.range} does not fit SecAgg+ (modulus {self.modulus})")
         need = self.bound / self.step + 1 + TAIL * self.share_std(noise_multiplier, clip, dim, min_replies)
         if need > self.half:
             raise LatticeError(f"a share needs ±{need:.4g} lattice units, more than the range's ±{self.half}")
@@ -137,7 +144,10 @@ def decode(mean: Mapping[str, np.ndarray], contributors: int, lattice: Lattice) 
 
 
 def discrete_gaussian(std: float, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Exact samples of the discrete Gaussian N_Z(0, std²) (Canonne, Kamath, Steinke 2020, Algorithm 3), vectorised.
+    """Samples of the discrete Gaussian N_Z(0, std²) (Canonne, Kamath, Steinke 2020, Algorithm 3), vectorised.
+
+    Their algorithm is exact with exact coins; here the coins are float64
+    uniforms, off by at most 2⁻⁵³ a draw.
 
     Draw Y from the discrete Laplace of scale t = ⌊std⌋ + 1 (a difference of
     two geometric variables) and keep it with probability

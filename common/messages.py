@@ -41,8 +41,9 @@ class SumSpec:
     task: `update` (silo mode: users × the merchant's update, weighted FedAvg),
     `gradient` (federation mode: one DP-SGD step's clipped sum plus a noise
     share), `popularity` or `cooccurrence` (federation mode: a release's counts
-    over `keys` plus a noise share). `names` are the tensors in send order;
-    `clip` is one user's L2 bound (`update`: the bound on the whole update).
+    over the item keys sealed beside it, plus a noise share). `names` are the
+    tensors in send order; `clip` is one user's L2 bound (`update`: the bound on
+    the whole update).
     """
 
     task: str
@@ -52,7 +53,6 @@ class SumSpec:
     min_replies: int = 1
     clip: float = 1.0
     lattice: Lattice | None = None
-    keys: bytes = b""  # popularity: the union of item-text keys; co-occurrence: the top ones (uint64, big-endian)
 
     def __post_init__(self) -> None:
         if self.task not in SUM_TASKS:
@@ -62,7 +62,6 @@ class SumSpec:
         out: dict[str, Any] = {
             "sum-task": self.task, "sum-names": ",".join(self.names), "sum-noise": float(self.noise_multiplier),
             "sum-rate": float(self.sample_rate), "sum-min-replies": int(self.min_replies), "sum-clip": float(self.clip),
-            "sum-keys": self.keys,
         }
         if self.lattice is not None:
             out |= {f"sum-lattice-{k}": v for k, v in self.lattice.to_config().items()}
@@ -75,5 +74,5 @@ class SumSpec:
             task=str(config["sum-task"]), names=tuple(n for n in str(config["sum-names"]).split(",") if n),
             noise_multiplier=float(config["sum-noise"]), sample_rate=float(config["sum-rate"]),
             min_replies=int(config["sum-min-replies"]), clip=float(config["sum-clip"]),
-            lattice=Lattice.from_config(lattice) if lattice else None, keys=bytes(config.get("sum-keys", b"")),
+            lattice=Lattice.from_config(lattice) if lattice else None,
         )

@@ -122,18 +122,6 @@ def text_keys(texts: Sequence[str]) -> np.ndarray:
     )
 
 
-def keys_to_bytes(keys: np.ndarray) -> bytes:
-    """Item-text keys as they travel in a config value: big-endian uint64s."""
-    return np.asarray(keys, np.uint64).astype(">u8").tobytes()
-
-
-def keys_from_bytes(data: bytes) -> np.ndarray:
-    """Inverse of `keys_to_bytes`; ValueError if `data` is not whole keys."""
-    if len(data) % KEY_BYTES:
-        raise ValueError(f"{len(data)} bytes are not a whole number of {KEY_BYTES}-byte item keys")
-    return np.frombuffer(bytes(data), ">u8").astype(np.uint64)
-
-
 def check_table(keys: np.ndarray, counts: np.ndarray, *, max_items: int = 10_000_000) -> None:
     """ValueError unless (keys, counts) is a popularity table: uint64 keys, as many finite float counts."""
     if keys.dtype != np.uint64 or keys.ndim != 1:

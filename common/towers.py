@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -378,7 +378,9 @@ class Recommender(nn.Module):
         return F.normalize((weights[..., None] * items).sum(1), dim=-1)
 
     def neighbour_scores(self, recent: torch.Tensor) -> torch.Tensor:
-        """z(Σ_h r^age(h)·N[h, ·]) over the catalog for each row of `recent` (newest first, -1: none)."""
+        """z(Σ_h r^age(h)·N[h, ·]) over the catalog for each row of `recent` (newest first, -1: none); 0 without a release."""
+        if not self.has_neighbours:
+            return torch.zeros(recent.shape[0], len(self.item_ids), device=self.device)
         slots = torch.where(recent >= 0, self.neighbour_slot[recent.clamp(min=0)], -1)
         weights = NEIGHBOUR_RECENCY ** torch.arange(recent.shape[1], device=self.device, dtype=torch.float32)
         weights = torch.where(slots >= 0, weights, torch.zeros_like(weights))
@@ -394,7 +396,7 @@ class Recommender(nn.Module):
         """Logits over the whole catalog, one row per user."""
         u = self.encode_users(input_ids, segments, position_ids)
         logits = self.calibration(u) @ self.item_vectors.T + self.calibration.weigh_prior(u, self.prior)
-        if self.has_neighbours and recent is not None:
+        if (self.has_neighbours or self.calibration.neighbour_weight.weight.requires_grad) and recent is not None:
             logits = logits + self.calibration.weigh_neighbours(u, self.neighbour_scores(recent))
         if self.head is not None:
             logits = logits + self.head(u)
@@ -424,12 +426,24 @@ class Recommender(nn.Module):
 
     def shared_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable parameters that are shared, under their `shared_state` names: what a federation step trains."""
+        return {n: p for n, p in self._shared_parameters().items() if p.requires_grad}
+
+    def set_trained(self, names: Collection[str]) -> None:
+        """Train exactly the shared tensors `names` (`shared_state` names), whatever this merchant has released."""
+        shared = self._shared_parameters()
+        unknown = sorted(set(names) - set(shared))
+        if unknown:
+            raise KeyError(f"not a shared tensor of this model: {unknown[0]}")
+        for name, p in shared.items():
+            p.requires_grad_(name in names)
+
+    def _shared_parameters(self) -> dict[str, nn.Parameter]:
         adapter = f".{self.user_tower.active_adapter}"
         out = {}
         for name, p in self.named_parameters():
-            if p.requires_grad and name.startswith("user_tower."):
+            if name.startswith("user_tower.") and "lora_" in name:
                 out[name.removeprefix("user_tower.").replace(adapter, "")] = p  # as peft names its saved tensors
-            elif p.requires_grad and name.startswith(CALIBRATION_PREFIX):
+            elif name.startswith(CALIBRATION_PREFIX):
                 out[name] = p
         return out
 

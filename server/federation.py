@@ -87,7 +87,9 @@ def run_federation(grid: Grid, context: Context, settings: ServerSettings, *, st
         for rnd in range(history[-1]["round"] + 1, settings.rounds + 1):
             t0 = time.perf_counter()
             cfg = training.configure(replace(base, round=rnd))
-            global_arrays, line = training.round(cfg, global_arrays)
+            before = (rnd - 1, global_arrays)
+            global_arrays, line = training.round(cfg, global_arrays, lambda: checkpoint.save(
+                ckpt_dir, checkpoint.Checkpoint(envelope.run_id, before[0], before[1], history, *training.state())))
             if rnd % every == 0 or rnd == settings.rounds:
                 line["valid"], _ = evaluate_global(evaluator, grid, global_arrays, replace(cfg, split="valid"), envelope)
             line["seconds"] = round(time.perf_counter() - t0, 2)
@@ -113,6 +115,9 @@ def check_settings(settings: ServerSettings) -> None:
     """Raise SilorecError for settings that cannot run together, before anything starts."""
     if settings.privacy == "federation":
         check_secure(settings)
+        if settings.fraction_train != 1.0:
+            raise SilorecError(f"fraction-train {settings.fraction_train:g}: in federation mode every merchant samples its own "
+                               "users at the federation's rate each round; it must be 1")
         if settings.round.local_head != "none":
             raise SilorecError(f"local-head {settings.round.local_head!r}: federation mode trains only what the coordinator "
                                "steps; a merchant-local item head needs privacy = \"silo\" (or local-head = \"none\")")
@@ -160,11 +165,11 @@ class SiloTraining:
     def eval_every(self) -> int:
         return 1
 
-    def round(self, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def round(self, cfg: RoundConfig, arrays: dict[str, np.ndarray], commit) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         rnd = cfg.round
         if self.secure is not None:
             spec = SumSpec("update", tuple(sorted(self.shared)), min_replies=self.settings.min_fit_clients, clip=self.settings.max_update_norm)
-            result = self.secure(rnd, cfg.to_record(), spec, global_arrays=arrays)
+            result = self.secure(rnd, cfg.to_record(), spec, sealed=arrays)
             if result.total is None:
                 log(WARNING, "round %d: %s; the global adapter is unchanged", rnd, result.reason)
             line = round_line(rnd, result) | {"users": {m.silo: m.metrics.get("users", 0) for m in result.merchants},
@@ -177,7 +182,7 @@ class SiloTraining:
                                             timeout=self.settings.round_timeout))
         line = round_line(rnd, trained) | {"open_seconds": round(self.envelope.open_seconds, 6),
                                            "global_seal_seconds": round(self.envelope.global_seal_seconds, 6)}
-        return apply_update(arrays, trained.delta), line
+        return apply_update(arrays, trained.total), line
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return {"aggregation": "secagg+" if self.secure else self.settings.aggregation}, {}
@@ -232,6 +237,7 @@ class FederationTraining:
         self.census: Census | None = None
         self.plan: Plan | None = None
         self.history: list[accounting.Entry] = []  # the federation's accountant: every release and step, once
+        self.steps_tried = 0  # rounds whose shares were asked for, applied or abandoned
         self.optimizer: GlobalOptimizer | None = None
 
     def describe(self) -> str:
@@ -280,8 +286,12 @@ class FederationTraining:
         if self.plan.steps != self.settings.rounds:
             raise SilorecError(f"the run was planned for {self.plan.steps} rounds: resume it with that many, not {self.settings.rounds}")
         self.history = [tuple(e) for e in state["accountant"]]
+        self.steps_tried = int(state.get("steps_tried", 0))
         self.census, _ = take_census(self.grid, self.envelope, replace(cfg, delta=self.plan.delta),
                                      min_nodes=self.settings.min_available_clients, timeout=self.settings.round_timeout)
+        if len(self.census.nodes) < max(2, self.plan.min_replies):
+            raise SilorecError(f"the run needs {self.plan.min_replies} merchants in every round (min-replies); "
+                               f"{len(self.census.nodes)} are connected: resume it when they are")
         if self.census.total_users != self.plan.users:
             raise SilorecError(f"the run was planned for {self.plan.users} users; the merchants connected now have "
                                f"{self.census.total_users}: resume it with the same merchants")
@@ -297,15 +307,16 @@ class FederationTraining:
     def eval_every(self) -> int:
         return max(1, round(1 / self.plan.sample_rate)) if self.plan else 1  # once per expected pass over the users
 
-    def round(self, cfg: RoundConfig, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def round(self, cfg: RoundConfig, arrays: dict[str, np.ndarray], commit) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """One DP-SGD step; `commit()` checkpoints the accountant with the step in it before any merchant is asked."""
         p = self.plan
         spec = SumSpec("gradient", p.names, p.noise_multiplier, p.sample_rate, p.min_replies, cfg.max_grad_norm, p.lattice)
-        result = self.secure(cfg.round, cfg.to_record(), spec, global_arrays=arrays, nodes=self.census.nodes)
-        if p.noise_multiplier > 0:  # merchants recorded the step when they sent their shares, unmasked or not
+        if p.noise_multiplier > 0:  # counted before any merchant records it: a crash mid-round leaves it counted
             self.history.append((p.noise_multiplier, p.sample_rate, 1))
+        self.steps_tried += 1
+        commit()
+        result = self.secure(cfg.round, cfg.to_record(), spec, sealed=arrays, nodes=self.census.nodes)
         line = round_line(cfg.round, result) | {"secagg": result.workflow, "epsilon_federation": self.epsilon()}
-        compute = [m.metrics["compute-seconds"] for m in result.merchants if "compute-seconds" in m.metrics]
-        line["merchant_seconds"] = {"max": round(max(compute, default=0.0), 3), "sum": round(sum(compute), 3)}
         if result.total is None:
             line["abandoned"] = result.reason
             log(WARNING, "round %d abandoned: %s; the global adapter is unchanged", cfg.round, result.reason)
@@ -325,7 +336,7 @@ class FederationTraining:
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         if self.plan is None:
             return {}, {}
-        state = {"plan": self.plan.to_json(), "accountant": [list(e) for e in self.history],
+        state = {"plan": self.plan.to_json(), "accountant": [list(e) for e in self.history], "steps_tried": self.steps_tried,
                  "census": self.census.to_json() if self.census else {}}
         return {"aggregation": "secagg+ (federation)", "federation": state}, (self.optimizer.state_arrays() if self.optimizer else {})
 
@@ -337,7 +348,7 @@ class FederationTraining:
             return {"mode": "federation"}
         return {"mode": "federation", "epsilon": self.epsilon(), "delta": self.plan.delta, "accountant": accounting.DEFAULT,
                 "noise_multiplier": self.plan.noise_multiplier, "sample_rate": self.plan.sample_rate,
-                "expected_batch": self.plan.expected_batch, "steps": len(self.history) - len(self.plan.releases),
+                "expected_batch": self.plan.expected_batch, "steps": self.steps_tried,
                 "releases": [list(e) for e in self.plan.releases], "min_replies": self.plan.min_replies,
                 "merchants": len(self.census.nodes) if self.census else None, "users": self.plan.users,
                 "lattice": self.plan.lattice.to_config()}

@@ -79,11 +79,17 @@ def hand_out(
                 dst_node_id=node, message_type=MessageType.QUERY)
         for node, a in sorted(arrays.items())
     ]
-    failed: dict[int, str] = {}
-    for reply in grid.send_and_receive(envelope.seal_messages(grid, sends, cfg.round, cfg.to_record()), timeout=timeout):
+    sealed = envelope.seal_messages(grid, sends, cfg.round, cfg.to_record())
+    failed = {m.metadata.dst_node_id: "no reply in time" for m in sealed}  # until it replies
+    failed |= {node: "gave no sealing key" for node in arrays if node not in failed}
+    for reply in grid.send_and_receive(sealed, timeout=timeout):
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            failed[reply.metadata.src_node_id] = str(reply.error.reason)
-            log(WARNING, "%s: node %d could not take it: %s", what, reply.metadata.src_node_id, reply.error.reason)
+            failed[node] = str(reply.error.reason)
+        else:
+            failed.pop(node, None)
+    for node, why in failed.items():
+        log(WARNING, "%s: node %d could not take it: %s", what, node, why)
     return failed
 
 

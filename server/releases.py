@@ -32,7 +32,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from common import distributed_dp
 from common.accounting import Entry
 from common.cooccurrence import RANK, SIZE, project, symmetric
-from common.popularity import keys_to_bytes, look_up
+from common.popularity import look_up
 from common.messages import ASK_CENSUS, CENSUS_KIND, SumSpec, USE_NEIGHBOURS, USE_POOLED
 from common.round import RoundConfig
 from server import queries
@@ -109,7 +109,7 @@ def release_statistics(
     if not cfg.private or cfg.prior_noise <= 0:
         return entries, held, summary
     union = census.union()
-    counts, report = _secure_release(secure, cfg, census, "popularity", cfg.prior_noise, len(union), keys_to_bytes(union), min_replies)
+    counts, report = _secure_release(secure, cfg, census, "popularity", cfg.prior_noise, union, len(union), min_replies)
     entries.append((float(cfg.prior_noise), 1.0, 1))  # every merchant that sent its share recorded it, unmasked or not
     summary["popularity"] = report | {"item_texts": len(union)}
     if counts is None:
@@ -126,8 +126,8 @@ def release_statistics(
         return entries, held, summary
     top = np.sort(union[np.argsort(-counts, kind="stable")[:SIZE]])
     size = len(top)
-    pairs, report = _secure_release(secure, cfg, census, "cooccurrence", cfg.cooccurrence_noise, size * (size - 1) // 2,
-                                    keys_to_bytes(top), min_replies)
+    pairs, report = _secure_release(secure, cfg, census, "cooccurrence", cfg.cooccurrence_noise, top, size * (size - 1) // 2,
+                                    min_replies)
     entries.append((float(cfg.cooccurrence_noise), 1.0, 1))
     summary["cooccurrence"] = report | {"items": size}
     if pairs is None:
@@ -144,15 +144,16 @@ def release_statistics(
 
 
 def _secure_release(
-    secure: SecureSum, cfg: RoundConfig, census: Census, task: str, noise: float, dim: int, keys: bytes, min_replies: int,
+    secure: SecureSum, cfg: RoundConfig, census: Census, task: str, noise: float, keys: np.ndarray, dim: int, min_replies: int,
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """One release as a secure sum: its noisy total (None if abandoned) and what to record of it."""
+    """One release as a secure sum over `keys` (sealed to each merchant): its noisy total (None if abandoned) and
+    what to record of it."""
     name = "counts" if task == "popularity" else "pairs"
     # one user adds at most 1 to any count, so a merchant's counts are within ±its users: never clipped
     lattice = distributed_dp.plan(bound=float(census.max_users), noise_multiplier=noise, clip=1.0, dim=dim,
                                   min_replies=min_replies, merchants=len(census.silos))
-    spec = SumSpec(task, (name,), noise, 1.0, min_replies, 1.0, lattice, keys)
-    result = secure(0, cfg.to_record(), spec, nodes=census.nodes)
+    spec = SumSpec(task, (name,), noise, 1.0, min_replies, 1.0, lattice)
+    result = secure(0, cfg.to_record(), spec, sealed={"keys": np.asarray(keys, np.uint64)}, nodes=census.nodes)
     report = {"merchants": result.contributors, "noise_multiplier": noise, "lattice": lattice.to_config()}
     if result.total is None:
         log(WARNING, "%s release abandoned: %s; merchants score without it", task, result.reason)

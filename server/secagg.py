@@ -31,7 +31,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any
 
@@ -55,7 +54,7 @@ from common.errors import SilorecError
 from common.messages import SEALED_GLOBAL_KEY, SumSpec
 from server.sealing import Envelope
 from server.settings import ServerSettings
-from server.strategy import MerchantReport
+from server.strategy import MerchantReport, RoundResult
 
 NUM_SHARES = 1.0  # every sampled merchant holds a share of every other's secrets (full SecAgg graph)
 RECONSTRUCTION_THRESHOLD = 2 / 3  # of the shares: a sum survives a third dropping out, fewer colluders unmask no one
@@ -63,28 +62,19 @@ DEFAULT_MAX_WEIGHT = 1000.0  # before any merchant has reported its users (Flowe
 MODULUS = distributed_dp.MODULUS
 
 
+def reconstruction_threshold(merchants: int, min_replies: int) -> int:
+    """Shares needed to unmask: SecAgg+'s two thirds, and more than the n − m_min merchants that may collude.
+
+    A coalition holding that many shares of an honest merchant's secrets
+    could unmask its share alone, which carries only σ²C²/m_min of noise;
+    below the threshold it can unmask only sums over m_min or more merchants.
+    """
+    return max(2, round(RECONSTRUCTION_THRESHOLD * merchants), merchants - min_replies + 1)
+
+
 def quantization_range(merchants: int) -> int:
     """The largest power of two Q with 2·(merchants+1)·Q ≤ 2**32: sums of n values in [0, Q] never wrap."""
     return 1 << ((MODULUS // (2 * (merchants + 1))).bit_length() - 1)
-
-
-@dataclass
-class SumResult:
-    """One secure sum: the total (or users-weighted mean, for `update`), who took part, and why it failed if it did."""
-
-    total: dict[str, np.ndarray] | None
-    merchants: list[MerchantReport] = field(default_factory=list)
-    contributors: int = 0
-    reason: str = ""
-    workflow: dict[str, float] = field(default_factory=dict)  # the fixed-point ranges it ran with
-
-    @property
-    def accepted(self) -> list[MerchantReport]:
-        return [m for m in self.merchants if m.status == "accepted"]
-
-    @property
-    def bytes_received(self) -> int:
-        return sum(m.update_bytes for m in self.merchants)
 
 
 class TimedSecAggPlus(SecAggPlusWorkflow):
@@ -121,7 +111,7 @@ class SumCollector(LegacyFedAvg):
         self.spec: SumSpec | None = None
         self.payload: bytes | None = None  # the packed global adapter, sealed to each merchant in its fit config
         self.nodes: set[int] | None = None  # only these merchants, if set
-        self.result: SumResult | None = None
+        self.result: RoundResult | None = None
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         pairs = [(p, ins) for p, ins in super().configure_fit(server_round, parameters, client_manager)
@@ -145,7 +135,7 @@ class SumCollector(LegacyFedAvg):
     ) -> tuple[Parameters | None, dict]:
         """Every result carries the unmasked mean; the metrics are each merchant's own."""
         assert self.spec is not None
-        result = SumResult(total=None)
+        result = RoundResult(total=None)
         for proxy, res in results:
             metrics = {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             merchant = MerchantReport(proxy.node_id, str(res.metrics.get("silo", "?")), metrics,
@@ -188,25 +178,29 @@ class SecureSum:
 
     def __call__(
         self, rnd: int, config: ConfigRecord | Mapping[str, Any], spec: SumSpec, *,
-        global_arrays: Mapping[str, np.ndarray] | None = None, nodes: set[int] | None = None,
-    ) -> SumResult:
-        """Run one SecAgg+ sum of `spec` over the merchants (all, or `nodes`) and return what it unmasked."""
+        sealed: Mapping[str, np.ndarray] | None = None, nodes: set[int] | None = None,
+    ) -> RoundResult:
+        """Run one SecAgg+ sum of `spec` over the merchants (all, or `nodes`) and return what it unmasked.
+
+        `sealed` travels to each merchant sealed to its key: the global
+        adapter, or the item keys a release counts over.
+        """
         c = self.collector
         c.spec, c.nodes, c.result = spec, nodes, None
         c.fit_config = dict(config) | spec.to_config()
         c.payload = None
         params: dict[str, np.ndarray] = {}
-        if global_arrays is not None and self.envelope.key is not None:
+        if sealed is not None and self.envelope.key is not None:
             self.envelope.ensure_keys(self.grid, sorted(self.grid.get_node_ids()), ConfigRecord(dict(config)))
-            c.payload = pack(dict(global_arrays))
-        elif global_arrays is not None:  # a run without sealing (debugging only): the global adapter in the clear
-            params = {k: np.asarray(global_arrays[k]) for k in sorted(global_arrays)}
+            c.payload = pack(dict(sealed))
+        elif sealed is not None:  # a run without sealing (debugging only): in the clear, as legacy parameters
+            params = {k: np.asarray(sealed[k]) for k in sorted(sealed)}
             c.fit_config["sum-global-names"] = ",".join(params)
         self.legacy.state.array_records[MAIN_PARAMS_RECORD] = to_record(params)
         self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
         workflow = self._workflow(spec, merchants=len(nodes) if nodes is not None else len(self.grid.get_node_ids()))
         workflow(self.grid, self.legacy)
-        result = c.result or SumResult(total=None, reason="SecAgg+ halted before it could unmask the sum (too few merchants answered)")
+        result = c.result or RoundResult(total=None, reason="SecAgg+ halted before it could unmask the sum (too few merchants answered)")
         result.workflow = {"clipping_range": workflow.clipping_range, "quantization_range": workflow.quantization_range,
                            "max_weight": workflow.max_weight, "modulus": workflow.modulus_range, "seconds": workflow.seconds}
         self.users_seen += [m.metrics["users"] for m in result.merchants if m.metrics.get("users")]

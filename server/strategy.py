@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from logging import INFO, WARNING
 
 import numpy as np
@@ -29,9 +30,14 @@ class MerchantReport:
 
 
 @dataclass
-class TrainRound:
-    delta: dict[str, np.ndarray] | None  # the aggregated update, or None if too few passed
+class RoundResult:
+    """What came of a round's replies: the aggregate (None if the round changes nothing), and each merchant's report."""
+
+    total: dict[str, np.ndarray] | None  # the aggregated update, or a secure sum (server.secagg)
     merchants: list[MerchantReport] = field(default_factory=list)
+    contributors: int = 0  # secure sums: the merchants whose shares are in it
+    reason: str = ""  # why there is no aggregate
+    workflow: dict[str, Any] = field(default_factory=dict)  # secure sums: the fixed-point ranges and stage times
 
     @property
     def accepted(self) -> list[MerchantReport]:
@@ -58,9 +64,9 @@ class ScreenedFedAvg(FedAvg):
         self.settings = settings
         self.envelope = envelope
 
-    def screen_and_aggregate(self, server_round: int, replies: Iterable[Message]) -> TrainRound:
+    def screen_and_aggregate(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
         """Open every reply, screen its update, and aggregate those that pass."""
-        result = TrainRound(delta=None)
+        result = RoundResult(total=None)
         updates, weights = [], []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -92,14 +98,14 @@ class ScreenedFedAvg(FedAvg):
             log(WARNING, "round %d: only %d update(s) passed screening (min-fit-clients %d); the global adapter is unchanged",
                 server_round, len(updates), self.settings.min_fit_clients)
             return result
-        result.delta = aggregate(updates, weights, self.settings.aggregation, trim=self.settings.trim)  # type: ignore[arg-type]
+        result.total = aggregate(updates, weights, self.settings.aggregation, trim=self.settings.trim)  # type: ignore[arg-type]
         return result
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's hook: the aggregated update (not the new global) and summed counts."""
         result = self.screen_and_aggregate(server_round, replies)
         metrics = MetricRecord({"accepted": len(result.accepted), "bytes-received": result.bytes_received})
-        return (to_record(result.delta) if result.delta is not None else None), metrics
+        return (to_record(result.total) if result.total is not None else None), metrics
 
 
 def summarize_evaluation(replies: Iterable[Message]) -> tuple[dict[str, float], list[dict]]:

@@ -154,16 +154,31 @@ def _rounds(folder: Path) -> dict[str, float]:
     history = _history(folder)
     trained = [h for h in history[1:] if "valid" not in h]  # rounds without an evaluation in them
     stages = [h["secagg"].get("seconds", {}) for h in trained]
-    merchants = [h.get("merchant_seconds", {}) for h in trained]
+    merchants = list(merchant_seconds(folder / "silos", {h["round"] for h in trained}).values())
     total_stage = [sum(s.values()) for s in stages]
     return {
         "valid_round0": history[0]["valid"]["ndcg@10"], "valid_last": history[-1]["valid"]["ndcg@10"],
         "round_seconds": float(np.mean([h["seconds"] for h in trained])) if trained else float("nan"),
         # the collect stage waits for the merchants; in a simulation on c cores they share the cores
         "secagg_seconds": float(np.mean([t - s.get("collect_masked_vectors", 0.0) for t, s in zip(total_stage, stages)])) if stages else float("nan"),
-        "merchant_seconds_sum": float(np.mean([m.get("sum", 0.0) for m in merchants])) if merchants else float("nan"),
-        "merchant_seconds_max": float(np.mean([m.get("max", 0.0) for m in merchants])) if merchants else float("nan"),
+        "merchant_seconds_sum": float(np.mean([sum(m) for m in merchants])) if merchants else float("nan"),
+        "merchant_seconds_max": float(np.mean([max(m) for m in merchants])) if merchants else float("nan"),
     }
+
+
+def merchant_seconds(silos: Path, rounds: set[int]) -> dict[int, list[float]]:
+    """Each of `rounds`' compute seconds of every merchant, from the timing each keeps in its own state folder.
+
+    The simulation holds every silo; a real merchant never sends these (they
+    would tell the coordinator how many users it sampled).
+    """
+    seconds: dict[int, list[float]] = {}
+    for log in sorted(silos.glob("*/.silorec-state/timing.jsonl")):
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["round"] in rounds:
+                seconds.setdefault(entry["round"], []).append(entry["seconds"])
+    return seconds
 
 
 def _history(folder: Path) -> list[dict[str, Any]]:

@@ -220,3 +220,21 @@ def test_settings_that_federation_mode_cannot_honour_are_refused_before_anything
         with pytest.raises(SilorecError, match=match):
             check_settings(bad)
     check_settings(replace(fed, round=RoundConfig.for_mode("silo", local_head="full"), aggregation="median"))
+
+
+def test_a_release_that_announces_less_than_a_users_whole_contribution_is_refused(tmp_path, tiny_bert, synthetic_silo):
+    from client.merchant import Merchant
+    from common.distributed_dp import plan
+    from common.popularity import text_keys
+    from common.text import item_texts
+
+    merchant = Merchant(synthetic_silo, tmp_path / "state", RoundConfig(base_model=str(tiny_bert)).model())
+    cfg = RoundConfig(base_model=str(tiny_bert), epsilon=8.0, delta=1e-3, run_id="r", round=0)
+    keys = np.unique(text_keys(item_texts(merchant.silo.items)))
+    lattice = plan(bound=100.0, noise_multiplier=2.0, clip=1.0, dim=len(keys), min_replies=2, merchants=2)
+    for clip, rate in ((1e-3, 1.0), (1.0, 0.01)):  # less noise than one user needs, or a ledger told of a sample
+        with pytest.raises(SecureAggregationError, match="refusing it"):
+            merchant.release_share(cfg, SumSpec("popularity", ("counts",), 2.0, rate, 2, clip, lattice), keys)
+    assert not (tmp_path / "state" / "ledger.json").exists()  # nothing spent
+    (share,), metrics = merchant.release_share(cfg, SumSpec("popularity", ("counts",), 2.0, 1.0, 2, 1.0, lattice), keys)
+    assert share.shape == keys.shape and metrics["epsilon-total"] > 0

@@ -137,3 +137,11 @@ def test_clip_norm_bounds_the_update_and_keeps_small_ones():
     norm = np.sqrt(sum(np.square(v).sum() for v in clipped.values()))
     assert abs(norm - 1.0) < 1e-6 and clipped["a"].dtype == np.float32
     assert clip_norm(update, 100.0) is update
+
+
+def test_unmasking_needs_more_shares_than_the_merchants_that_may_collude():
+    from server.secagg import reconstruction_threshold
+
+    assert reconstruction_threshold(11, 11) == 7  # SecAgg+'s two thirds when every merchant must reply
+    assert reconstruction_threshold(12, 3) == 10  # 9 colluders must not reach an honest merchant's secrets
+    assert all(reconstruction_threshold(n, m) > n - m for n in range(2, 30) for m in range(2, n + 1))
