@@ -116,7 +116,7 @@ def run_central(data: Path, out: Path, cfg: CentralConfig, *, cache_dir: Path | 
         "train": asdict(cfg.train),
         "history": history,
     }
-    with atomic.directory(out, replace=force) as scratch:
+    with atomic.directory(out, replace=force, made_by="silorec-sim central") as scratch:
         model.save(scratch / "adapter")
         atomic.write_json(scratch / "metrics.json", metrics)
         save_ranks(scratch, {name: dict(zip((c.user_id for c in getattr(split, name)), r.tolist())) for name, r in ranks.items()},

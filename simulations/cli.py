@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from common import atomic
 from common.cli import CONTEXT, RoleGroup, model_options, quiet_libraries, with_defaults
 from common.silo import load_silo
 from common.summary import summarize
@@ -93,7 +94,12 @@ def fetch_data(dataset: str, out: Path, cache: Path, wheel: Path | None, force: 
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to hold one sub-folder per silo.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new partition is complete).")
 def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int, out: Path, force: bool) -> None:
-    """Split the silo SOURCE into merchant silos under OUT and print each one's summary."""
+    """Split the silo SOURCE into merchant silos under OUT and print each one's summary.
+
+    OUT is written whole or not at all; --force replaces only a folder an
+    earlier partition made, and OUT may not be, hold or lie inside SOURCE.
+    """
+    atomic.check_apart(out, {"SOURCE": source})
     silo = load_silo(source)
     shares = plan(silo, merchants, scheme, seed=seed, alpha=alpha)  # type: ignore[arg-type]
     summaries = write_partition(silo, shares, out, scheme=scheme, seed=seed, force=force)
@@ -143,8 +149,10 @@ def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr
     wall time, device), the adapter in peft format under OUT/adapter/, and
     OUT/training.png.
     """
+    atomic.check_apart(out, {"--data": data})
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
+    atomic.check_replaceable(out)  # before any training, not after it
     if epsilon is not None and cooccurrence_noise > 0 and not prior_noise > 0:
         raise click.UsageError("--cooccurrence-noise picks its items by the popularity prior: give --prior-noise > 0 too, or --cooccurrence-noise 0")
     train_cfg = preset(
@@ -236,15 +244,17 @@ def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsi
         SimulationSpec, central_most_pop, local_only_settings, paired_comparisons, run_local_only, run_simulation,
     )
 
+    atomic.check_apart(out, {"--data": data} | ({"--central": central_path} if central_path else {}))
+    if resume and not (out / "checkpoint").is_dir():
+        raise FileExistsError(f"{out} holds no run to resume (no checkpoint/); drop --resume to start one")
     if force and not resume and out.exists():
-        import shutil
-
-        click.echo(f"--force: deleting the earlier run in {out}")
-        shutil.rmtree(out)
-    if (out / "metrics.json").exists() and not resume:
-        raise FileExistsError(f"{out} holds a finished run; choose another --out or pass --force to replace it")
-    if (out / "checkpoint").exists() and not resume:
-        raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
+        atomic.remove_ours(out)  # refuses a folder that silorec did not make
+        click.echo(f"--force: deleted the earlier run in {out}")
+    if out.exists() and any(out.iterdir()) and not resume:
+        what = "a finished run" if (out / "metrics.json").exists() else "an unfinished run" if (out / "checkpoint").exists() else "files"
+        raise FileExistsError(f"{out} holds {what}; choose another --out, pass --force to replace a run, or --resume to continue one")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.mark(out, "silorec-sim run")
     if epsilon > 0:
         model_cfg = with_defaults(model_cfg, DP_MODEL_DEFAULTS)
     if privacy == "federation":  # the coordinator steps only what is shared: no merchant-local item head

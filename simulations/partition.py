@@ -58,7 +58,7 @@ def write_partition(
     """Write one silo folder per share under `out` (all or nothing) and return their summaries."""
     summaries = []
     inter = silo.interactions
-    with atomic.directory(out, replace=force) as scratch:
+    with atomic.directory(out, replace=force, made_by="silorec-sim partition") as scratch:
         for share in shares:
             if share.users is not None:
                 rows = inter[inter["user_id"].isin(share.users)]

