@@ -59,7 +59,7 @@ def query(msg: Message, context: Context) -> Message:
     merchant = merchant_from_context(context, cfg)
     if ask["ask"] == ASK_TABLE:
         node = NodeConfig.parse(context.node_config)
-        node.check_privacy(cfg.epsilon, "a popularity release")
+        node.check_privacy(cfg.private, "a popularity release")
         table, reason = merchant.popularity_table(cfg, budget=node.budget)
         return _sealed_reply(msg, context, merchant, table, reason, kind=TABLE_KIND)
     if ask["ask"] == ASK_CENSUS:
@@ -78,7 +78,7 @@ def train_locally(msg: Message, context: Context) -> tuple[Merchant, TrainOutcom
 
     cfg = RoundConfig.from_record(msg.content["config"])
     node = NodeConfig.parse(context.node_config)
-    node.check_privacy(cfg.epsilon, "a training round")
+    node.check_privacy(cfg.private, "a training round")
     merchant = merchant_from_context(context, cfg)
     arrays = global_arrays(msg, cfg, context.node_id, merchant_key(merchant.state_dir))
     return merchant, merchant.train_round(arrays, cfg, budget=node.budget)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from common.cli import CONTEXT, RoleGroup, quiet_libraries
+from common.cli import CONTEXT, COUNT, RoleGroup, quiet_libraries
 from common.errors import SilorecError
 from common.silo import load_silo
 from common.summary import summarize
@@ -51,7 +51,7 @@ def check_data(silo: Path) -> None:
 @adapter_option
 @data_option
 @click.option("--user", "user_id", required=True, help="A user id of the silo.")
-@click.option("-k", "k", type=int, default=10, show_default=True, help="How many items.")
+@click.option("-k", "k", type=COUNT, default=10, show_default=True, help="How many items.")
 @cache_option
 def recommend(adapter: Path, data: Path, user_id: str, k: int, cache: Path) -> None:
     """Print the top-k items for one user of the silo, from their whole history.

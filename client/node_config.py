@@ -62,9 +62,9 @@ class NodeConfig:
                    budget=budget if budget not in (None, "") else None, signing_key=path("signing-key"), no_dp=no_dp,
                    partition_id=int(partition) if partition is not None else None)
 
-    def check_privacy(self, epsilon: float, what: str) -> None:
-        """NodeConfigError if a node with a budget is asked to take part in something without DP (epsilon 0)."""
-        if epsilon <= 0 and self.budget is not None:
+    def check_privacy(self, private: bool, what: str) -> None:
+        """NodeConfigError if a node with a budget is asked to take part in something without DP."""
+        if not private and self.budget is not None:
             raise NodeConfigError(f"{what} without differential privacy: this node has an ε budget ({self.budget:g}) and "
                                   "takes part only in DP rounds (start it with --no-dp to join a non-private run)")
 

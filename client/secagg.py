@@ -70,7 +70,7 @@ class MerchantClient(NumPyClient):
         cfg = RoundConfig.from_record(config)
         spec = SumSpec.from_config(config)
         node = NodeConfig.parse(self.context.node_config)
-        node.check_privacy(cfg.epsilon, f"a secure sum ({spec.task})")
+        node.check_privacy(cfg.private, f"a secure sum ({spec.task})")
         merchant = merchant_for_node(self.context.node_config, cfg)
         if spec.lattice is not None:
             check_ranges(self.context, spec.lattice, merchant.silo.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from typing import Any
 
@@ -22,6 +23,42 @@ class RoleGroup(click.Group):
         except (SilorecError, FileExistsError) as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
+
+
+class Number(click.ParamType):
+    """A finite number within bounds, checked where the command line is read: a usage error (exit 2), never later."""
+
+    def __init__(self, kind: type = float, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+        self.name = "integer" if kind is int else "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            number = self.kind(value) if not isinstance(value, str) or self.kind is float else int(value, 10)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not {'a whole number' if self.kind is int else 'a number'}", param, ctx)
+        if self.kind is float and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        too_low = self.low is not None and (number <= self.low if self.low_open else number < self.low)
+        too_high = self.high is not None and (number >= self.high if self.high_open else number > self.high)
+        if too_low or too_high:
+            self.fail(f"{value!r} is not in {self.describe()}", param, ctx)
+        return number
+
+    def describe(self) -> str:
+        low = "(-∞" if self.low is None else ("(" if self.low_open else "[") + f"{self.low:g}"
+        high = "∞)" if self.high is None else f"{self.high:g}" + (")" if self.high_open else "]")
+        return f"{low}, {high}"
+
+
+POSITIVE = Number(float, low=0, low_open=True)  # ε, noise multipliers' bounds, clipping norms, temperatures
+NON_NEGATIVE = Number(float, low=0)  # learning rates (0 holds the adapter), noise multipliers (0: no release)
+PROBABILITY = Number(float, low=0, high=1, low_open=True, high_open=True)  # δ
+FRACTION = Number(float, low=0, high=1)
+COUNT = Number(int, low=1)  # rounds, epochs, merchants, k, batch sizes
+SEED = Number(int, low=0)
+COUNT_OR_AUTO = Number(int, low=0)  # 0: the setting's automatic choice
 
 
 def quiet_libraries() -> None:
@@ -57,13 +94,13 @@ def model_options(f):
     d = ModelConfig()
     options = [
         click.option("--base-model", default=BUNDLED, show_default=True, help="BERT-family encoder: 'bundled' (all-MiniLM-L6-v2), a local path or a hub name."),
-        click.option("--lora-r", type=int, default=d.lora_r, show_default=True, help="LoRA rank."),
-        click.option("--lora-alpha", type=int, default=d.lora_alpha, show_default=True, help="LoRA scaling alpha."),
+        click.option("--lora-r", type=COUNT, default=d.lora_r, show_default=True, help="LoRA rank."),
+        click.option("--lora-alpha", type=COUNT, default=d.lora_alpha, show_default=True, help="LoRA scaling alpha."),
         click.option("--lora-targets", default=",".join(d.lora_targets), show_default=True, help="Comma-separated module names to adapt."),
         click.option("--ffa", is_flag=True, help="FFA-LoRA: freeze A at its seeded init, train and share only B."),
-        click.option("--max-tokens", type=int, default=d.max_tokens, show_default=True, help=f"Token budget of a user's history: the texts of their most recent items [{DP_MODEL_DEFAULTS['max_tokens']} with DP]."),
-        click.option("--recency", type=float, default=d.recency, show_default=True, help="Weight of a history item in the user vector, per step back in time (1: plain mean)."),
-        click.option("--temperature", type=float, default=d.temperature, show_default=True, help="Initial temperature of the cosine score (the scale is learned)."),
+        click.option("--max-tokens", type=COUNT, default=d.max_tokens, show_default=True, help=f"Token budget of a user's history: the texts of their most recent items [{DP_MODEL_DEFAULTS['max_tokens']} with DP]."),
+        click.option("--recency", type=Number(float, low=0, high=1, low_open=True), default=d.recency, show_default=True, help="Weight of a history item in the user vector, per step back in time (1: plain mean)."),
+        click.option("--temperature", type=POSITIVE, default=d.temperature, show_default=True, help="Initial temperature of the cosine score (the scale is learned)."),
         click.option("--local-head", type=click.Choice(LOCAL_HEADS), default=d.local_head, show_default=True, help="Merchant-local item head: per-item weights and bias, bias only, or none [none with DP: the released statistics carry popularity]."),
     ]
 

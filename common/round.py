@@ -9,6 +9,7 @@ and a real deployment.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -39,7 +40,8 @@ class RoundConfig:
     max_grad_norm: float = TrainConfig.max_grad_norm
     next_items: int = TrainConfig.next_items
     cut: str = TrainConfig.cut  # where a user's training record cuts their history (common.records)
-    epsilon: float = 8.0  # the run's per-merchant ε budget; 0 trains without DP
+    epsilon: float = 8.0  # user-level ε over the run: the federation's, or each merchant's budget in silo mode
+    no_dp: bool = False  # train without differential privacy: the one switch that turns it off
     delta: float = 0.0  # 0: each silo uses 1/(10·users)
     seed: int = 0
     split: str = "valid"  # which targets an evaluate message scores: valid or test
@@ -69,6 +71,8 @@ class RoundConfig:
     def __post_init__(self) -> None:
         if self.privacy not in PRIVACY_MODES:
             raise ValueError(f"privacy must be one of {', '.join(PRIVACY_MODES)}, not {self.privacy!r}")
+        if not self.no_dp and not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"epsilon must be a finite number > 0, not {self.epsilon!r}; set no-dp = true to train without DP")
 
     @classmethod
     def for_mode(cls, privacy: str, **overrides: Any) -> RoundConfig:
@@ -79,7 +83,7 @@ class RoundConfig:
 
     @property
     def private(self) -> bool:
-        return self.epsilon > 0
+        return not self.no_dp
 
     def model(self) -> ModelConfig:
         return ModelConfig(

@@ -57,6 +57,8 @@ def run_federation(grid: Grid, context: Context, settings: ServerSettings, *, st
     `state_key` encrypts the run's sealing key at rest so that `resume` keeps it.
     """
     check_settings(settings)
+    if not settings.round.private:
+        log(WARNING, "no-dp = true: this run trains WITHOUT differential privacy; nothing it releases protects any user")
     out = Path(settings.out_dir)
     ckpt_dir = out / "checkpoint"
     tower, initial, shared, ckpt = start_run(settings)
@@ -194,7 +196,7 @@ class SiloTraining:
         return nbytes(self.shared) if self.secure is None else int(sum(a.size for a in self.shared.values()) * 8)  # masked int64
 
     def summary(self) -> dict[str, Any]:
-        return {"mode": "silo"}
+        return {"mode": "silo", "dp": self.settings.round.private}
 
 
 # --- federation mode: one DP-SGD step a round over every merchant's users -------------------------------
@@ -345,8 +347,8 @@ class FederationTraining:
 
     def summary(self) -> dict[str, Any]:
         if self.plan is None:
-            return {"mode": "federation"}
-        return {"mode": "federation", "epsilon": self.epsilon(), "delta": self.plan.delta, "accountant": accounting.DEFAULT,
+            return {"mode": "federation", "dp": self.settings.round.private}
+        return {"mode": "federation", "dp": self.settings.round.private, "epsilon": self.epsilon(), "delta": self.plan.delta, "accountant": accounting.DEFAULT,
                 "noise_multiplier": self.plan.noise_multiplier, "sample_rate": self.plan.sample_rate,
                 "expected_batch": self.plan.expected_batch, "steps": self.steps_tried,
                 "releases": [list(e) for e in self.plan.releases], "min_replies": self.plan.min_replies,

@@ -38,6 +38,8 @@ def model_card(
     lines = [
         "# silorec federated adapter",
         "",
+        *(["**This adapter is NOT differentially private:** it was trained with `no-dp = true`, and what it learned "
+           "may reveal the merchants' users.", ""] if privacy is not None and privacy.get("dp") is False else []),
         f"A LoRA adapter for the user tower of silorec's text two-tower recommender, trained by {how}, over {len(merchants)} merchants in {rounds} rounds (run `{run_id}`).",
         "Load it with `PeftModel.from_pretrained(base_encoder, this_folder)`; `silorec_calibration.safetensors` holds the shared score calibration (scale, text-space offset and the weights of the released popularity and co-occurrence) and `silorec_model.json` the rest of the model's settings.",
         "It carries no item-specific parameters: each merchant's item statistics stayed in its silo.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from common.errors import SilorecError
 from common.round import RoundConfig
 from common.serve import PRIOR_SCALES
 
@@ -54,6 +55,9 @@ class ServerSettings:
         if "num_server_rounds" in values:
             values["rounds"] = values.pop("num_server_rounds")
         own = {f.name for f in fields(cls)} - {"round"}
-        settings = cls(**{k: v for k, v in values.items() if k in own})
-        round_cfg = RoundConfig.from_run_config({k: v for k, v in values.items() if k not in own})
+        try:
+            settings = cls(**{k: v for k, v in values.items() if k in own})
+            round_cfg = RoundConfig.from_run_config({k: v for k, v in values.items() if k not in own})
+        except (TypeError, ValueError) as e:
+            raise SilorecError(f"run config: {e}") from None
         return replace(settings, round=replace(round_cfg, rounds=settings.rounds))

@@ -57,7 +57,7 @@ def command(spec: BenchmarkSpec, arm: str, out: Path) -> list[str]:
     elif arm == "central-dp":
         cmd = sim + ["central", "--data", str(spec.data), "--out", str(out), *dp]
     elif arm == "central":
-        cmd = sim + ["central", "--data", str(spec.data), "--out", str(out)]
+        cmd = sim + ["central", "--data", str(spec.data), "--out", str(out), "--no-dp"]
     else:
         raise SilorecError(f"unknown benchmark arm {arm!r}; choose from {', '.join(ARMS)}")
     return cmd + list(spec.options.get(arm, []))

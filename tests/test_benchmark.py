@@ -18,7 +18,7 @@ def test_each_arm_runs_its_own_command_with_the_shared_privacy_settings(tmp_path
     assert fed[-4:] == ["--rounds", "200", "--eval-every", "50"] and "--privacy" in fed and fed[fed.index("--privacy") + 1] == "federation"
     assert fed[fed.index("--epsilon") + 1] == "8" and fed[fed.index("--delta") + 1] == "0.0001"
     assert "central" in command(spec, "central-dp", tmp_path / "c") and "--epsilon" in command(spec, "central-dp", tmp_path / "c")
-    assert "--epsilon" not in command(spec, "central", tmp_path / "c")
+    assert "--epsilon" not in command(spec, "central", tmp_path / "c") and "--no-dp" in command(spec, "central", tmp_path / "c")
     with pytest.raises(SilorecError, match="ARM=OPTIONS"):
         parse_options(["quantum=--x"])
 

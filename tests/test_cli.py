@@ -51,7 +51,7 @@ def test_no_command_deletes_or_replaces_what_it_did_not_make(tmp_path, synthetic
         (sim, ["partition", str(source), "--merchants", "3", "--out", str(source / "silos"), "--force"], "inside SOURCE"),
         (sim, ["run", "--data", str(source), "--out", str(parent), "--force"], "a folder holding --data"),
         (sim, ["run", "--data", str(source), "--out", str(source), "--force"], "the same folder as --data"),
-        (sim, ["central", "--data", str(source), "--out", str(parent), "--force"], "a folder holding --data"),
+        (sim, ["central", "--data", str(source), "--out", str(parent), "--no-dp", "--force"], "a folder holding --data"),
         (sim, ["run", "--data", str(synthetic_silo), "--out", str(parent), "--force"], "did not write"),
         (sim, ["partition", str(synthetic_silo), "--merchants", "3", "--out", str(parent), "--force"], "did not write"),
     ]
@@ -87,3 +87,25 @@ def test_fetch_data_refuses_a_folder_it_did_not_make(tmp_path):
         ours = tmp_path / "ours"
         assert CliRunner().invoke(sim, ["fetch-data", "movielens-100k", "--out", str(ours), "--wheel", str(wheel)]).exit_code == 0
         assert CliRunner().invoke(sim, ["fetch-data", "movielens-100k", "--out", str(ours), "--wheel", str(wheel), "--force"]).exit_code == 0
+
+
+def test_no_setting_turns_privacy_off_silently_and_bad_numbers_are_usage_errors(tmp_path, synthetic_silo):
+    runner = CliRunner()
+    out = str(tmp_path / "run")
+    cases = [
+        (sim, ["run", "--data", str(synthetic_silo), "--out", out, "--epsilon", "-1"], "--epsilon"),
+        (sim, ["run", "--data", str(synthetic_silo), "--out", out, "--epsilon", "nan"], "not a finite number"),
+        (sim, ["run", "--data", str(synthetic_silo), "--out", out, "--epsilon", "0"], "--epsilon"),
+        (sim, ["run", "--data", str(synthetic_silo), "--out", out, "--rounds", "0"], "--rounds"),
+        (sim, ["run", "--data", str(synthetic_silo), "--out", out, "--delta", "1"], "--delta"),
+        (sim, ["central", "--data", str(synthetic_silo), "--out", out], "--no-dp"),
+        (sim, ["central", "--data", str(synthetic_silo), "--out", out, "--epsilon", "8", "--no-dp"], "--no-dp"),
+        (sim, ["partition", str(synthetic_silo), "--out", out, "--alpha", "nan"], "--alpha"),
+        (sim, ["partition", str(synthetic_silo), "--out", out, "--seed", "-1"], "--seed"),
+        (sim, ["partition", str(synthetic_silo), "--out", out, "--merchants", "0"], "--merchants"),
+        (client, ["recommend", "--adapter", str(synthetic_silo), "--data", str(synthetic_silo), "--user", "u", "-k", "-1"], "-k"),
+    ]
+    for cli, args, name in cases:
+        done = runner.invoke(cli, args)
+        assert done.exit_code == 2 and name in done.output and "Traceback" not in done.output, (args, done.output)
+        assert not (tmp_path / "run").exists(), args  # refused before any work

@@ -34,8 +34,8 @@ from simulations.federated import SimulationSpec, run_simulation
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 
 
-def _settings(tiny_bert: Path, out: Path, *, rounds: int, epsilon: float = 8.0, batch: int = 30, **server) -> ServerSettings:
-    cfg = RoundConfig(base_model=str(tiny_bert), batch_size=batch, epsilon=epsilon, delta=1e-3, threads=1)
+def _settings(tiny_bert: Path, out: Path, *, rounds: int, no_dp: bool = False, batch: int = 30, **server) -> ServerSettings:
+    cfg = RoundConfig(base_model=str(tiny_bert), batch_size=batch, no_dp=no_dp, delta=1e-3, threads=1)
     return ServerSettings(rounds=rounds, out_dir=str(out), eval_every=rounds, round=cfg, **server)
 
 
@@ -160,7 +160,7 @@ def test_noise_shares_sum_to_the_central_noise_and_each_step_is_accounted_once(t
 def test_without_noise_the_secure_sum_is_the_plain_sum_within_the_rounding(tmp_path, tiny_bert, steps):
     data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=60, seed=6))
     out = tmp_path / "run"
-    run_simulation(SimulationSpec(data=data, out=out, merchants=2), _settings(tiny_bert, out, rounds=2, epsilon=0.0, batch=20),
+    run_simulation(SimulationSpec(data=data, out=out, merchants=2), _settings(tiny_bert, out, rounds=2, no_dp=True, batch=20),
                    client_app=recording)
     lattice = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["plan"]["lattice"]
     worst, scale = 0.0, 0.0

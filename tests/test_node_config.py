@@ -27,11 +27,11 @@ def test_a_budget_must_be_a_positive_number_and_keeps_the_node_out_of_non_privat
             NodeConfig.parse({"budget": bad})
     node = NodeConfig.parse({"budget": "6.5"})
     assert node.budget == 6.5
-    node.check_privacy(8.0, "a round")
+    node.check_privacy(True, "a round")
     with pytest.raises(NodeConfigError, match="takes part only in DP rounds"):
-        node.check_privacy(0.0, "a round")
-    NodeConfig.parse({"no-dp": "true"}).check_privacy(0.0, "a round")  # opted in, loudly, at `silorec-client start --no-dp`
-    NodeConfig.parse({}).check_privacy(0.0, "a round")  # a simulation: the researcher sets both sides
+        node.check_privacy(False, "a round")
+    NodeConfig.parse({"no-dp": "true"}).check_privacy(False, "a round")  # opted in, loudly, at `silorec-client start --no-dp`
+    NodeConfig.parse({}).check_privacy(False, "a round")  # a simulation: the researcher sets both sides
     with pytest.raises(NodeConfigError, match="either"):
         NodeConfig.parse({"budget": "8", "no-dp": "true"})
     assert NodeConfig.parse({"data-path": "x", "signing-key": "k.sign.key"}).signing_key == Path("k.sign.key")

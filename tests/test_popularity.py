@@ -200,7 +200,7 @@ def test_a_merchant_shares_its_release_once_and_scores_with_the_pooled_counts(tm
     assert [e.what for e in ledger.entries] == ["popularity", "train"]  # sharing and pooling cost no ε
     with pytest.raises(ValueError, match="finite"):
         merchant.use_pooled_popularity({"keys": table["keys"], "counts": np.full(len(table["keys"]), np.inf)})
-    assert merchant.popularity_table(replace(cfg, epsilon=0.0)) == (None, "this run releases no popularity")
+    assert merchant.popularity_table(replace(cfg, no_dp=True)) == (None, "this run releases no popularity")
     spent = Merchant(synthetic_silo, tmp_path / "spent", cfg.model())
     PrivacyLedger.open(tmp_path / "spent", budget=8.0, delta=1e-3).record(run="earlier", round=1, noise_multiplier=0.5, sample_rate=1.0, steps=200)
     assert spent.popularity_table(cfg) == (None, "the ε budget left cannot pay for the popularity release")

@@ -62,15 +62,16 @@ merchant.evaluate()(merchant_app.evaluate)
 merchant.query()(merchant_app.query)
 
 
-def _settings(tiny_bert: Path, out: Path, *, rounds: int, epsilon: float) -> ServerSettings:
-    cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=epsilon, delta=1e-3, threads=1)
+def _settings(tiny_bert: Path, out: Path, *, rounds: int, epsilon: float = 8.0, no_dp: bool = False) -> ServerSettings:
+    cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=epsilon, no_dp=no_dp,
+                               delta=1e-3, threads=1)
     return ServerSettings(rounds=rounds, out_dir=str(out), secure_aggregation=True, round=cfg)
 
 
 def test_secagg_aggregate_matches_users_weighted_fedavg_of_the_same_updates(tmp_path, tiny_bert):
     data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=90, seed=4))
     out = tmp_path / "run"
-    m = run_simulation(SimulationSpec(data=data, out=out, merchants=3), _settings(tiny_bert, out, rounds=2, epsilon=0.0),
+    m = run_simulation(SimulationSpec(data=data, out=out, merchants=3), _settings(tiny_bert, out, rounds=2, no_dp=True),
                        client_app=recording)
     assert m["secure_aggregation"] and m["rounds"] == 2 and (out / "adapter" / "adapter_model.safetensors").is_file()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
