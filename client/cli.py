@@ -44,6 +44,8 @@ def check_data(silo: Path) -> None:
     summary = summarize(load_silo(silo))
     for line in summary.lines():
         click.echo(line)
+    for warning in summary.warnings():
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
     click.secho("ok: the silo is valid", fg="green")
 
 

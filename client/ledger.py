@@ -13,7 +13,9 @@ this silo's state folder; it is never reset.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +24,9 @@ from common import accounting, atomic
 from common.errors import SilorecError
 
 LEDGER_FILE = "ledger.json"
+SEEN_FILE = "ledger.seen"  # the most entries this state folder's ledger ever held, and their hash: a ledger must keep them
 KINDS = ("train", "popularity", "cooccurrence")
+RESTORE = "restore ledger.json from your newest backup — never delete or edit it to reset ε"
 
 
 class PrivacyBudgetExceeded(SilorecError):
@@ -59,22 +63,44 @@ class PrivacyLedger:
 
     @classmethod
     def open(cls, folder: Path, *, budget: float, delta: float) -> PrivacyLedger:
-        """The ledger in `folder` (a new, empty one if there is none). δ is fixed for a silo's lifetime."""
+        """The ledger in `folder` (a new, empty one if there is none), checked whole. δ is fixed for a silo's lifetime.
+
+        LedgerError if it is unreadable, holds an entry no accountant can
+        mean, disagrees with the ε it recorded, or holds fewer or other
+        entries than this state folder's ledger once held (SEEN_FILE).
+        """
         path = Path(folder) / LEDGER_FILE
+        seen = _read_seen(Path(folder) / SEEN_FILE)
         if not path.exists():
+            if seen["entries"]:
+                raise LedgerError(f"{path} is missing, but this state folder's ledger held {seen['entries']} entries: {RESTORE}")
             return cls(path=path, budget=budget, delta=delta)
         try:
             data = json.loads(path.read_text())
-            entries = [Entry(**e) for e in data["entries"]]
+            entries = [_entry(e) for e in data["entries"]]
             saved_delta, saved_accountant = float(data["delta"]), data["accountant"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise LedgerError(f"{path}: unreadable privacy ledger ({e}); restore it from backup — never delete it to reset ε") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LedgerError(f"{path}: unreadable privacy ledger ({e}); {RESTORE}") from None
+        if saved_accountant not in accounting.ACCOUNTANTS:
+            raise LedgerError(f"{path}: unknown accountant {saved_accountant!r}; {RESTORE}")
         if entries and saved_delta != delta:
             raise LedgerError(f"{path}: this silo's ε was accounted at δ={saved_delta}; it cannot switch to δ={delta}")
-        if saved_accountant not in accounting.ACCOUNTANTS:
-            raise LedgerError(f"{path}: unknown accountant {saved_accountant!r}; restore the ledger from backup")
+        if len(entries) < seen["entries"] or _digest(entries[: seen["entries"]]) != seen["sha256"]:
+            raise LedgerError(f"{path}: it no longer holds the {seen['entries']} entries this state folder's ledger held "
+                              f"(entries dropped, changed or an older backup restored); {RESTORE}")
         # a silo keeps the accountant its ε was first computed with: its reported ε never jumps
-        return cls(path=path, budget=budget, delta=delta, entries=entries, accountant=saved_accountant if entries else accounting.DEFAULT)
+        ledger = cls(path=path, budget=budget, delta=delta, entries=entries, accountant=saved_accountant if entries else accounting.DEFAULT)
+        ledger._check_recorded()
+        return ledger
+
+    def _check_recorded(self) -> None:
+        """LedgerError unless the recorded ε never decreases and the last one is what the history costs now."""
+        recorded = [e.epsilon_after for e in self.entries]
+        if any(b < a - 1e-9 for a, b in zip(recorded, recorded[1:])):
+            raise LedgerError(f"{self.path}: the ε it recorded decreases along its entries; {RESTORE}")
+        if recorded and not math.isclose(self.spent(), recorded[-1], rel_tol=1e-6, abs_tol=1e-9):
+            raise LedgerError(f"{self.path}: its entries cost ε {self.spent():.6g} at δ={self.delta:g}, but it recorded "
+                              f"{recorded[-1]:.6g} (an entry was changed); {RESTORE}")
 
     @property
     def history(self) -> list[accounting.Entry]:
@@ -133,6 +159,7 @@ class PrivacyLedger:
         return epsilon
 
     def save(self) -> None:
+        """Write the ledger, then what it now holds (SEEN_FILE); a crash between leaves the ledger ahead, which opens."""
         atomic.write_json(
             self.path,
             {
@@ -143,3 +170,36 @@ class PrivacyLedger:
                 "entries": [asdict(e) for e in self.entries],
             },
         )
+        atomic.write_json(self.path.with_name(SEEN_FILE), {"entries": len(self.entries), "sha256": _digest(self.entries)})
+
+
+def _entry(data: dict) -> Entry:
+    """An entry read back, its types and values checked (ValueError, TypeError otherwise)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"an entry is a mapping, not {type(data).__name__}")
+    entry = Entry(**data)
+    for name in ("noise_multiplier", "sample_rate", "epsilon_after", "time"):
+        if isinstance(getattr(entry, name), bool) or not isinstance(getattr(entry, name), (int, float)):
+            raise TypeError(f"entry field {name} must be a number, not {getattr(entry, name)!r}")
+    if isinstance(entry.steps, bool) or not isinstance(entry.steps, int) or not isinstance(entry.round, int):
+        raise TypeError(f"entry steps and round must be whole numbers, not {entry.steps!r} and {entry.round!r}")
+    if entry.what not in KINDS:
+        raise ValueError(f"unknown entry kind {entry.what!r}")
+    if not (math.isfinite(entry.epsilon_after) and entry.epsilon_after >= 0):
+        raise ValueError(f"entry epsilon_after must be finite and ≥ 0, not {entry.epsilon_after!r}")
+    accounting.check_entry(entry.noise_multiplier, entry.sample_rate, entry.steps)
+    return entry
+
+
+def _digest(entries: list[Entry]) -> str:
+    return hashlib.sha256(json.dumps([asdict(e) for e in entries], sort_keys=True).encode()).hexdigest()
+
+
+def _read_seen(path: Path) -> dict:
+    if not path.is_file():
+        return {"entries": 0, "sha256": _digest([])}
+    try:
+        seen = json.loads(path.read_text())
+        return {"entries": int(seen["entries"]), "sha256": str(seen["sha256"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LedgerError(f"{path}: unreadable ({e}); restore it with ledger.json from your newest backup") from None

@@ -30,6 +30,7 @@ from common.errors import (
 )
 
 ITEM_TEXT_FIELDS = ("title", "category", "brand", "description")
+MULTILINE_FIELDS = ("description", "category", "brand")  # free text that may hold a quoted line break
 CATEGORY_SEPARATOR = "|"
 
 _REQUIRED = {
@@ -46,6 +47,7 @@ _ATOMIC_ALIASES = {
     "genre": "category",
 }
 _INT = re.compile(r"^[+-]?\d+$")
+_YEAR = re.compile(r"^\s*[+-]?(\d{4,})-")
 _FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)$")
 _NS_PER_S = 1_000_000_000
 _MAX_EPOCH_S = np.iinfo(np.int64).max // _NS_PER_S
@@ -173,18 +175,26 @@ def _read_text(path: Path, *, atomic: bool) -> Table:
     quoting = csv.QUOTE_NONE if atomic else csv.QUOTE_MINIMAL
     rows: list[list[str]] = []
     positions: list[int] = []
+    last_line = 1
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+            reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=True)
             try:
                 header = next(reader)
             except StopIteration:
                 raise SiloFormatError(path, "the file is empty", location="line 1", hint="write a header line first") from None
             header = [_column_name(h, atomic) for h in header]
+            _check_header(path, header, "line 1")
             last_line = reader.line_num
             for row in reader:
                 start = last_line + 1
                 last_line = reader.line_num
+                spans = [h for h, v in zip(header, row) if "\n" in v or "\r" in v]
+                if [h for h in spans if h not in MULTILINE_FIELDS]:  # an id or a title never holds a line break
+                    raise SiloFormatError(
+                        path, f"a quoted field runs from line {start} over {last_line - start + 1} lines",
+                        location=f"line {start}", field=spans[0], hint="close the quote, or put each record on one line",
+                    )
                 if not row or (len(row) == 1 and row[0] == ""):
                     continue  # blank line
                 if len(row) != len(header):
@@ -199,9 +209,24 @@ def _read_text(path: Path, *, atomic: bool) -> Table:
     except UnicodeDecodeError as e:
         raise SiloFormatError(path, f"not UTF-8 text ({e.reason} at byte {e.start})", hint="re-save the file as UTF-8") from None
     except csv.Error as e:
-        raise SiloFormatError(path, f"unreadable CSV ({e})", location=f"line {reader.line_num}") from None
+        if "unexpected end of data" in str(e):  # a quote opened in the record that starts here is never closed
+            raise SiloFormatError(path, "a quote opens here and is never closed", location=f"line {last_line + 1}",
+                                  hint="close the quote, or put each record on one line") from None
+        raise SiloFormatError(path, f"unreadable CSV ({e})", location=f"line {reader.line_num}",
+                              hint="check for a stray quote inside a field") from None
+    except OSError as e:
+        raise SiloFormatError(path, f"cannot read the file ({e.strerror or e})", hint="check that it exists and is readable") from None
     frame = pd.DataFrame(rows, columns=header, dtype=object) if rows else pd.DataFrame(columns=header, dtype=object)
     return Table(path, frame, np.asarray(positions, dtype=np.int64), "line")
+
+
+def _check_header(path: Path, header: list[str], location: str | None) -> None:
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise SiloFormatError(path, "appears twice in the header", location=location, field=name,
+                                  hint="give every column its own name")
+        seen.add(name)
 
 
 def _column_name(raw: str, atomic: bool) -> str:
@@ -214,7 +239,13 @@ def _column_name(raw: str, atomic: bool) -> str:
 
 def _read_parquet(path: Path) -> Table:
     try:
-        frame = pq.read_table(path).to_pandas()
+        table = pq.read_table(path)
+        _check_header(path, [str(c) for c in table.column_names], None)
+        frame = table.to_pandas()
+    except SiloFormatError:
+        raise
+    except OSError as e:
+        raise SiloFormatError(path, f"cannot read the file ({e.strerror or e})", hint="check that it exists and is readable") from None
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise SiloFormatError(path, f"unreadable Parquet ({e})", hint="re-export the file") from None
     return Table(path, frame.reset_index(drop=True), np.arange(1, len(frame) + 1, dtype=np.int64), "row")
@@ -319,7 +350,12 @@ def _parse_timestamps(table: Table) -> np.ndarray:
     if pd.api.types.is_datetime64_any_dtype(col):  # a Parquet timestamp column
         if getattr(col.dt, "tz", None) is not None:
             col = col.dt.tz_convert("UTC").dt.tz_localize(None)
-        out = col.astype("datetime64[ns]").to_numpy()
+        try:
+            out = col.astype("datetime64[ns]").to_numpy()
+        except (OverflowError, ValueError, pd.errors.OutOfBoundsDatetime):
+            years = col.dt.year.to_numpy()
+            _reject(table, (years < 1678) | (years > 2261), col.astype(str).to_numpy(), why=OUT_OF_RANGE)
+            raise
         _reject(table, np.isnat(out), np.asarray(["missing"] * len(out)))
         return out.astype(np.int64)
     values = _strings(table, "timestamp").to_numpy()
@@ -337,21 +373,30 @@ def _parse_timestamps(table: Table) -> np.ndarray:
         else:
             iso.append(i)
     if iso:
-        parsed = pd.to_datetime(pd.Series(values[iso]), format="ISO8601", utc=True, errors="coerce")
+        at = np.asarray(iso)
+        # int64 nanoseconds reach only 1677-09-21 .. 2262-04-11: a date past them is out of range, not garbled
+        years = np.array([int(m.group(1)) if (m := _YEAR.match(v)) else 0 for v in values[at]])
+        outside = np.zeros(len(values), dtype=bool)
+        outside[at[(years > 2261) | ((years > 0) & (years < 1678))]] = True
+        _reject(table, outside, values, why=OUT_OF_RANGE)
+        parsed = pd.to_datetime(pd.Series(values[at]), format="ISO8601", utc=True, errors="coerce")
         nat = parsed.isna().to_numpy()
-        bad[np.asarray(iso)[nat]] = True
-        ok = np.asarray(iso)[~nat]
+        bad[at[nat]] = True
+        ok = at[~nat]
         out[ok] = parsed[~nat].dt.tz_localize(None).astype("datetime64[ns]").astype(np.int64).to_numpy()
     _reject(table, bad, values)
     return out
 
 
-def _reject(table: Table, bad: np.ndarray, values: np.ndarray) -> None:
+OUT_OF_RANGE = "out of range: times must lie between 1678 and 2261"
+
+
+def _reject(table: Table, bad: np.ndarray, values: np.ndarray, *, why: str = "") -> None:
     if bad.any():
         i = _first(bad)
         raise BadTimestampError(
             table.path,
-            f"cannot read {values[i]!r} as a time" + _more(bad, table.unit),
+            (f"{values[i]!r} is {why}" if why else f"cannot read {values[i]!r} as a time") + _more(bad, table.unit),
             location=table.where(i),
             field="timestamp",
             hint="use integer epoch seconds (not milliseconds) or an ISO 8601 date-time such as 2024-05-01T12:30:00Z",

@@ -21,6 +21,9 @@ class SiloSummary:
     median_history: float
     first: str
     last: str
+    duplicates: int = 0  # interactions that repeat an earlier one exactly (user, item, time): kept, each counts
+    before_1970: int = 0
+    in_future: int = 0  # dated after the summary was made
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -34,7 +37,17 @@ class SiloSummary:
             f"evaluated users  {self.evaluated_users:,} (≥{MIN_EVAL_INTERACTIONS} interactions)",
             f"median history   {self.median_history:g} interactions per user",
             f"date range       {self.first} .. {self.last}",
+            f"exact repeats    {self.duplicates:,} (same user, item and time; kept, each counts as an interaction)",
         ]
+
+    def warnings(self) -> list[str]:
+        """What check-data says is probably wrong, though the silo is valid."""
+        out = []
+        if self.before_1970:
+            out.append(f"{self.before_1970:,} interaction(s) dated before 1970: milliseconds or a sign error read as seconds?")
+        if self.in_future:
+            out.append(f"{self.in_future:,} interaction(s) dated in the future: milliseconds read as seconds, or a wrong clock?")
+        return out
 
 
 def summarize(silo: Silo) -> SiloSummary:
@@ -42,6 +55,7 @@ def summarize(silo: Silo) -> SiloSummary:
     per_user = silo.interactions.groupby("user_id", sort=False).size().to_numpy()
     ts = silo.interactions["timestamp"].to_numpy(dtype=np.int64)
     day = lambda ns: pd.Timestamp(int(ns), unit="ns", tz="UTC").strftime("%Y-%m-%d")  # noqa: E731
+    now = pd.Timestamp.now(tz="UTC").value
     return SiloSummary(
         name=silo.name,
         users=len(per_user),
@@ -51,4 +65,7 @@ def summarize(silo: Silo) -> SiloSummary:
         median_history=float(np.median(per_user)),
         first=day(ts.min()),
         last=day(ts.max()),
+        duplicates=int(silo.interactions.duplicated(["user_id", "item_id", "timestamp"]).sum()),
+        before_1970=int((ts < 0).sum()),
+        in_future=int((ts > now).sum()),
     )

@@ -240,6 +240,7 @@ class FederationTraining:
         self.plan: Plan | None = None
         self.history: list[accounting.Entry] = []  # the federation's accountant: every release and step, once
         self.steps_tried = 0  # rounds whose shares were asked for, applied or abandoned
+        self.asked: dict[str, list[accounting.Entry]] = {}  # per merchant: what it was asked to spend and took part in
         self.optimizer: GlobalOptimizer | None = None
 
     def describe(self) -> str:
@@ -268,6 +269,9 @@ class FederationTraining:
         entries, held, released = release_statistics(self.secure, self.grid, self.envelope, cfg, self.census, min_replies=m,
                                                      timeout=self.settings.round_timeout)
         self.history = list(entries)
+        for kind, entry in zip(("popularity", "cooccurrence"), entries):
+            for silo in released.get(kind, {}).get("took_part", []):
+                self.asked.setdefault(silo, []).append(entry)
         names = tuple(trained_names(sorted(self.shared), cfg.model(), prior=held["prior"], neighbours=held["neighbours"],
                                     adapter=cfg.lr > 0))
         dim = int(sum(self.shared[n].size for n in names))
@@ -289,6 +293,7 @@ class FederationTraining:
             raise SilorecError(f"the run was planned for {self.plan.steps} rounds: resume it with that many, not {self.settings.rounds}")
         self.history = [tuple(e) for e in state["accountant"]]
         self.steps_tried = int(state.get("steps_tried", 0))
+        self.asked = {silo: [tuple(e) for e in entries] for silo, entries in state.get("asked", {}).items()}
         self.census, _ = take_census(self.grid, self.envelope, replace(cfg, delta=self.plan.delta),
                                      min_nodes=self.settings.min_available_clients, timeout=self.settings.round_timeout)
         if len(self.census.nodes) < max(2, self.plan.min_replies):
@@ -319,12 +324,29 @@ class FederationTraining:
         commit()
         result = self.secure(cfg.round, cfg.to_record(), spec, sealed=arrays, nodes=self.census.nodes)
         line = round_line(cfg.round, result) | {"secagg": result.workflow, "epsilon_federation": self.epsilon()}
+        if p.noise_multiplier > 0:
+            for m in result.accepted:
+                self.asked.setdefault(m.silo, []).append((p.noise_multiplier, p.sample_rate, 1))
+            if flags := self.ledger_flags(result):
+                line["ledger_flags"] = flags
         if result.total is None:
             line["abandoned"] = result.reason
             log(WARNING, "round %d abandoned: %s; the global adapter is unchanged", cfg.round, result.reason)
             return arrays, line
         optimizer = self.optimizer or self._make_optimizer(arrays)
         return optimizer.step(arrays, result.total, p.expected_batch), line
+
+    def ledger_flags(self, result) -> list[dict[str, Any]]:
+        """Merchants whose reported ε is below what this run asked them to spend: a ledger lost, reset or rewritten."""
+        flags = []
+        for m in result.accepted:
+            asked = accounting.epsilon(self.asked.get(m.silo, []), self.plan.delta)
+            reported = m.metrics.get("epsilon-total")
+            if reported is not None and reported < asked * (1 - 1e-6) - 1e-9:
+                flags.append({"silo": m.silo, "reported": reported, "asked": asked})
+                log(WARNING, "%s reports ε %.4f, less than the %.4f this run asked it to spend: its ledger was lost, reset "
+                    "or rewritten", m.silo, reported, asked)
+        return flags
 
     def _make_optimizer(self, arrays: dict[str, np.ndarray]) -> GlobalOptimizer:
         cfg = self.settings.round
@@ -339,6 +361,7 @@ class FederationTraining:
         if self.plan is None:
             return {}, {}
         state = {"plan": self.plan.to_json(), "accountant": [list(e) for e in self.history], "steps_tried": self.steps_tried,
+                 "asked": {silo: [list(e) for e in entries] for silo, entries in self.asked.items()},
                  "census": self.census.to_json() if self.census else {}}
         return {"aggregation": "secagg+ (federation)", "federation": state}, (self.optimizer.state_arrays() if self.optimizer else {})
 

@@ -154,7 +154,8 @@ def _secure_release(
                                   min_replies=min_replies, merchants=len(census.silos))
     spec = SumSpec(task, (name,), noise, 1.0, min_replies, 1.0, lattice)
     result = secure(0, cfg.to_record(), spec, sealed={"keys": np.asarray(keys, np.uint64)}, nodes=census.nodes)
-    report = {"merchants": result.contributors, "noise_multiplier": noise, "lattice": lattice.to_config()}
+    report = {"merchants": result.contributors, "took_part": sorted(m.silo for m in result.accepted),
+              "noise_multiplier": noise, "lattice": lattice.to_config()}
     if result.total is None:
         log(WARNING, "%s release abandoned: %s; merchants score without it", task, result.reason)
         return None, report | {"abandoned": result.reason}

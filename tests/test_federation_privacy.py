@@ -87,6 +87,18 @@ class ThriftyClient(MerchantClient):
         return super().fit(parameters, config)
 
 
+class ForgetfulClient(MerchantClient):
+    """Partition 0 loses its whole ledger (both files) before round 2, as a reset or a lost disk would."""
+
+    def fit(self, parameters, config):
+        cfg, spec = RoundConfig.from_record(config), SumSpec.from_config(config)
+        if spec.task == "gradient" and cfg.round == 2 and int(self.context.node_config["partition-id"]) == 0:
+            state = merchant_for_node(self.context.node_config, cfg).state_dir
+            for name in ("ledger.json", "ledger.seen"):
+                (state / name).unlink()
+        return super().fit(parameters, config)
+
+
 def _app(client_cls) -> ClientApp:
     app = ClientApp(mods=[secagg_mod_for(lambda context: client_cls(context).to_client())])
     app.train()(merchant_app.train)  # Flower asks for one; a secure sum's messages never reach it
@@ -98,6 +110,7 @@ def _app(client_cls) -> ClientApp:
 recording = _app(RecordingClient)
 faulty = _app(FaultyClient)
 thrifty = _app(ThriftyClient)
+forgetful = _app(ForgetfulClient)
 
 
 @pytest.fixture
@@ -210,6 +223,16 @@ def test_a_merchant_refuses_a_round_its_budget_cannot_pay_for(tmp_path, tiny_ber
     ledger = PrivacyLedger.open(silo / ".silorec-state", budget=8.0, delta=1e-3)
     assert [e.what for e in ledger.entries] == ["popularity", "cooccurrence", "train"]  # the refused step was never recorded
     assert m["rounds"] == 2
+
+
+def test_a_merchant_whose_ledger_reports_less_than_it_was_asked_to_spend_is_flagged(tmp_path, tiny_bert):
+    data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=60, seed=9))
+    out = tmp_path / "run"
+    run_simulation(SimulationSpec(data=data, out=out, merchants=2), _settings(tiny_bert, out, rounds=2, batch=20), client_app=forgetful)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "ledger_flags" not in lines[1]
+    (flag,) = lines[2]["ledger_flags"]
+    assert flag["reported"] < flag["asked"] and flag["asked"] == pytest.approx(lines[2]["epsilon_federation"])
 
 
 def test_settings_that_federation_mode_cannot_honour_are_refused_before_anything_starts():

@@ -95,10 +95,56 @@ def test_crash_during_write_leaves_previous_ledger_intact(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert (tmp_path / "ledger.json").read_bytes() == before
     assert len(PrivacyLedger.open(tmp_path, budget=50, delta=1e-3).entries) == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["ledger.json"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json", "ledger.seen"]  # no temporary file left behind
 
 
 def test_damaged_ledger_is_an_error_not_a_reset(tmp_path):
     (tmp_path / "ledger.json").write_text("{ half")
-    with pytest.raises(LedgerError, match="never delete it"):
+    with pytest.raises(LedgerError, match="never delete or edit it"):
         PrivacyLedger.open(tmp_path, budget=8, delta=1e-3)
+
+
+def _tampered(tmp_path, how):
+    ledger = PrivacyLedger.open(tmp_path, budget=50, delta=1e-3)
+    for r in range(3):
+        ledger.record(run="a", round=r, noise_multiplier=1.0, sample_rate=0.2, steps=5)
+    path = tmp_path / "ledger.json"
+    data = json.loads(path.read_text())
+    how(data, path)
+    if path.exists():
+        path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("how, match", [
+    (lambda d, p: d["entries"].pop(), "no longer holds"),  # an entry dropped: a lower ε
+    (lambda d, p: d["entries"][0].update(steps=0), "steps"),
+    (lambda d, p: d["entries"][0].update(steps=-4), "steps"),
+    (lambda d, p: d["entries"][1].update(noise_multiplier=50.0), "no longer holds"),  # a raised noise: a lower ε
+    (lambda d, p: d["entries"][1].update(steps="five"), "whole numbers"),
+    (lambda d, p: d["entries"][1].update(sample_rate=-0.2), "sample rate"),
+    (lambda d, p: d["entries"][1].update(what="gift"), "kind"),
+    (lambda d, p: p.unlink(), "is missing"),
+])
+def test_a_ledger_that_lost_or_changed_entries_is_refused_with_what_to_do(tmp_path, how, match):
+    _tampered(tmp_path, how)
+    with pytest.raises(LedgerError, match=match) as e:
+        PrivacyLedger.open(tmp_path, budget=50, delta=1e-3)
+    assert "backup" in str(e.value)
+
+
+def test_an_older_backup_is_refused_and_an_edit_of_the_recorded_epsilon_too(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, budget=50, delta=1e-3)
+    ledger.record(run="a", round=1, noise_multiplier=1.0, sample_rate=0.2, steps=5)
+    backup = (tmp_path / "ledger.json").read_text()
+    ledger.record(run="a", round=2, noise_multiplier=1.0, sample_rate=0.2, steps=5)
+    (tmp_path / "ledger.json").write_text(backup)
+    with pytest.raises(LedgerError, match="older backup"):
+        PrivacyLedger.open(tmp_path, budget=50, delta=1e-3)
+    fresh = tmp_path / "fresh"
+    PrivacyLedger.open(fresh, budget=50, delta=1e-3).record(run="a", round=1, noise_multiplier=1.0, sample_rate=0.2, steps=5)
+    (fresh / "ledger.seen").unlink()  # a hand-made ledger: its recorded ε must still be what its entries cost
+    data = json.loads((fresh / "ledger.json").read_text())
+    data["entries"][0]["noise_multiplier"] = 3.0
+    (fresh / "ledger.json").write_text(json.dumps(data))
+    with pytest.raises(LedgerError, match="an entry was changed"):
+        PrivacyLedger.open(fresh, budget=50, delta=1e-3)

@@ -190,3 +190,41 @@ def test_parquet_synthetic_silo_matches_csv(tmp_path):
     a = load_silo(make_synthetic_silo(tmp_path / "a", SyntheticSpec(seed=3)))
     b = load_silo(make_synthetic_silo(tmp_path / "b", SyntheticSpec(seed=3), fmt="parquet"))
     pd.testing.assert_frame_equal(a.interactions, b.interactions)
+
+
+@pytest.mark.parametrize("items, match", [
+    ('item_id,title\n1,"Red pan\n2,Blue rake\n3,Old drum\n', "line 2: a quote opens here and is never closed"),
+    ('item_id,title\n1,"Red pan\n2,Blue rake\n3,"\n', "line 2: field 'title': a quoted field runs from line 2 over 3 lines"),
+    ('item_id,title\n1,"Red" pan\n', "line 2: unreadable CSV"),
+    ('item_id,title,title\n1,Red pan,x\n', "line 1: field 'title': appears twice in the header"),
+    ("item_id,title\n1,Red pan\n2\n", "line 3: 1 fields where the header has 2"),
+])
+def test_a_csv_is_read_strictly_and_an_error_names_its_line(tmp_path, items, match):
+    with pytest.raises(SiloFormatError, match=match):
+        load_silo(silo(tmp_path, items=items))
+
+
+def test_dates_beyond_what_nanoseconds_hold_and_unreadable_files_are_errors_not_tracebacks(tmp_path, monkeypatch):
+    for when in ("2300-01-01T00:00:00Z", "1600-06-01"):
+        with pytest.raises(BadTimestampError, match="out of range"):
+            load_silo(silo(tmp_path, inter=f"user_id,item_id,timestamp\nu1,1,{when}\n"))
+    root = silo(tmp_path)
+    real = open
+
+    def denied(path, *args, **kwargs):
+        if str(path).endswith("items.csv"):
+            raise PermissionError(13, "Permission denied")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(SiloFormatError, match="items.csv: cannot read the file \\(Permission denied\\)"):
+        load_silo(root)
+
+
+def test_check_data_counts_exact_repeats_and_warns_of_unlikely_dates(tmp_path):
+    from common.summary import summarize
+
+    inter = "user_id,item_id,timestamp\nu1,1,-5\nu1,1,-5\nu2,3,4102444800\nu2,2,150\n"
+    s = summarize(load_silo(silo(tmp_path, inter=inter)))
+    assert s.duplicates == 1 and s.before_1970 == 2 and s.in_future == 1
+    assert len(s.warnings()) == 2 and "exact repeats    1" in "\n".join(s.lines())
