@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -129,14 +129,15 @@ def load_encoder(name: str) -> tuple[PreTrainedTokenizerBase, nn.Module]:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the unused pooler's weights are reported as unexpected: expected
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # local files only: a path, or a hub name already in the local cache; nothing is fetched at run time
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         try:
             # The pooler is unused, and LoRA targets named `dense` would also hit it.
-            encoder = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
+            encoder = AutoModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True, **kwargs)
         except TypeError:
-            encoder = AutoModel.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise SilorecError(f"cannot load base model {name!r} ({path}): {e}") from None
+            encoder = AutoModel.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SilorecError(f"cannot load base model {name!r} ({path}) from local files: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     encoder.requires_grad_(False)
@@ -620,24 +621,19 @@ def build_recommender(
     # the user tower reads each history item exactly as the item tower read it
     batch = tokenize(tokenizer, list(item_texts), cfg.item_max_tokens)
     tokens = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-    tower = attach_adapter(encoder, cfg, adapter_dir=adapter_dir)
+    tower = attach_adapter(encoder, cfg)
     model = Recommender(tower, tokenizer, vectors, cfg, item_ids, tokens).to(device)
     if adapter_dir is not None:
-        calibration = Path(adapter_dir) / CALIBRATION_FILE
-        if calibration.is_file():
-            model.load_shared_state(load_file(calibration))
+        model.load_shared_state(read_adapter(adapter_dir, cfg, model.shared_state()))
         model.restore_head(Path(adapter_dir) / HEAD_FILE)
     return model
 
 
-def attach_adapter(encoder: nn.Module, cfg: ModelConfig, *, adapter_dir: Path | None = None) -> PeftModel:
-    """The user tower: `encoder` with a fresh LoRA adapter (seeded init) or the one saved in `adapter_dir`."""
+def attach_adapter(encoder: nn.Module, cfg: ModelConfig) -> PeftModel:
+    """The user tower: `encoder` with a fresh LoRA adapter (seeded init; a saved one is loaded into it: `read_adapter`)."""
     torch.manual_seed(cfg.seed)  # the LoRA init (and FFA's frozen A) is a function of the seed
-    if adapter_dir is not None:
-        tower = PeftModel.from_pretrained(encoder, str(adapter_dir), is_trainable=True)
-    else:
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets), lora_dropout=0.0)
-        tower = get_peft_model(encoder, lora)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets), lora_dropout=0.0)
+    tower = get_peft_model(encoder, lora)
     if cfg.ffa:
         for name, p in tower.named_parameters():
             if "lora_A" in name:
@@ -646,20 +642,88 @@ def attach_adapter(encoder: nn.Module, cfg: ModelConfig, *, adapter_dir: Path | 
 
 
 def load_head(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The local state `Recommender.save_head` wrote and the item ids it aligns to; AdapterError if it is damaged."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        item_ids = json.loads(f.metadata()["item_ids"])
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            item_ids = json.loads((f.metadata() or {})["item_ids"])
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # a truncated file, or one without its item ids
+        raise AdapterError(f"{path}: unreadable local state ({type(e).__name__}: {e}); remove it to start over") from None
+    if not isinstance(item_ids, list):
+        raise AdapterError(f"{path}: its item ids are not a list; remove it to start over")
     return state, item_ids
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft's
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's
+
+
+class AdapterError(SilorecError):
+    """An adapter folder that is not a whole, matching silorec adapter."""
 
 
 def load_model_config(adapter_dir: Path) -> ModelConfig:
     """The ModelConfig saved beside an adapter, with a clear error if it is not a silorec adapter."""
     path = Path(adapter_dir) / MODEL_FILE
     if not path.is_file():
-        raise SilorecError(f"{adapter_dir}: no {MODEL_FILE}; is this an adapter folder written by silorec?")
-    return ModelConfig.from_json(json.loads(path.read_text()))
+        raise AdapterError(f"{adapter_dir}: no {MODEL_FILE}; is this an adapter folder written by silorec?")
+    data = _json(path)
+    try:
+        return ModelConfig.from_json(data)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise AdapterError(f"{path}: not a silorec model config ({e}); export the adapter again") from None
+
+
+def read_adapter(adapter_dir: Path, cfg: ModelConfig, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The shared tensors saved in `adapter_dir`, checked against peft's config and the `expected` names and shapes.
+
+    Local files only: a missing weights file is an error, never a download.
+    """
+    folder = Path(adapter_dir)
+    config = _json(folder / ADAPTER_CONFIG)
+    saved = {"r": config.get("r"), "lora_alpha": config.get("lora_alpha"), "target_modules": sorted(config.get("target_modules") or [])}
+    want = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.lora_targets)}
+    for key in want:
+        if saved[key] != want[key]:
+            raise AdapterError(f"{folder / ADAPTER_CONFIG}: {key} is {saved[key]!r} but {MODEL_FILE} says {want[key]!r}; "
+                               "the two files are of different adapters")
+    state = _tensors(folder / ADAPTER_WEIGHTS)
+    state = {k.replace(".default.", "."): v for k, v in state.items()}  # peft's names, with or without the adapter's
+    if (folder / CALIBRATION_FILE).is_file():
+        state |= _tensors(folder / CALIBRATION_FILE)
+    for name, tensor in state.items():
+        if name not in expected and not (cfg.ffa and "lora_A" in name):
+            raise AdapterError(f"{folder}: tensor {name} belongs to no {cfg.lora_r}-rank adapter of {cfg.base_model}")
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            raise AdapterError(f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, this model's is "
+                               f"{tuple(expected[name].shape)} (another rank or base model?)")
+    missing = sorted(n for n in expected if n not in state and not n.startswith(CALIBRATION_PREFIX))
+    if missing:
+        raise AdapterError(f"{folder / ADAPTER_WEIGHTS}: lacks tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return state
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{path} is missing; is this a whole adapter folder written by silorec?") from None
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path}: unreadable ({e}); export the adapter again") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path}: not a JSON object; export the adapter again")
+    return data
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise AdapterError(f"{path} is missing; is this a whole adapter folder written by silorec? (nothing is downloaded)")
+    try:
+        return dict(load_file(str(path)))
+    except Exception as e:  # safetensors raises its own error for a truncated or damaged file
+        raise AdapterError(f"{path}: unreadable tensors ({e}); export the adapter again") from None
 
 
 def default_device() -> torch.device:

@@ -157,3 +157,44 @@ def test_many_writers_can_fill_the_same_item_cache_at_once(tmp_path, tiny_bert, 
         results = list(pool.map(fill, range(12)))
     assert all(torch.allclose(r, results[0]) for r in results)
     assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".safetensors"]
+
+
+def test_a_damaged_or_mismatched_adapter_is_one_clear_error_and_never_a_download(tmp_path, tiny_bert, synthetic_silo):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from client.cli import main as client
+
+    s = load_silo(synthetic_silo)
+    cfg = ModelConfig(base_model=str(tiny_bert), local_head="none")
+    build_recommender(cfg, list(s.items["item_id"]), item_texts(s.items)).save(tmp_path / "good")
+    other = tmp_path / "rank4"
+    build_recommender(ModelConfig(base_model=str(tiny_bert), local_head="none", lora_r=4), list(s.items["item_id"]),
+                      item_texts(s.items)).save(other)
+
+    def damaged(name, how):
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "good", folder)
+        how(folder)
+        return folder
+
+    cases = {
+        "adapter_config.json: unreadable": damaged("config", lambda f: (f / "adapter_config.json").write_text("{ half")),
+        "silorec_model.json: unreadable": damaged("model", lambda f: (f / "silorec_model.json").write_text("[1")),
+        "adapter_model.safetensors: unreadable tensors": damaged(
+            "truncated", lambda f: (f / "adapter_model.safetensors").write_bytes((f / "adapter_model.safetensors").read_bytes()[:50])),
+        "adapter_model.safetensors is missing": damaged("missing", lambda f: (f / "adapter_model.safetensors").unlink()),
+        "has shape": damaged("mixed", lambda f: shutil.copy(other / "adapter_model.safetensors", f / "adapter_model.safetensors")),
+        "r is 4 but": damaged("rank", lambda f: shutil.copy(other / "adapter_config.json", f / "adapter_config.json")),
+        "not a silorec model config": damaged("fields", lambda f: (f / "silorec_model.json").write_text(json.dumps({"lora_r": "eight", "recency": 9}))),
+    }
+    user = str(s.interactions["user_id"].iloc[0])
+    for message, folder in cases.items():
+        for args in (["recommend", "--user", user], ["evaluate"]):
+            done = CliRunner().invoke(client, [args[0], "--adapter", str(folder), "--data", str(synthetic_silo), *args[1:]])
+            assert done.exit_code == 2 and message in done.output, (message, args, done.output)
+            assert done.output.startswith("error: ") and len(done.output.strip().splitlines()) == 1
+    done = CliRunner().invoke(client, ["recommend", "--adapter", str(tmp_path / "good"), "--data", str(synthetic_silo), "--user", user])
+    assert done.exit_code == 0, done.output
