@@ -23,6 +23,10 @@ class RoleGroup(click.Group):
         except (SilorecError, FileExistsError) as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
+        except OSError as e:  # a folder that cannot be written, a disk that is full: the file and the reason, not a traceback
+            where = f"{e.filename}: " if e.filename else ""
+            click.secho(f"error: {where}{e.strerror or e}", fg="red", err=True)
+            sys.exit(2)
 
 
 class Number(click.ParamType):

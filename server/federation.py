@@ -115,6 +115,8 @@ def run_federation(grid: Grid, context: Context, settings: ServerSettings, *, st
 
 def check_settings(settings: ServerSettings) -> None:
     """Raise SilorecError for settings that cannot run together, before anything starts."""
+    if settings.rounds < 1:
+        raise SilorecError(f"num-server-rounds {settings.rounds}: a run needs at least one round")
     if settings.privacy == "federation":
         check_secure(settings)
         if settings.fraction_train != 1.0:

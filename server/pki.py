@@ -65,6 +65,8 @@ def make_server_pki(out: Path, hosts: Sequence[str] = DEFAULT_HOSTS, *, force: b
     _refuse_existing([paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key], force)
     if not hosts:
         raise PkiError("no --host given: name at least one host name or IP address the SuperLink is reached at")
+    for host in hosts:
+        check_host(host)
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "silorec"),
@@ -155,6 +157,23 @@ def read_registry(folder: Path) -> dict[str, str]:
         except (ValueError, UnsupportedAlgorithm) as e:
             raise PkiError(f"{path}: the public key of {merchant} is not an OpenSSH public key; re-enroll it") from e
     return registry
+
+
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def check_host(host: str) -> None:
+    """PkiError unless `host` is an IP address or a DNS name (labels of 1–63 letters, digits or '-', 253 at most)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+        shown = host if len(host) <= 40 else host[:37] + "..."
+        raise PkiError(f"--host {shown!r} is neither an IP address nor a DNS name (labels of 1-63 letters, digits or '-', "
+                       "253 characters in all)")
 
 
 def _san(host: str) -> x509.GeneralName:

@@ -109,3 +109,10 @@ def test_no_setting_turns_privacy_off_silently_and_bad_numbers_are_usage_errors(
         done = runner.invoke(cli, args)
         assert done.exit_code == 2 and name in done.output and "Traceback" not in done.output, (args, done.output)
         assert not (tmp_path / "run").exists(), args  # refused before any work
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, synthetic_silo):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    done = CliRunner().invoke(sim, ["partition", str(synthetic_silo), "--merchants", "2", "--out", str(blocker / "silos")])
+    assert done.exit_code == 2 and done.output.startswith("error: ") and "Traceback" not in done.output, done.output

@@ -110,3 +110,15 @@ def test_commands_write_the_files_and_refuse_to_overwrite_in_one_line(tmp_path):
 def test_start_without_certificates_names_the_missing_files(tmp_path):
     done = CliRunner().invoke(main, ["start", "--certs", str(tmp_path / "none"), "--enrolled", str(tmp_path), "--state", str(tmp_path / "s")])
     assert done.exit_code == 2 and "ca.pem" in done.output and "silorec-server certs" in done.output
+
+
+def test_a_host_that_is_neither_an_address_nor_a_name_is_one_line_before_anything_is_written(tmp_path):
+    from click.testing import CliRunner
+
+    from server.cli import main as server_main
+
+    for host in ("", "h" * 300, "bad_host", "-lead.example.com"):
+        done = CliRunner().invoke(server_main, ["certs", "--out", str(tmp_path / "pki"), "--host", host])
+        assert done.exit_code == 2 and "neither an IP address nor a DNS name" in done.output, done.output
+        assert len(done.output.strip().splitlines()) == 1 and not (tmp_path / "pki").exists()
+
