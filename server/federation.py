@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Context
-from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from peft import get_peft_model_state_dict
@@ -40,6 +39,7 @@ from common.round import RoundConfig
 from common.serve import best_scale, parse_scales, scale_prior_weight, scaled_key
 from common.towers import PRIOR_WEIGHT, attach_adapter, initial_calibration, load_encoder, trained_names
 from common.train import TrainConfig, default_delta
+from common.logs import log
 from server import checkpoint, report, sealing
 from server.optimizer import GlobalOptimizer
 from server.popularity import pool_popularity
@@ -84,7 +84,8 @@ def run_federation(grid: Grid, context: Context, settings: ServerSettings, *, st
             valid, _ = evaluate_global(evaluator, grid, global_arrays, training.configure(zero), envelope)
             history.append({"round": 0, "valid": valid} | line)
             checkpoint.save(ckpt_dir, checkpoint.Checkpoint(envelope.run_id, 0, global_arrays, history, *training.state()))
-            log(INFO, "round 0 (%s): valid NDCG@10 %.4f", training.released(), valid.get("ndcg@10", float("nan")))
+            log(INFO, "round 0 (%s): valid NDCG@10 %.4f", training.released(), valid.get("ndcg@10", float("nan")),
+                round=0, rounds=settings.rounds, valid=valid.get("ndcg@10"), epsilon=None)
         every = settings.eval_every or training.eval_every()
         for rnd in range(history[-1]["round"] + 1, settings.rounds + 1):
             t0 = time.perf_counter()
@@ -132,10 +133,12 @@ def check_settings(settings: ServerSettings) -> None:
 
 
 def log_round(line: dict[str, Any], rounds: int) -> None:
-    eps = f"max ε {max(line['epsilon'].values()):.2f}" if line.get("epsilon") else "non-private"
-    valid = f", valid NDCG@10 {line['valid']['ndcg@10']:.4f}" if "valid" in line else ""
+    eps = max(line["epsilon"].values()) if line.get("epsilon") else None
+    valid = line["valid"]["ndcg@10"] if "valid" in line else None
     done = line.get("abandoned") or f"{line['accepted']}/{line['merchants']} merchants"
-    log(INFO, "round %d/%d: %s%s, %s, %.1f s", line["round"], rounds, done, valid, eps, line["seconds"])
+    log(INFO, "round %d/%d: %s%s, %s, %.1f s", line["round"], rounds, done,
+        f", valid NDCG@10 {valid:.4f}" if valid is not None else "", f"max ε {eps:.2f}" if eps is not None else "non-private",
+        line["seconds"], round=line["round"], rounds=rounds, valid=valid, epsilon=eps)
 
 
 # --- silo mode: every merchant trains alone, the coordinator averages ---------------------------------
@@ -331,6 +334,9 @@ class FederationTraining:
                 self.asked.setdefault(m.silo, []).append((p.noise_multiplier, p.sample_rate, 1))
             if flags := self.ledger_flags(result):
                 line["ledger_flags"] = flags
+        for m in result.merchants:
+            if m.status in ("rejected", "error"):
+                log(WARNING, "round %d: %s", cfg.round, m.reason if m.silo == "?" else f"{m.silo}: {m.reason}")
         if result.total is None:
             line["abandoned"] = result.reason
             log(WARNING, "round %d abandoned: %s; the global adapter is unchanged", cfg.round, result.reason)

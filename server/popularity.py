@@ -22,13 +22,13 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.popularity import look_up, pool_tables, read_table
 from common.messages import ASK_TABLE, TABLE_KIND, USE_POOLED
 from common.round import RoundConfig
+from common.logs import log
 from server import queries
 from server.sealing import Envelope
 

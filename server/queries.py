@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.common import log
 from flwr.serverapp import Grid
 
 from common.arrays import to_record
 from common.messages import POOL_RECORD
 from common.round import RoundConfig
+from common.logs import log
 from server.sealing import Envelope
 from server.updates import UpdateRejected
 

@@ -25,7 +25,6 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
@@ -35,6 +34,7 @@ from common.cooccurrence import RANK, SIZE, project, symmetric
 from common.popularity import look_up
 from common.messages import ASK_CENSUS, CENSUS_KIND, SumSpec, USE_NEIGHBOURS, USE_POOLED
 from common.round import RoundConfig
+from common.logs import log
 from server import queries
 from server.secagg import SecureSum
 from server.sealing import Envelope

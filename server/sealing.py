@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.common import log
 from flwr.serverapp import Grid
 
 from common import atomic, seal
 from common.arrays import from_record, pack, unpack
 from common.errors import SilorecError
+from common.logs import log
 from server.settings import ServerSettings
 from server.updates import UpdateRejected
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context
-from flwr.common import FitIns, FitRes, Parameters, log, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import ServerConfig
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -52,6 +52,7 @@ from common import distributed_dp, seal
 from common.arrays import pack, to_record
 from common.errors import SilorecError
 from common.messages import SEALED_GLOBAL_KEY, SumSpec
+from common.logs import log
 from server.sealing import Envelope
 from server.settings import ServerSettings
 from server.strategy import MerchantReport, RoundResult

@@ -9,10 +9,10 @@ from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 
 from common.arrays import to_record
+from common.logs import log
 from server.sealing import Envelope
 from server.settings import ServerSettings
 from server.updates import TensorSpec, UpdateRejected, aggregate, screen

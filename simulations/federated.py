@@ -34,6 +34,7 @@ from common.train import default_delta, train
 from server import checkpoint
 from server.federation import prior_scales
 from server.settings import ServerSettings
+from simulations.console import RUN_LOG, simulation_console
 from simulations.partition import plan, write_partition
 
 SPLITS = ("valid", "test")  # the order in which comparisons are reported
@@ -83,16 +84,19 @@ def run_simulation(spec: SimulationSpec, settings: ServerSettings, *, verbose: b
     overrides = _as_run_config(settings)
     backend = {
         "client_resources": {"num_cpus": spec.cpus_per_client, "num_gpus": spec.gpu_fraction},
-        "init_args": {"num_cpus": cpus, "num_gpus": 1 if spec.gpu_fraction > 0 else 0},
+        # without verbose, the actors' output stays in Ray's session logs (model loading, library warnings)
+        "init_args": {"num_cpus": cpus, "num_gpus": 1 if spec.gpu_fraction > 0 else 0, "log_to_driver": verbose},
     }
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    flwr_run_simulation(
-        server_app=make_app(overrides), client_app=client_app, num_supernodes=n,
-        backend_config=backend, verbose_logging=verbose,
-    )
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # what Ray's FutureWarning asks: GPUs only where asked
+    with simulation_console(spec.out, verbose=verbose):
+        flwr_run_simulation(
+            server_app=make_app(overrides), client_app=client_app, num_supernodes=n,
+            backend_config=backend, verbose_logging=verbose,
+        )
     result = spec.out / "metrics.json"
     if not result.is_file():  # Flower logs a ServerApp failure but does not raise it
-        raise SilorecError(f"the federated run did not finish: no {result}; see the log above")
+        raise SilorecError(f"the federated run did not finish: no {result}; see {spec.out / RUN_LOG}")
     metrics = json.loads(result.read_text())
     if metrics.get("rounds") != settings.rounds:
         raise SilorecError(f"{result} is from another run (rounds {metrics.get('rounds')} ≠ {settings.rounds})")

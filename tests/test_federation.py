@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -172,7 +171,7 @@ def _hostile_query(msg, context):
     return reply
 
 
-def test_bad_updates_and_spent_budgets_are_left_out_and_the_round_completes(tmp_path, tiny_bert, caplog):
+def test_bad_updates_and_spent_budgets_are_left_out_and_the_round_completes(tmp_path, tiny_bert):
     data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=120, seed=2))
     out = tmp_path / "run"
     spec = SimulationSpec(data=data, out=out, merchants=10)
@@ -182,7 +181,6 @@ def test_bad_updates_and_spent_budgets_are_left_out_and_the_round_completes(tmp_
     # merchant 5 has already spent its whole budget in an earlier run
     spent = PrivacyLedger.open(silos[5] / ".silorec-state", budget=8.0, delta=1e-3)
     spent.record(run="earlier", round=1, noise_multiplier=0.5, sample_rate=1.0, steps=200)
-    caplog.set_level(logging.INFO, logger="flwr")
     run = settings(tiny_bert, out, rounds=1, min_fit_clients=1, prior_scales="0.25,2")
     m = run_simulation(spec, run, client_app=hostile)
     line = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1]
@@ -198,7 +196,7 @@ def test_bad_updates_and_spent_budgets_are_left_out_and_the_round_completes(tmp_
     assert line["no_update"] == [{"silo": silos[5].name, "reason": line["no_update"][0]["reason"]}]
     assert "budget" in line["no_update"][0]["reason"]
     for silo in (s.name for s in silos[:4] + silos[6:]):
-        assert any(f"rejected update from {silo}" in r.getMessage() for r in caplog.records)
+        assert f"rejected update from {silo}" in (out / "run.log").read_text()  # the run's whole log
     assert m["rounds"] == 1 and (out / "adapter" / "adapter_model.safetensors").is_file()
 
     # Before round 1 the merchants pooled their released popularity by item text; the poisoned
@@ -207,7 +205,7 @@ def test_bad_updates_and_spent_budgets_are_left_out_and_the_round_completes(tmp_
     assert pooling["merchants"] == 8 and [r["silo"] for r in pooling["rejected"]] == [silos[4].name]
     assert "finite" in pooling["rejected"][0]["reason"]
     assert pooling["no_table"] == [{"silo": silos[5].name, "reason": "the ε budget left cannot pay for the popularity release"}]
-    assert any(f"rejected table from {silos[4].name}" in r.getMessage() for r in caplog.records)
+    assert f"rejected table from {silos[4].name}" in (out / "run.log").read_text()
     tables = {s.name: released_table(s / ".silorec-state") for s in silos}
     pooled = pool_tables([(t["keys"], t["counts"]) for name, t in tables.items() if name not in (silos[4].name, silos[5].name)])
     for silo in silos[:4] + silos[6:]:
