@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.silorec-installed
 DATA   := data
 DEMO_ROUNDS ?= 10
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all lint clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-all: install
 	$(BIN)/python -m pytest

@@ -15,8 +15,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.node_config import NodeConfig
-from client.secagg import secure_aggregation_mod
 from client.sealing import key_record, merchant_key
+from client.secagg import secure_aggregation_mod
 from common import seal
 from common.messages import POOL_RECORD
 
@@ -24,7 +24,10 @@ if TYPE_CHECKING:
     from client.merchant import Merchant, TrainOutcome
     from common.round import RoundConfig
 
-app = ClientApp(mods=[secure_aggregation_mod])  # SecAgg+ messages go to Flower's secaggplus_mod, all others pass through
+app = ClientApp(
+    mods=[secure_aggregation_mod]
+)  # SecAgg+ messages go to Flower's secaggplus_mod, all others pass through
+
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
@@ -90,8 +93,14 @@ def train_reply(msg: Message, context: Context, merchant: Merchant, outcome: Tra
 
 
 def _sealed_reply(
-    msg: Message, context: Context, merchant: Merchant, arrays: dict | None, reason: str,
-    *, metrics: dict[str, float] | None = None, kind: str = "train-update",
+    msg: Message,
+    context: Context,
+    merchant: Merchant,
+    arrays: dict | None,
+    reason: str,
+    *,
+    metrics: dict[str, float] | None = None,
+    kind: str = "train-update",
 ) -> Message:
     """`arrays` sealed to the run's key in `msg` (in the clear only if it sent none), or just why there are none."""
     from client.sealing import seal_update, signing_key
@@ -104,7 +113,12 @@ def _sealed_reply(
         if seal.KEY_RECORD in msg.content.config_records:
             cfg = RoundConfig.from_record(msg.content["config"])
             records, metrics["seal-seconds"] = seal_update(
-                arrays, msg, cfg, context.node_id, signing_key(NodeConfig.parse(context.node_config).signing_key), kind=kind
+                arrays,
+                msg,
+                cfg,
+                context.node_id,
+                signing_key(NodeConfig.parse(context.node_config).signing_key),
+                kind=kind,
             )
             for name, record in records.items():
                 content[name] = record

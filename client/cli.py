@@ -14,11 +14,15 @@ from common.summary import summarize
 
 DEFAULT_CACHE = Path("~/.cache/silorec/items").expanduser()
 adapter_option = click.option(
-    "--adapter", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+    "--adapter",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
     help="Adapter folder written by silorec (peft format, with silorec_model.json).",
 )
 data_option = click.option("--data", type=click.Path(path_type=Path), required=True, help="The merchant's silo folder.")
-cache_option = click.option("--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors.")
+cache_option = click.option(
+    "--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors."
+)
 
 
 @click.group(cls=RoleGroup, context_settings=CONTEXT)
@@ -103,20 +107,55 @@ def evaluate_cmd(adapter: Path, data: Path, cache: Path) -> None:
 @main.command("start")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="The merchant's silo folder.")
 @click.option("--server", required=True, metavar="HOST:PORT", help="The coordinator's SuperLink address.")
-@click.option("--ca", type=click.Path(path_type=Path), help="The federation's CA certificate (ca.pem from the coordinator).")
-@click.option("--key", type=click.Path(path_type=Path), help="This merchant's node key (NAME.key from `silorec-server enroll`).")
-@click.option("--state", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Ledger, local head and Flower state. [default: SILO/.silorec-state]")
-@click.option("--port", type=int, default=9094, show_default=True, help="Local port of the node's Runtime API (127.0.0.1 only).")
-@click.option("--signing-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="This merchant's Ed25519 key (NAME.sign.key from `enroll`) to sign updates with. [default: beside --key, if there]")
-@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
-              help="The most ε this silo's users may spend, over every run (its ledger refuses past it); the node then "
-              "takes part only in DP rounds, whatever the coordinator announces.")
-@click.option("--no-dp", "no_dp", is_flag=True, help="Take part in a run without differential privacy (no budget, no noise). Says so loudly.")
+@click.option(
+    "--ca", type=click.Path(path_type=Path), help="The federation's CA certificate (ca.pem from the coordinator)."
+)
+@click.option(
+    "--key", type=click.Path(path_type=Path), help="This merchant's node key (NAME.key from `silorec-server enroll`)."
+)
+@click.option(
+    "--state",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Ledger, local head and Flower state. [default: SILO/.silorec-state]",
+)
+@click.option(
+    "--port", type=int, default=9094, show_default=True, help="Local port of the node's Runtime API (127.0.0.1 only)."
+)
+@click.option(
+    "--signing-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="This merchant's Ed25519 key (NAME.sign.key from `enroll`) to sign updates with. [default: beside --key, if "
+    "there]",
+)
+@click.option(
+    "--budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=8.0,
+    show_default=True,
+    help="The most ε this silo's users may spend, over every run (its ledger refuses past it); the node then "
+    "takes part only in DP rounds, whatever the coordinator announces.",
+)
+@click.option(
+    "--no-dp",
+    "no_dp",
+    is_flag=True,
+    help="Take part in a run without differential privacy (no budget, no noise). Says so loudly.",
+)
 @click.option("--insecure", is_flag=True, help="Local development only: no TLS and no node authentication.")
-def start(data: Path, server: str, ca: Path | None, key: Path | None, state: Path | None, port: int, signing_key: Path | None,
-          budget: float, no_dp: bool, insecure: bool) -> None:
+def start(
+    data: Path,
+    server: str,
+    ca: Path | None,
+    key: Path | None,
+    state: Path | None,
+    port: int,
+    signing_key: Path | None,
+    budget: float,
+    no_dp: bool,
+    insecure: bool,
+) -> None:
     """Join the federation: run a Flower SuperNode that trains on the silo in DATA.
 
     The silo is validated first; raw interactions never leave it. The node
@@ -127,8 +166,12 @@ def start(data: Path, server: str, ca: Path | None, key: Path | None, state: Pat
 
     silo = load_silo(data)  # refuse a bad silo here, not in the middle of the first round
     if insecure:
-        click.secho("WARNING: --insecure: no TLS and no node authentication. Use only for local development.",
-                    fg="red", bold=True, err=True)
+        click.secho(
+            "WARNING: --insecure: no TLS and no node authentication. Use only for local development.",
+            fg="red",
+            bold=True,
+            err=True,
+        )
     elif ca is None or key is None:
         raise NodeError("start needs --ca and --key (or --insecure for local development only)")
     if signing_key is None and key is not None and key.with_suffix(".sign.key").is_file():
@@ -136,12 +179,26 @@ def start(data: Path, server: str, ca: Path | None, key: Path | None, state: Pat
     if signing_key is not None and not signing_key.is_file():
         raise NodeError(f"signing key {signing_key} not found: it is NAME.sign.key from `silorec-server enroll`")
     if no_dp:
-        click.secho("WARNING: --no-dp: this node trains without differential privacy; its updates reveal its users' data.",
-                    fg="red", bold=True, err=True)
-    spec = NodeSpec(server, data, state or data / ".silorec-state", None if insecure else ca, None if insecure else key, port,
-                    signing_key, budget=None if no_dp else budget)
+        click.secho(
+            "WARNING: --no-dp: this node trains without differential privacy; its updates reveal its users' data.",
+            fg="red",
+            bold=True,
+            err=True,
+        )
+    spec = NodeSpec(
+        server,
+        data,
+        state or data / ".silorec-state",
+        None if insecure else ca,
+        None if insecure else key,
+        port,
+        signing_key,
+        budget=None if no_dp else budget,
+    )
     check_files(spec)
-    click.echo(f"silo {silo.name}: valid; connecting to {server} ({'TLS, node key ' + str(key) if spec.secure else 'INSECURE'})")
+    click.echo(
+        f"silo {silo.name}: valid; connecting to {server} ({'TLS, node key ' + str(key) if spec.secure else 'INSECURE'})"
+    )
     code = run_supernode(spec)
     if code:
         raise SystemExit(code)

@@ -24,7 +24,9 @@ from common import accounting, atomic
 from common.errors import SilorecError
 
 LEDGER_FILE = "ledger.json"
-SEEN_FILE = "ledger.seen"  # the most entries this state folder's ledger ever held, and their hash: a ledger must keep them
+SEEN_FILE = (
+    "ledger.seen"  # the most entries this state folder's ledger ever held, and their hash: a ledger must keep them
+)
 KINDS = ("train", "popularity", "cooccurrence")
 RESTORE = "restore ledger.json from your newest backup — never delete or edit it to reset ε"
 
@@ -73,7 +75,9 @@ class PrivacyLedger:
         seen = _read_seen(Path(folder) / SEEN_FILE)
         if not path.exists():
             if seen["entries"]:
-                raise LedgerError(f"{path} is missing, but this state folder's ledger held {seen['entries']} entries: {RESTORE}")
+                raise LedgerError(
+                    f"{path} is missing, but this state folder's ledger held {seen['entries']} entries: {RESTORE}"
+                )
             return cls(path=path, budget=budget, delta=delta)
         try:
             data = json.loads(path.read_text())
@@ -86,10 +90,18 @@ class PrivacyLedger:
         if entries and saved_delta != delta:
             raise LedgerError(f"{path}: this silo's ε was accounted at δ={saved_delta}; it cannot switch to δ={delta}")
         if len(entries) < seen["entries"] or _digest(entries[: seen["entries"]]) != seen["sha256"]:
-            raise LedgerError(f"{path}: it no longer holds the {seen['entries']} entries this state folder's ledger held "
-                              f"(entries dropped, changed or an older backup restored); {RESTORE}")
+            raise LedgerError(
+                f"{path}: it no longer holds the {seen['entries']} entries this state folder's ledger held "
+                f"(entries dropped, changed or an older backup restored); {RESTORE}"
+            )
         # a silo keeps the accountant its ε was first computed with: its reported ε never jumps
-        ledger = cls(path=path, budget=budget, delta=delta, entries=entries, accountant=saved_accountant if entries else accounting.DEFAULT)
+        ledger = cls(
+            path=path,
+            budget=budget,
+            delta=delta,
+            entries=entries,
+            accountant=saved_accountant if entries else accounting.DEFAULT,
+        )
         ledger._check_recorded()
         return ledger
 
@@ -99,8 +111,10 @@ class PrivacyLedger:
         if any(b < a - 1e-9 for a, b in zip(recorded, recorded[1:])):
             raise LedgerError(f"{self.path}: the ε it recorded decreases along its entries; {RESTORE}")
         if recorded and not math.isclose(self.spent(), recorded[-1], rel_tol=1e-6, abs_tol=1e-9):
-            raise LedgerError(f"{self.path}: its entries cost ε {self.spent():.6g} at δ={self.delta:g}, but it recorded "
-                              f"{recorded[-1]:.6g} (an entry was changed); {RESTORE}")
+            raise LedgerError(
+                f"{self.path}: its entries cost ε {self.spent():.6g} at δ={self.delta:g}, but it recorded "
+                f"{recorded[-1]:.6g} (an entry was changed); {RESTORE}"
+            )
 
     @property
     def history(self) -> list[accounting.Entry]:
@@ -120,7 +134,8 @@ class PrivacyLedger:
         if total > self.budget:
             raise PrivacyBudgetExceeded(
                 f"ε spent {self.spent():.3f} of budget {self.budget:g} (δ={self.delta:g}): {steps} more step(s) at "
-                f"noise multiplier {noise_multiplier:.3g} and sample rate {sample_rate:.3g} would take it to {total:.3f}"
+                f"noise multiplier {noise_multiplier:.3g} and sample rate {sample_rate:.3g} would take it to "
+                f"{total:.3f}"
             )
         return total
 
@@ -142,7 +157,10 @@ class PrivacyLedger:
             )
         # The last round's plan usually still holds (what it spent is what it planned): two
         # accountant calls to confirm it instead of a dozen to find it again.
-        last = next((e.noise_multiplier for e in reversed(self.entries) if e.what == "train" and e.sample_rate == sample_rate), None)
+        last = next(
+            (e.noise_multiplier for e in reversed(self.entries) if e.what == "train" and e.sample_rate == sample_rate),
+            None,
+        )
         if last is not None and fits(last) and not fits(last / 1.01):
             return last
         return accounting.smallest_noise(fits)
@@ -170,7 +188,9 @@ class PrivacyLedger:
                 "entries": [asdict(e) for e in self.entries],
             },
         )
-        atomic.write_json(self.path.with_name(SEEN_FILE), {"entries": len(self.entries), "sha256": _digest(self.entries)})
+        atomic.write_json(
+            self.path.with_name(SEEN_FILE), {"entries": len(self.entries), "sha256": _digest(self.entries)}
+        )
 
 
 def _entry(data: dict) -> Entry:

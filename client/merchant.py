@@ -29,10 +29,10 @@ from client.secagg import SecureAggregationError
 from common import atomic, distributed_dp
 from common.arrays import pack, to_numpy, to_torch, unpack
 from common.cooccurrence import pair_counts, set_released_cooccurrence
+from common.messages import SumSpec
 from common.metrics import metrics_from_ranks, most_pop
 from common.popularity import accountant_entry, counts_over_keys, key_slots, prior_of, release_prior, text_keys
 from common.records import UserRecords
-from common.messages import SumSpec
 from common.round import RoundConfig
 from common.serve import parse_scales, prior_scale_ranks, scaled_key
 from common.silo import Silo, load_silo
@@ -43,7 +43,9 @@ from common.train import clipped_gradient_sum, default_delta, train
 
 HEAD_FILE = "head.safetensors"
 TABLE_FILE = "popularity.safetensors"  # the silo's released item counts, keyed by item text: what it may pool
-TIMING_FILE = "timing.jsonl"  # seconds each federation step took this merchant: local only (it would tell its sample size)
+TIMING_FILE = (
+    "timing.jsonl"  # seconds each federation step took this merchant: local only (it would tell its sample size)
+)
 
 
 @dataclass
@@ -56,7 +58,9 @@ class TrainOutcome:
 class Merchant:
     """A silo, its state folder, and a recommender over its catalog."""
 
-    def __init__(self, silo_dir: Path, state_dir: Path, model_cfg: ModelConfig, *, cache_dir: Path | None = None) -> None:
+    def __init__(
+        self, silo_dir: Path, state_dir: Path, model_cfg: ModelConfig, *, cache_dir: Path | None = None
+    ) -> None:
         self.silo: Silo = load_silo(silo_dir)
         self.split: Split = leave_one_out(self.silo.interactions, self.silo.n_items)
         self.state_dir = Path(state_dir)
@@ -83,10 +87,14 @@ class Merchant:
         """
         counts = release_statistics(self.model, self.split, cfg, ledger, run=cfg.run_id, round=cfg.round)
         if counts is not None:
-            atomic.write_bytes(self.state_dir / TABLE_FILE, pack({"keys": self.item_keys, "counts": np.asarray(counts, np.float64)}))
+            atomic.write_bytes(
+                self.state_dir / TABLE_FILE, pack({"keys": self.item_keys, "counts": np.asarray(counts, np.float64)})
+            )
             self.model.save_head(self.state_dir / HEAD_FILE)
 
-    def popularity_table(self, cfg: RoundConfig, *, budget: float | None = None) -> tuple[dict[str, np.ndarray] | None, str]:
+    def popularity_table(
+        self, cfg: RoundConfig, *, budget: float | None = None
+    ) -> tuple[dict[str, np.ndarray] | None, str]:
         """The silo's released item counts keyed by item text (releasing them first if it has not), or why there are none.
 
         Sharing them is post-processing of the release: it costs no ε.
@@ -100,7 +108,10 @@ class Merchant:
                 return None, "the ε budget left cannot pay for the popularity release"
         table = released_table(self.state_dir)
         if table is None:
-            return None, f"the popularity was released without keeping its counts ({self.state_dir / TABLE_FILE} is missing)"
+            return (
+                None,
+                f"the popularity was released without keeping its counts ({self.state_dir / TABLE_FILE} is missing)",
+            )
         return table, ""
 
     def use_pooled_popularity(self, table: dict[str, np.ndarray]) -> None:
@@ -128,8 +139,10 @@ class Merchant:
         L2 and every user counts: a spec that says otherwise is refused.
         """
         if spec.clip != 1.0 or spec.sample_rate != 1.0:
-            raise SecureAggregationError(f"{self.silo.name}: a release counts every user with L2 norm 1, not clip {spec.clip:g} "
-                                         f"and sample rate {spec.sample_rate:g} as announced; refusing it")
+            raise SecureAggregationError(
+                f"{self.silo.name}: a release counts every user with L2 norm 1, not clip {spec.clip:g} "
+                f"and sample rate {spec.sample_rate:g} as announced; refusing it"
+            )
         self._admit(cfg, spec, budget)
         keys = np.asarray(keys, np.uint64)
         if spec.task == "popularity":
@@ -137,14 +150,18 @@ class Merchant:
         else:  # histories over the chosen keys, every other item one index past them
             slots = key_slots(self.item_keys, keys)
             slots = np.where(slots >= 0, slots, len(keys))
-            signal = pair_counts([slots[np.asarray(h, np.int64)] for h in self.split.train], np.arange(len(keys)), len(keys) + 1)
+            signal = pair_counts(
+                [slots[np.asarray(h, np.int64)] for h in self.split.train], np.arange(len(keys)), len(keys) + 1
+            )
         return self._share(cfg, spec, {spec.names[0]: signal}, what=spec.task, budget=budget)
 
     def use_pooled_neighbours(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Score with the federation's released co-occurrence among its items (`keys`, `matrix`) from now on."""
         keys, matrix = np.asarray(arrays["keys"]), np.asarray(arrays["matrix"], np.float32)
         if keys.dtype != np.uint64 or matrix.shape != (len(keys), len(keys)):
-            raise ValueError(f"co-occurrence needs uint64 keys and a square matrix over them, not {keys.dtype} and {matrix.shape}")
+            raise ValueError(
+                f"co-occurrence needs uint64 keys and a square matrix over them, not {keys.dtype} and {matrix.shape}"
+            )
         first = {}  # an item text of several catalog items names the first of them
         for index, key in enumerate(self.item_keys.tolist()):
             first.setdefault(key, index)
@@ -166,8 +183,10 @@ class Merchant:
         try:  # what the federation steps, whatever this merchant holds of the releases (their weights' gradient is then 0)
             self.model.set_trained(spec.names)
         except KeyError as e:
-            raise SecureAggregationError(f"{self.silo.name}: the coordinator steps a tensor this model lacks ({e}); "
-                                         "coordinator and merchant must run the same silorec version") from None
+            raise SecureAggregationError(
+                f"{self.silo.name}: the coordinator steps a tensor this model lacks ({e}); "
+                "coordinator and merchant must run the same silorec version"
+            ) from None
         self._admit(cfg, spec, budget)
         records = UserRecords(self.split, seed=cfg.seed, next_items=cfg.next_items, cut=cfg.cut)
         records.set_epoch(cfg.round)  # a fresh cut point per user and round
@@ -175,10 +194,15 @@ class Merchant:
         picked = np.flatnonzero(rng.random(len(records)) < spec.sample_rate)
         train_cfg = replace(cfg.train(noise_multiplier=None, delta=None), max_grad_norm=spec.clip)
         signal = clipped_gradient_sum(self.model, [records[int(i)] for i in picked], train_cfg)
-        arrays, metrics = self._share(cfg, spec, {n: signal[n] for n in spec.names}, what="train", budget=budget, rng=rng)
+        arrays, metrics = self._share(
+            cfg, spec, {n: signal[n] for n in spec.names}, what="train", budget=budget, rng=rng
+        )
         # how long it took tells how many users were sampled, which must stay secret: kept here, never sent
         with open(self.state_dir / TIMING_FILE, "a") as log:
-            log.write(json.dumps({"run": cfg.run_id, "round": cfg.round, "seconds": round(time.perf_counter() - t0, 4)}) + "\n")
+            log.write(
+                json.dumps({"run": cfg.run_id, "round": cfg.round, "seconds": round(time.perf_counter() - t0, 4)})
+                + "\n"
+            )
         return arrays, metrics
 
     def _admit(self, cfg: RoundConfig, spec: SumSpec, budget: float | None) -> None:
@@ -190,7 +214,13 @@ class Merchant:
                 raise SecureAggregationError(f"{self.silo.name} refuses the round: {e}") from None
 
     def _share(
-        self, cfg: RoundConfig, spec: SumSpec, signal: dict[str, np.ndarray], *, what: str, budget: float | None,
+        self,
+        cfg: RoundConfig,
+        spec: SumSpec,
+        signal: dict[str, np.ndarray],
+        *,
+        what: str,
+        budget: float | None,
         rng: np.random.Generator | None = None,
     ) -> tuple[list[np.ndarray], dict[str, float]]:
         """`signal` as this merchant's noise share on the spec's lattice, recorded in the ledger before it leaves."""
@@ -205,8 +235,14 @@ class Merchant:
         metrics: dict[str, float] = {"users": float(self.trainable_users)}
         if cfg.private:
             ledger = self.ledger(cfg, budget)
-            total = ledger.record(run=cfg.run_id, round=cfg.round, noise_multiplier=spec.noise_multiplier,
-                                  sample_rate=spec.sample_rate, steps=1, what=what)
+            total = ledger.record(
+                run=cfg.run_id,
+                round=cfg.round,
+                noise_multiplier=spec.noise_multiplier,
+                sample_rate=spec.sample_rate,
+                steps=1,
+                what=what,
+            )
             metrics |= {"epsilon-total": total, "delta": ledger.delta, "noise-multiplier": spec.noise_multiplier}
         return [share[n] for n in spec.names], metrics
 
@@ -218,7 +254,9 @@ class Merchant:
         # silo from another actor in the next round, so read it every time.
         self.model.restore_head(self.state_dir / HEAD_FILE)
 
-    def train_round(self, global_arrays: dict[str, np.ndarray], cfg: RoundConfig, *, budget: float | None = None) -> TrainOutcome:
+    def train_round(
+        self, global_arrays: dict[str, np.ndarray], cfg: RoundConfig, *, budget: float | None = None
+    ) -> TrainOutcome:
         """Train from the global adapter; return the update and metrics, or why there is none."""
         self.set_global(global_arrays)
         shared_before = to_numpy(self.model.shared_state())
@@ -236,17 +274,25 @@ class Merchant:
             sample_rate = min(1.0, cfg.batch_size / users)
             steps = cfg.local_epochs * max(1, math.ceil(users / cfg.batch_size))
             try:
-                noise = ledger.plan(sample_rate=sample_rate, steps_per_round=steps, rounds_left=cfg.rounds - cfg.round + 1)
+                noise = ledger.plan(
+                    sample_rate=sample_rate, steps_per_round=steps, rounds_left=cfg.rounds - cfg.round + 1
+                )
             except PrivacyBudgetExceeded as e:
                 metrics = base | {"budget-exhausted": 1.0, "epsilon-total": spent_before, "epsilon-round": 0.0}
                 return TrainOutcome(None, metrics, str(e))
             delta = ledger.delta
         result = train(self.model, self.split, cfg.train(noise_multiplier=noise, delta=delta), progress=False)
-        metrics = base | {"loss": float(result.losses[-1]) if result.losses else float("nan"), "steps": float(result.steps)}
+        metrics = base | {
+            "loss": float(result.losses[-1]) if result.losses else float("nan"),
+            "steps": float(result.steps),
+        }
         if ledger is not None:
             total = ledger.record(
-                run=cfg.run_id, round=cfg.round, noise_multiplier=result.noise_multiplier,
-                sample_rate=result.sample_rate, steps=result.steps,
+                run=cfg.run_id,
+                round=cfg.round,
+                noise_multiplier=result.noise_multiplier,
+                sample_rate=result.sample_rate,
+                steps=result.steps,
             )
             metrics |= {
                 "epsilon-total": total,
@@ -311,7 +357,9 @@ def merchant_for_node(node_config: Mapping, cfg: RoundConfig) -> Merchant:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     node = NodeConfig.parse(node_config)
-    return merchant_for(node.silo(cfg.silos_dir), node.state(cfg.silos_dir), cfg.model(), cache_dir=node.cache(cfg.silos_dir))
+    return merchant_for(
+        node.silo(cfg.silos_dir), node.state(cfg.silos_dir), cfg.model(), cache_dir=node.cache(cfg.silos_dir)
+    )
 
 
 def state_path(node_config: Mapping, silo: Path) -> Path:

@@ -38,7 +38,9 @@ def check_files(spec: NodeSpec) -> None:
     """Fail with a clear line if the CA certificate or the node key is missing."""
     for what, path in (("CA certificate (--ca)", spec.ca_cert), ("node key (--key)", spec.key)):
         if spec.secure and (path is None or not path.is_file()):
-            raise NodeError(f"{what} {path} not found: ask the coordinator's operator for it (`silorec-server certs` / `enroll`)")
+            raise NodeError(
+                f"{what} {path} not found: ask the coordinator's operator for it (`silorec-server certs` / `enroll`)"
+            )
 
 
 def supernode_command(spec: NodeSpec) -> list[str]:
@@ -48,8 +50,7 @@ def supernode_command(spec: NodeSpec) -> list[str]:
         pairs.append(("signing-key", spec.signing_key.resolve()))
     pairs.append(("budget", spec.budget) if spec.budget is not None else ("no-dp", "true"))
     node_config = " ".join(f"{k}={json.dumps(str(v))}" for k, v in pairs)
-    cmd = [tool("flower-supernode"), "--superlink", spec.server, "--node-config", node_config,
-           "--port", str(spec.port)]
+    cmd = [tool("flower-supernode"), "--superlink", spec.server, "--node-config", node_config, "--port", str(spec.port)]
     if spec.secure:
         cmd += ["--root-certificates", str(spec.ca_cert), "--auth-supernode-private-key", str(spec.key)]
     else:

@@ -42,6 +42,7 @@ class NodeConfig:
     @classmethod
     def parse(cls, node_config: Mapping) -> NodeConfig:
         """The node config's silorec keys, checked; NodeConfigError names a bad one."""
+
         def path(key: str) -> Path | None:
             value = node_config.get(key)
             return Path(str(value)) if value not in (None, "") else None
@@ -57,16 +58,26 @@ class NodeConfig:
         partition = node_config.get("partition-id")
         no_dp = str(node_config.get("no-dp", "")).lower() in ("true", "1", "yes")
         if no_dp and budget not in (None, ""):
-            raise NodeConfigError("node config sets both budget and no-dp: a node either has a budget or takes part without DP")
-        return cls(data_path=path("data-path"), state_path=path("state-path"), cache_path=path("cache-path"),
-                   budget=budget if budget not in (None, "") else None, signing_key=path("signing-key"), no_dp=no_dp,
-                   partition_id=int(partition) if partition is not None else None)
+            raise NodeConfigError(
+                "node config sets both budget and no-dp: a node either has a budget or takes part without DP"
+            )
+        return cls(
+            data_path=path("data-path"),
+            state_path=path("state-path"),
+            cache_path=path("cache-path"),
+            budget=budget if budget not in (None, "") else None,
+            signing_key=path("signing-key"),
+            no_dp=no_dp,
+            partition_id=int(partition) if partition is not None else None,
+        )
 
     def check_privacy(self, private: bool, what: str) -> None:
         """NodeConfigError if a node with a budget is asked to take part in something without DP."""
         if not private and self.budget is not None:
-            raise NodeConfigError(f"{what} without differential privacy: this node has an ε budget ({self.budget:g}) and "
-                                  "takes part only in DP rounds (start it with --no-dp to join a non-private run)")
+            raise NodeConfigError(
+                f"{what} without differential privacy: this node has an ε budget ({self.budget:g}) and "
+                "takes part only in DP rounds (start it with --no-dp to join a non-private run)"
+            )
 
     def silo(self, silos_dir: str = "") -> Path:
         """The node's silo: data-path, or in simulation the partition-id-th folder of the run's silos."""

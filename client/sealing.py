@@ -33,7 +33,9 @@ def merchant_key(state_dir: Path) -> X25519PrivateKey:
     path = Path(state_dir) / KEY_FILE
     if not path.is_file():
         key = seal.generate_key()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         atomic.write_bytes(path, pem)
         os.chmod(path, 0o600)
     try:
@@ -56,14 +58,21 @@ def global_arrays(msg: Message, cfg: RoundConfig, node_id: int, key: X25519Priva
     return unpack(seal.open(bytes(sealed["arrays"]), key, context))
 
 
-def open_global(blob: bytes, cfg: RoundConfig, node_id: int, key: X25519PrivateKey, *, kind: str) -> dict[str, np.ndarray]:
+def open_global(
+    blob: bytes, cfg: RoundConfig, node_id: int, key: X25519PrivateKey, *, kind: str
+) -> dict[str, np.ndarray]:
     """A global adapter sealed to this merchant outside a Message-API message (a SecAgg+ fit config)."""
     return unpack(seal.open(blob, key, seal.update_context(cfg.run_id, cfg.round, node_id, kind=kind)))
 
 
 def seal_update(
-    update: dict[str, np.ndarray], msg: Message, cfg: RoundConfig, node_id: int, signing_key: Ed25519PrivateKey | None = None,
-    *, kind: str = "train-update",
+    update: dict[str, np.ndarray],
+    msg: Message,
+    cfg: RoundConfig,
+    node_id: int,
+    signing_key: Ed25519PrivateKey | None = None,
+    *,
+    kind: str = "train-update",
 ) -> tuple[dict[str, ConfigRecord], float]:
     """The reply records of the update sealed to the run's public key (sent in `msg`), and the seconds sealing took.
 

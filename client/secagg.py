@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from client.merchant import Merchant
     from common.round import RoundConfig
 
+
 class SecureAggregationError(SilorecError):
     """A secure sum cannot go on as announced for this merchant (its budget, its model, the lattice, too few others)."""
 
@@ -83,21 +84,36 @@ class MerchantClient(NumPyClient):
             arrays, metrics = merchant.release_share(cfg, spec, sealed["keys"], budget=node.budget)
         return arrays, 1, {**metrics, "silo": merchant.silo.name, "reason": ""}
 
-    def _sealed(self, merchant: Merchant, parameters: list[np.ndarray], config: dict, cfg: RoundConfig) -> dict[str, np.ndarray]:
+    def _sealed(
+        self, merchant: Merchant, parameters: list[np.ndarray], config: dict, cfg: RoundConfig
+    ) -> dict[str, np.ndarray]:
         """What the sum sealed to this merchant in its config (the global adapter, or a release's item keys), or, in a
         run without sealing, the parameters."""
         from client.sealing import merchant_key, open_global
 
         if SEALED_GLOBAL_KEY in config:
-            return open_global(bytes(config[SEALED_GLOBAL_KEY]), cfg, self.context.node_id, merchant_key(merchant.state_dir), kind="global-secagg")
+            return open_global(
+                bytes(config[SEALED_GLOBAL_KEY]),
+                cfg,
+                self.context.node_id,
+                merchant_key(merchant.state_dir),
+                kind="global-secagg",
+            )
         names = [n for n in str(config.get("sum-global-names", "")).split(",") if n]
         if len(names) != len(parameters):
-            raise SecureAggregationError(f"the server sent {len(parameters)} tensors for {len(names)} names; "
-                                         "server and merchant must run the same silorec version")
+            raise SecureAggregationError(
+                f"the server sent {len(parameters)} tensors for {len(names)} names; "
+                "server and merchant must run the same silorec version"
+            )
         return dict(zip(names, parameters))
 
     def _update(
-        self, merchant: Merchant, global_arrays: dict[str, np.ndarray], cfg: RoundConfig, spec: SumSpec, budget: float | None
+        self,
+        merchant: Merchant,
+        global_arrays: dict[str, np.ndarray],
+        cfg: RoundConfig,
+        spec: SumSpec,
+        budget: float | None,
     ) -> tuple[list[np.ndarray], int, dict]:
         """Silo mode: train under the merchant's ledger; the update with its users as the SecAgg+ weight."""
         outcome = merchant.train_round(global_arrays, cfg, budget=budget)
@@ -109,8 +125,10 @@ class MerchantClient(NumPyClient):
             shared = merchant.model.shared_state()  # what an update holds (LoRA B only in FFA-LoRA mode)
             return [np.zeros(tuple(shared[k].shape), np.float64) for k in spec.names], 0, metrics
         if sorted(update) != sorted(spec.names):
-            raise SecureAggregationError(f"{merchant.silo.name}: the coordinator sums {len(spec.names)} tensors, this merchant "
-                                         f"shares {len(update)}; server and merchant must run the same silorec version")
+            raise SecureAggregationError(
+                f"{merchant.silo.name}: the coordinator sums {len(spec.names)} tensors, this merchant "
+                f"shares {len(update)}; server and merchant must run the same silorec version"
+            )
         update = clip_norm(update, spec.clip)
         # float64: SecAgg+ quantises (x + clipping range) in the arrays' own dtype, and in float32 that
         # sum keeps only ~7 digits, i.e. an error of ~2e-6 at a range of 25: larger than SecAgg+'s own step.
@@ -121,17 +139,26 @@ def check_ranges(context: Context, lattice: Lattice, silo: str) -> None:
     """SecureAggregationError unless this node's SecAgg+ setup carries the lattice's integers unchanged."""
     state = context.state.config_records.get(RECORD_KEY_STATE)
     setup = {k: state.get(k) for k in ("clipping_range", "target_range", "mod_range", "max_weight")} if state else {}
-    want = {"clipping_range": float(lattice.half), "target_range": lattice.range, "mod_range": lattice.modulus, "max_weight": 1.0}
+    want = {
+        "clipping_range": float(lattice.half),
+        "target_range": lattice.range,
+        "mod_range": lattice.modulus,
+        "max_weight": 1.0,
+    }
     if setup != want:
-        raise SecureAggregationError(f"{silo}: SecAgg+ was set up with {setup}, not the {want} its shares need "
-                                     "to sum exactly; refusing rather than sending a share it would clip")
+        raise SecureAggregationError(
+            f"{silo}: SecAgg+ was set up with {setup}, not the {want} its shares need "
+            "to sum exactly; refusing rather than sending a share it would clip"
+        )
 
 
 def _enough(merchants: int, need: int, where: str) -> None:
     """SecureAggregationError if fewer merchants than `need` are `where`: their noise together is less than DP needs."""
     if merchants < need:
-        raise SecureAggregationError(f"only {merchants} merchant(s) are {where}, fewer than the {need} whose noise it needs: "
-                                     "refusing to take part")
+        raise SecureAggregationError(
+            f"only {merchants} merchant(s) are {where}, fewer than the {need} whose noise it needs: "
+            "refusing to take part"
+        )
 
 
 def secagg_mod_for(client_fn: Callable[[Context], Client]) -> Mod:

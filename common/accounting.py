@@ -69,7 +69,13 @@ def _epsilon(history: tuple[Entry, ...], delta: float, accountant: str) -> float
 
 
 def noise_for(
-    target: float, delta: float, *, sample_rate: float, steps: int, history: Iterable[Entry] = (), accountant: str = DEFAULT
+    target: float,
+    delta: float,
+    *,
+    sample_rate: float,
+    steps: int,
+    history: Iterable[Entry] = (),
+    accountant: str = DEFAULT,
 ) -> float:
     """The smallest noise multiplier (to 1%) for which `history` and `steps` more steps at `sample_rate` stay within ε.
 

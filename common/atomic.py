@@ -47,10 +47,14 @@ def check_replaceable(folder: Path) -> None:
     """OutputError unless `folder` is absent, empty, or made by silorec: nothing else may be replaced or deleted."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder} is a file, not an output folder silorec made: refusing to replace it; choose another --out")
+        raise OutputError(
+            f"{folder} is a file, not an output folder silorec made: refusing to replace it; choose another --out"
+        )
     if folder.is_dir() and any(folder.iterdir()) and not is_ours(folder):
-        raise OutputError(f"{folder} holds files silorec did not write (no {MARKER}): refusing to replace or delete it; "
-                          "choose another --out")
+        raise OutputError(
+            f"{folder} holds files silorec did not write (no {MARKER}): refusing to replace or delete it; "
+            "choose another --out"
+        )
 
 
 def remove_ours(folder: Path) -> None:

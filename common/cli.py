@@ -23,7 +23,9 @@ class RoleGroup(click.Group):
         except (SilorecError, FileExistsError) as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
-        except OSError as e:  # a folder that cannot be written, a disk that is full: the file and the reason, not a traceback
+        except (
+            OSError
+        ) as e:  # a folder that cannot be written, a disk that is full: the file and the reason, not a traceback
             where = f"{e.filename}: " if e.filename else ""
             click.secho(f"error: {where}{e.strerror or e}", fg="red", err=True)
             sys.exit(2)
@@ -32,8 +34,15 @@ class RoleGroup(click.Group):
 class Number(click.ParamType):
     """A finite number within bounds, checked where the command line is read: a usage error (exit 2), never later."""
 
-    def __init__(self, kind: type = float, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> None:
+    def __init__(
+        self,
+        kind: type = float,
+        *,
+        low: float | None = None,
+        high: float | None = None,
+        low_open: bool = False,
+        high_open: bool = False,
+    ) -> None:
         self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
         self.name = "integer" if kind is int else "number"
 
@@ -97,22 +106,67 @@ def model_options(f):
 
     d = ModelConfig()
     options = [
-        click.option("--base-model", default=BUNDLED, show_default=True, help="BERT-family encoder: 'bundled' (all-MiniLM-L6-v2), a local path or a hub name."),
+        click.option(
+            "--base-model",
+            default=BUNDLED,
+            show_default=True,
+            help="BERT-family encoder: 'bundled' (all-MiniLM-L6-v2), a local path or a hub name.",
+        ),
         click.option("--lora-r", type=COUNT, default=d.lora_r, show_default=True, help="LoRA rank."),
         click.option("--lora-alpha", type=COUNT, default=d.lora_alpha, show_default=True, help="LoRA scaling alpha."),
-        click.option("--lora-targets", default=",".join(d.lora_targets), show_default=True, help="Comma-separated module names to adapt."),
+        click.option(
+            "--lora-targets",
+            default=",".join(d.lora_targets),
+            show_default=True,
+            help="Comma-separated module names to adapt.",
+        ),
         click.option("--ffa", is_flag=True, help="FFA-LoRA: freeze A at its seeded init, train and share only B."),
-        click.option("--max-tokens", type=COUNT, default=d.max_tokens, show_default=True, help=f"Token budget of a user's history: the texts of their most recent items [{DP_MODEL_DEFAULTS['max_tokens']} with DP]."),
-        click.option("--recency", type=Number(float, low=0, high=1, low_open=True), default=d.recency, show_default=True, help="Weight of a history item in the user vector, per step back in time (1: plain mean)."),
-        click.option("--temperature", type=POSITIVE, default=d.temperature, show_default=True, help="Initial temperature of the cosine score (the scale is learned)."),
-        click.option("--local-head", type=click.Choice(LOCAL_HEADS), default=d.local_head, show_default=True, help="Merchant-local item head: per-item weights and bias, bias only, or none [none with DP: the released statistics carry popularity]."),
+        click.option(
+            "--max-tokens",
+            type=COUNT,
+            default=d.max_tokens,
+            show_default=True,
+            help=f"Token budget of a user's history: the texts of their most recent items "
+            f"[{DP_MODEL_DEFAULTS['max_tokens']} with DP].",
+        ),
+        click.option(
+            "--recency",
+            type=Number(float, low=0, high=1, low_open=True),
+            default=d.recency,
+            show_default=True,
+            help="Weight of a history item in the user vector, per step back in time (1: plain mean).",
+        ),
+        click.option(
+            "--temperature",
+            type=POSITIVE,
+            default=d.temperature,
+            show_default=True,
+            help="Initial temperature of the cosine score (the scale is learned).",
+        ),
+        click.option(
+            "--local-head",
+            type=click.Choice(LOCAL_HEADS),
+            default=d.local_head,
+            show_default=True,
+            help="Merchant-local item head: per-item weights and bias, bias only, or none [none with DP: the released "
+            "statistics carry popularity].",
+        ),
     ]
 
-    def wrapper(*args, base_model, lora_r, lora_alpha, lora_targets, ffa, max_tokens, recency, temperature, local_head, **kwargs):
+    def wrapper(
+        *args, base_model, lora_r, lora_alpha, lora_targets, ffa, max_tokens, recency, temperature, local_head, **kwargs
+    ):
         targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
         kwargs["model_cfg"] = ModelConfig(
-            base_model=base_model, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=targets, ffa=ffa,
-            max_tokens=max_tokens, recency=recency, temperature=temperature, local_head=local_head,
+            base_model=base_model,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_targets=targets,
+            ffa=ffa,
+            max_tokens=max_tokens,
+            recency=recency,
+            temperature=temperature,
+            local_head=local_head,
         )
         return f(*args, **kwargs)
 

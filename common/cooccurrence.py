@@ -74,8 +74,14 @@ def pair_counts(histories: Sequence[np.ndarray], items: np.ndarray, n_items: int
 
 
 def release_cooccurrence(
-    histories: Sequence[np.ndarray], items: np.ndarray, n_items: int, noise_multiplier: float, *,
-    window: int = WINDOW, rank: int = RANK, seed: int | None = None,
+    histories: Sequence[np.ndarray],
+    items: np.ndarray,
+    n_items: int,
+    noise_multiplier: float,
+    *,
+    window: int = WINDOW,
+    rank: int = RANK,
+    seed: int | None = None,
 ) -> np.ndarray:
     """The symmetric `len(items)`² matrix of noisy pair counts (zero diagonal), projected to `rank` (0: no projection).
 
@@ -105,8 +111,12 @@ def project(matrix: np.ndarray, rank: int = RANK) -> np.ndarray:
 
 
 def set_released_cooccurrence(
-    model: Recommender, histories: Sequence[np.ndarray], noise_multiplier: float, *,
-    size: int = SIZE, seed: int | None = None,
+    model: Recommender,
+    histories: Sequence[np.ndarray],
+    noise_multiplier: float,
+    *,
+    size: int = SIZE,
+    seed: int | None = None,
 ) -> tuple[float, float, int]:
     """Release the co-occurrence of `histories` among the prior's `size` top items into `model`.
 
@@ -117,7 +127,9 @@ def set_released_cooccurrence(
     if noise_multiplier <= 0:
         raise ValueError(f"a released co-occurrence needs noise: noise_multiplier must be > 0, not {noise_multiplier}")
     if not model.has_prior:
-        raise ValueError("the co-occurrence release picks its items by the released popularity prior: release that first")
+        raise ValueError(
+            "the co-occurrence release picks its items by the released popularity prior: release that first"
+        )
     prior = model.prior.detach().cpu().numpy()
     items = np.sort(np.argsort(-prior, kind="stable")[: min(size, len(prior))])
     model.set_neighbours(items, release_cooccurrence(histories, items, len(prior), noise_multiplier, seed=seed))

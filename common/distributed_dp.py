@@ -77,12 +77,16 @@ class Lattice:
         """LatticeError unless a share fits the range (`check_share`) and `merchants` shares cannot wrap the sum."""
         self.check_share(noise_multiplier, clip, dim, min_replies)
         if merchants * self.range >= self.modulus:
-            raise LatticeError(f"range {self.range} for {merchants} merchants does not fit SecAgg+ (modulus {self.modulus})")
+            raise LatticeError(
+                f"range {self.range} for {merchants} merchants does not fit SecAgg+ (modulus {self.modulus})"
+            )
 
     def check_share(self, noise_multiplier: float, clip: float, dim: int, min_replies: int) -> None:
         """LatticeError unless one merchant's share fits the range with TAIL stds of its noise to spare."""
         if not (self.step > 0 and math.isfinite(self.step) and self.bound > 0 and math.isfinite(self.bound)):
-            raise LatticeError(f"a lattice needs a finite step and bound > 0, not step {self.step!r}, bound {self.bound!r}")
+            raise LatticeError(
+                f"a lattice needs a finite step and bound > 0, not step {self.step!r}, bound {self.bound!r}"
+            )
         if not (0 < self.range <= MAX_RANGE and self.range % 2 == 0 and self.range < self.modulus):
             raise LatticeError(f"range {self.range} does not fit SecAgg+ (modulus {self.modulus})")
         need = self.bound / self.step + 1 + TAIL * self.share_std(noise_multiplier, clip, dim, min_replies)
@@ -94,12 +98,23 @@ class Lattice:
 
     @classmethod
     def from_config(cls, config: Mapping[str, object]) -> Lattice:
-        return cls(step=float(config["step"]), bound=float(config["bound"]), range=int(config["range"]),
-                   modulus=int(config.get("modulus", MODULUS)))
+        return cls(
+            step=float(config["step"]),
+            bound=float(config["bound"]),
+            range=int(config["range"]),
+            modulus=int(config.get("modulus", MODULUS)),
+        )
 
 
 def plan(
-    *, bound: float, noise_multiplier: float, clip: float, dim: int, min_replies: int, merchants: int, modulus: int = MODULUS
+    *,
+    bound: float,
+    noise_multiplier: float,
+    clip: float,
+    dim: int,
+    min_replies: int,
+    merchants: int,
+    modulus: int = MODULUS,
 ) -> Lattice:
     """The finest lattice on which `merchants` shares of a `dim`-coordinate sum fit SecAgg+ (see the module doc)."""
     if merchants < 1 or min_replies < 1:

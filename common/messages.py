@@ -60,8 +60,12 @@ class SumSpec:
 
     def to_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "sum-task": self.task, "sum-names": ",".join(self.names), "sum-noise": float(self.noise_multiplier),
-            "sum-rate": float(self.sample_rate), "sum-min-replies": int(self.min_replies), "sum-clip": float(self.clip),
+            "sum-task": self.task,
+            "sum-names": ",".join(self.names),
+            "sum-noise": float(self.noise_multiplier),
+            "sum-rate": float(self.sample_rate),
+            "sum-min-replies": int(self.min_replies),
+            "sum-clip": float(self.clip),
         }
         if self.lattice is not None:
             out |= {f"sum-lattice-{k}": v for k, v in self.lattice.to_config().items()}
@@ -71,8 +75,11 @@ class SumSpec:
     def from_config(cls, config: Mapping[str, Any]) -> SumSpec:
         lattice = {k.removeprefix("sum-lattice-"): v for k, v in config.items() if k.startswith("sum-lattice-")}
         return cls(
-            task=str(config["sum-task"]), names=tuple(n for n in str(config["sum-names"]).split(",") if n),
-            noise_multiplier=float(config["sum-noise"]), sample_rate=float(config["sum-rate"]),
-            min_replies=int(config["sum-min-replies"]), clip=float(config["sum-clip"]),
+            task=str(config["sum-task"]),
+            names=tuple(n for n in str(config["sum-names"]).split(",") if n),
+            noise_multiplier=float(config["sum-noise"]),
+            sample_rate=float(config["sum-rate"]),
+            min_replies=int(config["sum-min-replies"]),
+            clip=float(config["sum-clip"]),
             lattice=Lattice.from_config(lattice) if lattice else None,
         )

@@ -53,7 +53,9 @@ def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks: Sequence[int] = KS)
     return out
 
 
-def ranks_of(score: ScoreFn, cases: Sequence[EvalCase], *, batch_size: int = 256, desc: str | None = None) -> np.ndarray:
+def ranks_of(
+    score: ScoreFn, cases: Sequence[EvalCase], *, batch_size: int = 256, desc: str | None = None
+) -> np.ndarray:
     """Each case's target rank under a scoring function, scoring `batch_size` users at a time."""
     ranks = []
     batches = range(0, len(cases), batch_size)
@@ -63,7 +65,9 @@ def ranks_of(score: ScoreFn, cases: Sequence[EvalCase], *, batch_size: int = 256
     return torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)
 
 
-def evaluate(score: ScoreFn, cases: Sequence[EvalCase], *, batch_size: int = 256, desc: str | None = None) -> dict[str, float]:
+def evaluate(
+    score: ScoreFn, cases: Sequence[EvalCase], *, batch_size: int = 256, desc: str | None = None
+) -> dict[str, float]:
     """Metrics of a scoring function over `cases`, scoring `batch_size` users at a time."""
     return metrics_from_ranks(ranks_of(score, cases, batch_size=batch_size, desc=desc))
 
@@ -74,7 +78,10 @@ RANKS_FILE = "ranks.json"  # a run's per-user target ranks, by split: what `silo
 def save_ranks(folder: Path, ranks: Mapping[str, Mapping[str, int]], *, model: str) -> Path:
     """Write `folder`/ranks.json: each evaluated user's target rank by split ({"valid": {user_id: rank}, "test": …})."""
     path = Path(folder) / RANKS_FILE
-    atomic.write_json(path, {"model": model, **{split: {str(u): int(r) for u, r in by_user.items()} for split, by_user in ranks.items()}})
+    atomic.write_json(
+        path,
+        {"model": model, **{split: {str(u): int(r) for u, r in by_user.items()} for split, by_user in ranks.items()}},
+    )
     return path
 
 
@@ -85,7 +92,9 @@ def load_ranks(folder: Path) -> dict[str, dict[str, int]]:
         data = json.loads(path.read_text())
         return {split: {str(u): int(r) for u, r in data[split].items()} for split in ("valid", "test")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise SilorecError(f"{path}: no per-user ranks to pair ({e}); finish the run with this version of silorec") from None
+        raise SilorecError(
+            f"{path}: no per-user ranks to pair ({e}); finish the run with this version of silorec"
+        ) from None
 
 
 def paired_difference(
@@ -107,7 +116,9 @@ def paired_difference(
     """
     a, b = (np.asarray(r, dtype=np.float64) for r in (ranks_a, ranks_b))
     if a.ndim not in (1, 2) or b.ndim not in (1, 2) or a.shape[-1] != b.shape[-1] or not a.size or not b.size:
-        raise ValueError(f"paired ranks must be two non-empty (runs ×) users arrays over the same users, not {a.shape} and {b.shape}")
+        raise ValueError(
+            f"paired ranks must be two non-empty (runs ×) users arrays over the same users, not {a.shape} and {b.shape}"
+        )
 
     def gain(r: np.ndarray) -> np.ndarray:  # per user, over runs
         return np.where(r <= k, 1.0 / np.log2(r + 1), 0.0).reshape(-1, r.shape[-1]).mean(axis=0)
@@ -116,7 +127,14 @@ def paired_difference(
     rng = np.random.default_rng(seed)
     means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(samples)])
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return {"difference": float(d.mean()), "low": float(low), "high": float(high), "level": level, "users": len(d), "k": k}
+    return {
+        "difference": float(d.mean()),
+        "low": float(low),
+        "high": float(high),
+        "level": level,
+        "users": len(d),
+        "k": k,
+    }
 
 
 def popularity(split: Split) -> np.ndarray:

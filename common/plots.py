@@ -28,7 +28,11 @@ def plot_curves(
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, series in zip(axes, (left, right)):
         for label, values in series.items():
-            xs, ys = (list(values), list(values.values())) if isinstance(values, Mapping) else (range(1, len(values) + 1), values)
+            xs, ys = (
+                (list(values), list(values.values()))
+                if isinstance(values, Mapping)
+                else (range(1, len(values) + 1), values)
+            )
             ax.plot(xs, ys, marker="o" if len(ys) <= 40 else None, label=label)
         ax.set_xlabel(xlabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

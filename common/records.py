@@ -17,7 +17,6 @@ import numpy as np
 
 from common.split import Split
 
-
 Cut = Literal["random", "recent", "last"]
 CUTS: tuple[str, ...] = ("random", "recent", "last")
 RECENT = 10  # cut="recent": the prefix ends within the last this many training items

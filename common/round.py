@@ -24,7 +24,12 @@ from common.train import TrainConfig
 # where each merchant trains local epochs under its own noise, runs with these instead where a
 # setting is not given (tuned on MovieLens-100k; see docs/results.md).
 SILO_PRESET: dict[str, Any] = {
-    "rounds": 3, "local_epochs": 2, "batch_size": 64, "head_lr": 0.1, "prior_noise": 1.0, "cooccurrence_noise": 0.0,
+    "rounds": 3,
+    "local_epochs": 2,
+    "batch_size": 64,
+    "head_lr": 0.1,
+    "prior_noise": 1.0,
+    "cooccurrence_noise": 0.0,
 }
 
 
@@ -66,13 +71,19 @@ class RoundConfig:
     # noise multiplier of the one release of item co-occurrence (common.cooccurrence), after the
     # prior and from the same budget; 0: none.
     cooccurrence_noise: float = 1.0
-    privacy: str = "federation"  # federation: noise added once for all merchants, through SecAgg+; silo: each merchant's own
+    privacy: str = (
+        "federation"  # federation: noise added once for all merchants, through SecAgg+; silo: each merchant's own
+    )
 
     def __post_init__(self) -> None:
         if self.privacy not in PRIVACY_MODES:
             raise ValueError(f"privacy must be one of {', '.join(PRIVACY_MODES)}, not {self.privacy!r}")
-        if not self.no_dp and not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise ValueError(f"epsilon must be a finite number > 0, not {self.epsilon!r}; set no-dp = true to train without DP")
+        if not self.no_dp and not (
+            isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0
+        ):
+            raise ValueError(
+                f"epsilon must be a finite number > 0, not {self.epsilon!r}; set no-dp = true to train without DP"
+            )
 
     @classmethod
     def for_mode(cls, privacy: str, **overrides: Any) -> RoundConfig:

@@ -60,7 +60,9 @@ class OpenError(SealError):
 def update_context(run_id: str, round: int, node_id: int, kind: str = "train-update") -> bytes:
     """The associated data that binds a sealed message to where it belongs (canonical JSON)."""
     return json.dumps(
-        {"kind": kind, "node": int(node_id), "round": int(round), "run": str(run_id)}, sort_keys=True, separators=(",", ":")
+        {"kind": kind, "node": int(node_id), "round": int(round), "run": str(run_id)},
+        sort_keys=True,
+        separators=(",", ":"),
     ).encode()
 
 
@@ -90,7 +92,9 @@ def open(sealed: bytes, private_key: X25519PrivateKey, associated_data: bytes) -
         raise NotSealedError(f"not a sealed silorec message ({len(sealed)} bytes)")
     version = sealed[len(MAGIC)]
     if version != VERSION:
-        raise UnknownVersionError(f"sealed with format version {version}; this silorec opens version {VERSION} — upgrade it")
+        raise UnknownVersionError(
+            f"sealed with format version {version}; this silorec opens version {VERSION} — upgrade it"
+        )
     header, body = sealed[:HEADER_BYTES], sealed[HEADER_BYTES:]
     ephemeral_public = header[len(MAGIC) + 1 : len(MAGIC) + 1 + KEY_BYTES]
     try:
@@ -109,9 +113,9 @@ def open(sealed: bytes, private_key: X25519PrivateKey, associated_data: bytes) -
 
 def _derive(shared_secret: bytes, ephemeral_public: bytes, recipient_public: bytes) -> bytes:
     # Both public keys go into the KDF input so the key is bound to this exchange, as in HPKE/ECIES.
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=ephemeral_public + recipient_public, info=CONTEXT_LABEL).derive(
-        shared_secret
-    )
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=ephemeral_public + recipient_public, info=CONTEXT_LABEL
+    ).derive(shared_secret)
 
 
 def save_private_key(key: X25519PrivateKey, passphrase: bytes) -> bytes:
@@ -158,7 +162,8 @@ def verify(public_key: bytes, signature: bytes, sealed: bytes, associated_data: 
     """Raise SignatureError unless `signature` is `public_key`'s over `sealed` and `associated_data`."""
     try:
         Ed25519PublicKey.from_public_bytes(bytes(public_key)).verify(
-            bytes(signature), SIGNATURE_LABEL + len(associated_data).to_bytes(4, "big") + associated_data + bytes(sealed)
+            bytes(signature),
+            SIGNATURE_LABEL + len(associated_data).to_bytes(4, "big") + associated_data + bytes(sealed),
         )
     except (InvalidSignature, ValueError):
         raise SignatureError("the update's signature does not verify with the merchant's enrolled key") from None

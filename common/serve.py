@@ -48,7 +48,7 @@ PRIOR_SCALES = "1,0.5,0.25,0.75,1.5"  # the factors tried by default; 1 first, s
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
-    """"1,0.5" → (1.0, 0.5); "" → () (keep the learned weight). ValueError on anything else."""
+    """ "1,0.5" → (1.0, 0.5); "" → () (keep the learned weight). ValueError on anything else."""
     try:
         scales = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -103,4 +103,6 @@ def top_k(scores: torch.Tensor, exclude: np.ndarray, k: int) -> list[tuple[int, 
 def load_for_silo(adapter_dir: Path, silo: Silo, *, cache_dir: Path | None = None) -> Recommender:
     """The recommender saved in `adapter_dir`, set up over `silo`'s catalog."""
     cfg = load_model_config(adapter_dir)
-    return build_recommender(cfg, list(silo.items["item_id"]), item_texts(silo.items), cache_dir=cache_dir, adapter_dir=adapter_dir)
+    return build_recommender(
+        cfg, list(silo.items["item_id"]), item_texts(silo.items), cache_dir=cache_dir, adapter_dir=adapter_dir
+    )

@@ -93,7 +93,9 @@ def load_silo(root: Path | str) -> Silo:
     """Load and validate the silo in folder `root`; raise a SiloFormatError subclass on bad input."""
     root = Path(root)
     if not root.is_dir():
-        raise MissingFileError(root, "not a folder", hint="point at the silo folder holding interactions and items files")
+        raise MissingFileError(
+            root, "not a folder", hint="point at the silo folder holding interactions and items files"
+        )
     items_table = _read_kind(root, "items", required=True)
     inter_table = _read_kind(root, "interactions", required=True)
     users_table = _read_kind(root, "users", required=False)
@@ -182,7 +184,9 @@ def _read_text(path: Path, *, atomic: bool) -> Table:
             try:
                 header = next(reader)
             except StopIteration:
-                raise SiloFormatError(path, "the file is empty", location="line 1", hint="write a header line first") from None
+                raise SiloFormatError(
+                    path, "the file is empty", location="line 1", hint="write a header line first"
+                ) from None
             header = [_column_name(h, atomic) for h in header]
             _check_header(path, header, "line 1")
             last_line = reader.line_num
@@ -192,8 +196,11 @@ def _read_text(path: Path, *, atomic: bool) -> Table:
                 spans = [h for h, v in zip(header, row) if "\n" in v or "\r" in v]
                 if [h for h in spans if h not in MULTILINE_FIELDS]:  # an id or a title never holds a line break
                     raise SiloFormatError(
-                        path, f"a quoted field runs from line {start} over {last_line - start + 1} lines",
-                        location=f"line {start}", field=spans[0], hint="close the quote, or put each record on one line",
+                        path,
+                        f"a quoted field runs from line {start} over {last_line - start + 1} lines",
+                        location=f"line {start}",
+                        field=spans[0],
+                        hint="close the quote, or put each record on one line",
                     )
                 if not row or (len(row) == 1 and row[0] == ""):
                     continue  # blank line
@@ -207,15 +214,27 @@ def _read_text(path: Path, *, atomic: bool) -> Table:
                 rows.append(row)
                 positions.append(start)
     except UnicodeDecodeError as e:
-        raise SiloFormatError(path, f"not UTF-8 text ({e.reason} at byte {e.start})", hint="re-save the file as UTF-8") from None
+        raise SiloFormatError(
+            path, f"not UTF-8 text ({e.reason} at byte {e.start})", hint="re-save the file as UTF-8"
+        ) from None
     except csv.Error as e:
         if "unexpected end of data" in str(e):  # a quote opened in the record that starts here is never closed
-            raise SiloFormatError(path, "a quote opens here and is never closed", location=f"line {last_line + 1}",
-                                  hint="close the quote, or put each record on one line") from None
-        raise SiloFormatError(path, f"unreadable CSV ({e})", location=f"line {reader.line_num}",
-                              hint="check for a stray quote inside a field") from None
+            raise SiloFormatError(
+                path,
+                "a quote opens here and is never closed",
+                location=f"line {last_line + 1}",
+                hint="close the quote, or put each record on one line",
+            ) from None
+        raise SiloFormatError(
+            path,
+            f"unreadable CSV ({e})",
+            location=f"line {reader.line_num}",
+            hint="check for a stray quote inside a field",
+        ) from None
     except OSError as e:
-        raise SiloFormatError(path, f"cannot read the file ({e.strerror or e})", hint="check that it exists and is readable") from None
+        raise SiloFormatError(
+            path, f"cannot read the file ({e.strerror or e})", hint="check that it exists and is readable"
+        ) from None
     frame = pd.DataFrame(rows, columns=header, dtype=object) if rows else pd.DataFrame(columns=header, dtype=object)
     return Table(path, frame, np.asarray(positions, dtype=np.int64), "line")
 
@@ -224,8 +243,13 @@ def _check_header(path: Path, header: list[str], location: str | None) -> None:
     seen: set[str] = set()
     for name in header:
         if name in seen:
-            raise SiloFormatError(path, "appears twice in the header", location=location, field=name,
-                                  hint="give every column its own name")
+            raise SiloFormatError(
+                path,
+                "appears twice in the header",
+                location=location,
+                field=name,
+                hint="give every column its own name",
+            )
         seen.add(name)
 
 
@@ -245,7 +269,9 @@ def _read_parquet(path: Path) -> Table:
     except SiloFormatError:
         raise
     except OSError as e:
-        raise SiloFormatError(path, f"cannot read the file ({e.strerror or e})", hint="check that it exists and is readable") from None
+        raise SiloFormatError(
+            path, f"cannot read the file ({e.strerror or e})", hint="check that it exists and is readable"
+        ) from None
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise SiloFormatError(path, f"unreadable Parquet ({e})", hint="re-export the file") from None
     return Table(path, frame.reset_index(drop=True), np.arange(1, len(frame) + 1, dtype=np.int64), "row")
@@ -273,7 +299,9 @@ def _require_nonempty(table: Table, values: pd.Series, field: str, hint: str) ->
     empty = (values == "").to_numpy()
     if empty.any():
         i = _first(empty)
-        raise EmptyFieldError(table.path, "empty" + _more(empty, table.unit), location=table.where(i), field=field, hint=hint)
+        raise EmptyFieldError(
+            table.path, "empty" + _more(empty, table.unit), location=table.where(i), field=field, hint=hint
+        )
 
 
 def _validate_items(table: Table) -> pd.DataFrame:
@@ -324,7 +352,9 @@ def _validate_interactions(table: Table, items: pd.DataFrame) -> pd.DataFrame:
             field="item_id",
             hint="add the item to the items file or drop the interaction",
         )
-    event = _strings(table, "event").to_numpy() if "event" in table.frame.columns else np.full(len(item), "", dtype=object)
+    event = (
+        _strings(table, "event").to_numpy() if "event" in table.frame.columns else np.full(len(item), "", dtype=object)
+    )
     return pd.DataFrame(
         {
             "user_id": users.to_numpy(),

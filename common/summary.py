@@ -44,9 +44,14 @@ class SiloSummary:
         """What check-data says is probably wrong, though the silo is valid."""
         out = []
         if self.before_1970:
-            out.append(f"{self.before_1970:,} interaction(s) dated before 1970: milliseconds or a sign error read as seconds?")
+            out.append(
+                f"{self.before_1970:,} interaction(s) dated before 1970: milliseconds or a sign error read as seconds?"
+            )
         if self.in_future:
-            out.append(f"{self.in_future:,} interaction(s) dated in the future: milliseconds read as seconds, or a wrong clock?")
+            out.append(
+                f"{self.in_future:,} interaction(s) dated in the future: milliseconds read as seconds, or a wrong "
+                f"clock?"
+            )
         return out
 
 

@@ -137,7 +137,9 @@ def load_encoder(name: str) -> tuple[PreTrainedTokenizerBase, nn.Module]:
         except TypeError:
             encoder = AutoModel.from_pretrained(path, local_files_only=True, **kwargs)
     except (OSError, ValueError) as e:
-        raise SilorecError(f"cannot load base model {name!r} ({path}) from local files: {str(e).splitlines()[0]}") from None
+        raise SilorecError(
+            f"cannot load base model {name!r} ({path}) from local files: {str(e).splitlines()[0]}"
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     encoder.requires_grad_(False)
@@ -303,7 +305,9 @@ class Recommender(nn.Module):
         self.register_buffer("prior", torch.zeros(len(item_ids)), persistent=False)
         # the released co-occurrence (local too): its items' catalog indices and their matrix
         self.register_buffer("neighbour_items", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("neighbour_slot", torch.full((len(item_ids),), -1, dtype=torch.long), persistent=False)  # catalog index → row, or -1
+        self.register_buffer(
+            "neighbour_slot", torch.full((len(item_ids),), -1, dtype=torch.long), persistent=False
+        )  # catalog index → row, or -1
         self.register_buffer("neighbours", torch.zeros(0, 0), persistent=False)
         dim = item_vectors.shape[1]
         self.calibration = Calibration(dim, cfg.temperature)
@@ -357,8 +361,10 @@ class Recommender(nn.Module):
             last = torch.as_tensor(np.asarray(history, dtype=np.int64)[::-1][:NEIGHBOUR_HISTORY].copy())
             recent[r, : len(last)] = last
         return {
-            "input_ids": input_ids.to(self.device), "segments": segments.to(self.device),
-            "position_ids": positions.to(self.device), "recent": recent.to(self.device),
+            "input_ids": input_ids.to(self.device),
+            "segments": segments.to(self.device),
+            "position_ids": positions.to(self.device),
+            "recent": recent.to(self.device),
         }
 
     def encode_users(self, input_ids: torch.Tensor, segments: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -389,10 +395,16 @@ class Recommender(nn.Module):
         scores = torch.zeros(recent.shape[0], len(self.item_ids), device=self.device)
         scores[:, self.neighbour_items] = among
         spread = scores.std(1, keepdim=True)
-        return torch.where(spread > 0, (scores - scores.mean(1, keepdim=True)) / spread.clamp(min=1e-12), torch.zeros_like(scores))
+        return torch.where(
+            spread > 0, (scores - scores.mean(1, keepdim=True)) / spread.clamp(min=1e-12), torch.zeros_like(scores)
+        )
 
     def forward(
-        self, input_ids: torch.Tensor, segments: torch.Tensor, position_ids: torch.Tensor, recent: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        segments: torch.Tensor,
+        position_ids: torch.Tensor,
+        recent: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits over the whole catalog, one row per user."""
         u = self.encode_users(input_ids, segments, position_ids)
@@ -479,7 +491,10 @@ class Recommender(nn.Module):
         """Fix the popularity prior (one value per catalog item, from `common.popularity`)."""
         prior = torch.as_tensor(np.asarray(prior, dtype=np.float32))
         if prior.shape != self.prior.shape or not torch.isfinite(prior).all():
-            raise ValueError(f"a prior needs {len(self.item_ids)} finite values, one per catalog item; got shape {tuple(prior.shape)}")
+            raise ValueError(
+                f"a prior needs {len(self.item_ids)} finite values, one per catalog item; got shape "
+                f"{tuple(prior.shape)}"
+            )
         self.prior.copy_(prior.to(self.device))
         self._train_weights_of_releases()
 
@@ -493,7 +508,10 @@ class Recommender(nn.Module):
         matrix = torch.as_tensor(np.asarray(matrix, dtype=np.float32))
         n = len(self.item_ids)
         if matrix.shape != (len(items), len(items)) or not torch.isfinite(matrix).all():
-            raise ValueError(f"co-occurrence needs a finite {len(items)}x{len(items)} matrix for {len(items)} items; got shape {tuple(matrix.shape)}")
+            raise ValueError(
+                f"co-occurrence needs a finite {len(items)}x{len(items)} matrix for {len(items)} items; got shape "
+                f"{tuple(matrix.shape)}"
+            )
         if len(items) and (items.min() < 0 or items.max() >= n or len(items.unique()) != len(items)):
             raise ValueError(f"co-occurrence items must be distinct catalog indices in [0, {n})")
         self.neighbour_items = items.to(self.device)
@@ -566,7 +584,9 @@ PRIOR_WEIGHT = CALIBRATION_PREFIX + "prior_weight.weight"
 NEIGHBOUR_WEIGHT = CALIBRATION_PREFIX + "neighbour_weight.weight"
 
 
-def trained_names(shared: Sequence[str], cfg: ModelConfig, *, prior: bool, neighbours: bool, adapter: bool = True) -> list[str]:
+def trained_names(
+    shared: Sequence[str], cfg: ModelConfig, *, prior: bool, neighbours: bool, adapter: bool = True
+) -> list[str]:
     """Which of the `shared` tensors a model trains (sorted): FFA-LoRA freezes A, a release's weight waits for the
     release, and the adapter trains only with a learning rate (`adapter`).
 
@@ -650,7 +670,9 @@ def load_head(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
             item_ids = json.loads((f.metadata() or {})["item_ids"])
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # a truncated file, or one without its item ids
-        raise AdapterError(f"{path}: unreadable local state ({type(e).__name__}: {e}); remove it to start over") from None
+        raise AdapterError(
+            f"{path}: unreadable local state ({type(e).__name__}: {e}); remove it to start over"
+        ) from None
     if not isinstance(item_ids, list):
         raise AdapterError(f"{path}: its item ids are not a list; remove it to start over")
     return state, item_ids
@@ -683,12 +705,18 @@ def read_adapter(adapter_dir: Path, cfg: ModelConfig, expected: Mapping[str, tor
     """
     folder = Path(adapter_dir)
     config = _json(folder / ADAPTER_CONFIG)
-    saved = {"r": config.get("r"), "lora_alpha": config.get("lora_alpha"), "target_modules": sorted(config.get("target_modules") or [])}
+    saved = {
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "target_modules": sorted(config.get("target_modules") or []),
+    }
     want = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.lora_targets)}
     for key in want:
         if saved[key] != want[key]:
-            raise AdapterError(f"{folder / ADAPTER_CONFIG}: {key} is {saved[key]!r} but {MODEL_FILE} says {want[key]!r}; "
-                               "the two files are of different adapters")
+            raise AdapterError(
+                f"{folder / ADAPTER_CONFIG}: {key} is {saved[key]!r} but {MODEL_FILE} says {want[key]!r}; "
+                "the two files are of different adapters"
+            )
     state = _tensors(folder / ADAPTER_WEIGHTS)
     state = {k.replace(".default.", "."): v for k, v in state.items()}  # peft's names, with or without the adapter's
     if (folder / CALIBRATION_FILE).is_file():
@@ -697,11 +725,16 @@ def read_adapter(adapter_dir: Path, cfg: ModelConfig, expected: Mapping[str, tor
         if name not in expected and not (cfg.ffa and "lora_A" in name):
             raise AdapterError(f"{folder}: tensor {name} belongs to no {cfg.lora_r}-rank adapter of {cfg.base_model}")
         if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
-            raise AdapterError(f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, this model's is "
-                               f"{tuple(expected[name].shape)} (another rank or base model?)")
+            raise AdapterError(
+                f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, this model's is "
+                f"{tuple(expected[name].shape)} (another rank or base model?)"
+            )
     missing = sorted(n for n in expected if n not in state and not n.startswith(CALIBRATION_PREFIX))
     if missing:
-        raise AdapterError(f"{folder / ADAPTER_WEIGHTS}: lacks tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise AdapterError(
+            f"{folder / ADAPTER_WEIGHTS}: lacks tensor {missing[0]}"
+            + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     return state
 
 
@@ -719,7 +752,9 @@ def _json(path: Path) -> dict:
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
-        raise AdapterError(f"{path} is missing; is this a whole adapter folder written by silorec? (nothing is downloaded)")
+        raise AdapterError(
+            f"{path} is missing; is this a whole adapter folder written by silorec? (nothing is downloaded)"
+        )
     try:
         return dict(load_file(str(path)))
     except Exception as e:  # safetensors raises its own error for a truncated or damaged file

@@ -150,8 +150,10 @@ def train(
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     total_steps = cfg.epochs * steps_per_epoch
     optimizer, schedule = optimizer_for(
-        [p for n, p in trainable if model.kind_of(n) == "adapter"], [p for n, p in trainable if model.kind_of(n) != "adapter"],
-        cfg, total_steps,
+        [p for n, p in trainable if model.kind_of(n) == "adapter"],
+        [p for n, p in trainable if model.kind_of(n) != "adapter"],
+        cfg,
+        total_steps,
     )
     net: torch.nn.Module = model
     accountant = None
@@ -160,7 +162,9 @@ def train(
         net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         noise_seed = cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(63)
         generator = torch.Generator(device=model.device).manual_seed(noise_seed)
-        optimizer = dp_optimizer(model, optimizer, cfg, sigma, expected_batch_size=max(1, round(sample_rate * users)), generator=generator)
+        optimizer = dp_optimizer(
+            model, optimizer, cfg, sigma, expected_batch_size=max(1, round(sample_rate * users)), generator=generator
+        )
         accountant = create_accountant(cfg.accountant)
         accountant.history = list(result.accountant_history)
         result.delta = delta
@@ -170,7 +174,11 @@ def train(
     try:
         for epoch in range(cfg.epochs):
             records.set_epoch(epoch)
-            batches = _poisson_batches(rng, users, sample_rate, steps_per_epoch) if cfg.private else _shuffled_batches(rng, users, cfg.batch_size)
+            batches = (
+                _poisson_batches(rng, users, sample_rate, steps_per_epoch)
+                if cfg.private
+                else _shuffled_batches(rng, users, cfg.batch_size)
+            )
             losses = []
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, disable=not progress)
             for idx in bar:
@@ -206,10 +214,14 @@ def optimizer_for(
     The same for central training, each merchant training alone, and the
     coordinator's step in `federation` mode.
     """
-    groups = ([{"params": list(adapter), "lr": cfg.lr}] if adapter else []) + ([{"params": list(rest), "lr": cfg.head_lr}] if rest else [])
+    groups = ([{"params": list(adapter), "lr": cfg.lr}] if adapter else []) + (
+        [{"params": list(rest), "lr": cfg.head_lr}] if rest else []
+    )
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     total = max(1, total_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
+    )
     return optimizer, schedule
 
 
@@ -250,8 +262,13 @@ def clip_bounds(model: Recommender, cfg: TrainConfig) -> dict[str, float]:
 
 
 def dp_optimizer(
-    model: Recommender, optimizer: torch.optim.Optimizer, cfg: TrainConfig, noise_multiplier: float, *,
-    expected_batch_size: int, generator: torch.Generator | None = None,
+    model: Recommender,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    noise_multiplier: float,
+    *,
+    expected_batch_size: int,
+    generator: torch.Generator | None = None,
 ) -> DPPerLayerOptimizer:
     """Opacus's optimizer with per-group clipping: each user's whole gradient stays within max_grad_norm."""
     by_param = {id(p): n for n, p in model.named_parameters()}

@@ -36,10 +36,18 @@ def save(folder: Path, ckpt: Checkpoint) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     name = f"global-round-{ckpt.round:04d}.safetensors"
     atomic.write_bytes(folder / name, to_bytes({k: np.ascontiguousarray(v) for k, v in ckpt.global_arrays.items()}))
-    state = {"run_id": ckpt.run_id, "round": ckpt.round, "adapter": name, "history": ckpt.history, "strategy": ckpt.strategy}
+    state = {
+        "run_id": ckpt.run_id,
+        "round": ckpt.round,
+        "adapter": name,
+        "history": ckpt.history,
+        "strategy": ckpt.strategy,
+    }
     if ckpt.arrays:
         state["arrays"] = f"server-round-{ckpt.round:04d}.safetensors"
-        atomic.write_bytes(folder / state["arrays"], to_bytes({k: np.ascontiguousarray(v) for k, v in ckpt.arrays.items()}))
+        atomic.write_bytes(
+            folder / state["arrays"], to_bytes({k: np.ascontiguousarray(v) for k, v in ckpt.arrays.items()})
+        )
     atomic.write_json(folder / STATE_FILE, state)
     for old in [*folder.glob("global-round-*.safetensors"), *folder.glob("server-round-*.safetensors")]:
         if old.name not in (name, state.get("arrays")):
@@ -54,4 +62,6 @@ def load(folder: Path) -> Checkpoint | None:
     state = json.loads(path.read_text())
     arrays = load_file(str(folder / state["adapter"]))
     extra = dict(load_file(str(folder / state["arrays"]))) if state.get("arrays") else {}
-    return Checkpoint(state["run_id"], int(state["round"]), dict(arrays), state["history"], state.get("strategy", {}), extra)
+    return Checkpoint(
+        state["run_id"], int(state["round"]), dict(arrays), state["history"], state.get("strategy", {}), extra
+    )

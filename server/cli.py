@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import tomllib
 from pathlib import Path
 
 import click
+import tomllib
 
 from common.cli import CONTEXT, RoleGroup
-from common.modes import PRIVACY_MODES
 from common.errors import SilorecError
+from common.modes import PRIVACY_MODES
 
 
 @click.group(cls=RoleGroup, context_settings=CONTEXT)
@@ -28,9 +28,19 @@ def main() -> None:
 
 
 @main.command("certs")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for ca.pem, ca.key, server.pem, server.key.")
-@click.option("--host", "hosts", multiple=True, metavar="NAME_OR_IP",
-              help="Host name or IP address merchants use to reach the SuperLink (repeatable). [default: localhost, 127.0.0.1]")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for ca.pem, ca.key, server.pem, server.key.",
+)
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="NAME_OR_IP",
+    help="Host name or IP address merchants use to reach the SuperLink (repeatable). [default: localhost, 127.0.0.1]",
+)
 @click.option("--force", is_flag=True, help="Replace existing files in --out.")
 def certs(out: Path, hosts: tuple[str, ...], force: bool) -> None:
     """Make the federation's CA and the SuperLink's TLS certificate signed by it.
@@ -48,9 +58,18 @@ def certs(out: Path, hosts: tuple[str, ...], force: bool) -> None:
 
 
 @main.command("enroll")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Enrolment folder (holds enrolled.json).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Enrolment folder (holds enrolled.json).",
+)
 @click.option("--merchant", required=True, help="The merchant's name (letters, digits, '.', '_', '-').")
-@click.option("--force", is_flag=True, help="Give an enrolled merchant a new key (the old one is no longer accepted at the next start).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Give an enrolled merchant a new key (the old one is no longer accepted at the next start).",
+)
 def enroll(out: Path, merchant: str, force: bool) -> None:
     """Make a merchant's SuperNode key pair and enrol its public key.
 
@@ -68,23 +87,70 @@ def enroll(out: Path, merchant: str, force: bool) -> None:
 
 
 @main.command("start")
-@click.option("--certs", "certs_dir", type=click.Path(file_okay=False, path_type=Path), help="Folder written by `certs` (ca.pem, server.pem, server.key).")
-@click.option("--enrolled", type=click.Path(file_okay=False, path_type=Path), help="Enrolment folder written by `enroll`.")
-@click.option("--address", default="0.0.0.0:9093", show_default=True, metavar="HOST:PORT",
-              help="Where the SuperLink listens (Fleet, Control and Runtime APIs share it in Flower 1.42).")
-@click.option("--state", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/superlink"), show_default=True,
-              help="The operator's state folder: SuperLink database and log, Flower's config (FLWR_HOME).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run output folder (out-dir). [default: STATE/run]")
-@click.option("--run-config", "run_config", multiple=True, metavar="K=V",
-              help="Override a [tool.flwr.app.config] value, e.g. num-server-rounds=5 (repeatable; V is TOML, bare text is a string).")
-@click.option("--privacy", type=click.Choice(PRIVACY_MODES), default=None,
-              help="federation: one DP-SGD step a round over every merchant's users, noise added once through SecAgg+; "
-              "silo: every merchant adds its own noise (set its preset too: see docs/operator.md). [default: the run config's, federation]")
-@click.option("--app", type=click.Path(file_okay=False, path_type=Path), default=None, help="The silorec project folder to run. [default: this installation's]")
-@click.option("--exit-after-run", is_flag=True, help="Stop the SuperLink when the run ends; exit 0 only if it completed.")
+@click.option(
+    "--certs",
+    "certs_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder written by `certs` (ca.pem, server.pem, server.key).",
+)
+@click.option(
+    "--enrolled", type=click.Path(file_okay=False, path_type=Path), help="Enrolment folder written by `enroll`."
+)
+@click.option(
+    "--address",
+    default="0.0.0.0:9093",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Where the SuperLink listens (Fleet, Control and Runtime APIs share it in Flower 1.42).",
+)
+@click.option(
+    "--state",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/superlink"),
+    show_default=True,
+    help="The operator's state folder: SuperLink database and log, Flower's config (FLWR_HOME).",
+)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Run output folder (out-dir). [default: STATE/run]"
+)
+@click.option(
+    "--run-config",
+    "run_config",
+    multiple=True,
+    metavar="K=V",
+    help="Override a [tool.flwr.app.config] value, e.g. num-server-rounds=5 (repeatable; V is TOML, bare text is a "
+    "string).",
+)
+@click.option(
+    "--privacy",
+    type=click.Choice(PRIVACY_MODES),
+    default=None,
+    help="federation: one DP-SGD step a round over every merchant's users, noise added once through SecAgg+; "
+    "silo: every merchant adds its own noise (set its preset too: see docs/operator.md). [default: the run config's, "
+    "federation]",
+)
+@click.option(
+    "--app",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The silorec project folder to run. [default: this installation's]",
+)
+@click.option(
+    "--exit-after-run", is_flag=True, help="Stop the SuperLink when the run ends; exit 0 only if it completed."
+)
 @click.option("--insecure", is_flag=True, help="Local development only: no TLS and no node authentication.")
-def start(certs_dir: Path | None, enrolled: Path | None, address: str, state: Path, out: Path | None,
-          run_config: tuple[str, ...], privacy: str | None, app: Path | None, exit_after_run: bool, insecure: bool) -> None:
+def start(
+    certs_dir: Path | None,
+    enrolled: Path | None,
+    address: str,
+    state: Path,
+    out: Path | None,
+    run_config: tuple[str, ...],
+    privacy: str | None,
+    app: Path | None,
+    exit_after_run: bool,
+    insecure: bool,
+) -> None:
     """Start the SuperLink (TLS + SuperNode authentication), register enrolled merchants, submit the run.
 
     Keeps serving until interrupted (Ctrl+C), or with --exit-after-run until the
@@ -95,9 +161,13 @@ def start(certs_dir: Path | None, enrolled: Path | None, address: str, state: Pa
     host, port = deploy.parse_address(address)
     state = state.resolve()
     if insecure:
-        click.secho("WARNING: --insecure: no TLS and no node authentication. Updates and metrics travel in clear text and "
-                    "any machine that can reach the port may join. Use only for local development.",
-                    fg="red", bold=True, err=True)
+        click.secho(
+            "WARNING: --insecure: no TLS and no node authentication. Updates and metrics travel in clear text and "
+            "any machine that can reach the port may join. Use only for local development.",
+            fg="red",
+            bold=True,
+            err=True,
+        )
         spec = deploy.LinkSpec(host, port, state)
         registry: dict[str, str] = {}
     else:
@@ -109,7 +179,10 @@ def start(certs_dir: Path | None, enrolled: Path | None, address: str, state: Pa
             raise pki.PkiError(f"missing {', '.join(missing)}: make them with `silorec-server certs --out {certs_dir}`")
         registry = pki.read_registry(enrolled)
         if not registry:
-            raise pki.PkiError(f"no merchant is enrolled in {enrolled}: enrol one with `silorec-server enroll --out {enrolled} --merchant NAME`")
+            raise pki.PkiError(
+                f"no merchant is enrolled in {enrolled}: enrol one with `silorec-server enroll --out {enrolled} "
+                f"--merchant NAME`"
+            )
         spec = deploy.LinkSpec(host, port, state, *(f.resolve() for f in files))
     overrides = {"out-dir": str((out or state / "run").resolve()), **_parse_run_config(run_config)}
     if privacy is not None:
@@ -121,8 +194,10 @@ def start(certs_dir: Path | None, enrolled: Path | None, address: str, state: Pa
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that the finally below stops the SuperLink
     link = deploy.start_superlink(spec)
     try:
-        click.echo(f"SuperLink listening on {spec.address} ({'TLS, node authentication' if spec.secure else 'INSECURE'}); "
-                   f"log {state / 'superlink.log'}")
+        click.echo(
+            f"SuperLink listening on {spec.address} ({'TLS, node authentication' if spec.secure else 'INSECURE'}); "
+            f"log {state / 'superlink.log'}"
+        )
         for merchant, node in deploy.register_merchants(spec, registry).items():
             click.echo(f"registered {merchant}" + (f" (node {node})" if node else " (already registered)"))
         run_id = deploy.submit_run(spec, overrides, app or deploy.APP_DIR)
@@ -133,9 +208,13 @@ def start(certs_dir: Path | None, enrolled: Path | None, address: str, state: Pa
             click.echo(f"run {run_id}: {status}")
             # `finished:completed` is reported even when the ServerApp raised; metrics.json is the proof of a real end
             if status != "finished:completed" or not metrics.is_file():
-                raise SilorecError(f"run {run_id} did not complete ({status}); see `flwr log {run_id}` with "
-                                   f"FLWR_HOME={spec.flwr_home}, or {state / 'superlink.log'}")
-            click.echo(json.dumps({"rounds": json.loads(metrics.read_text()).get("rounds"), "out": str(metrics.parent)}))
+                raise SilorecError(
+                    f"run {run_id} did not complete ({status}); see `flwr log {run_id}` with "
+                    f"FLWR_HOME={spec.flwr_home}, or {state / 'superlink.log'}"
+                )
+            click.echo(
+                json.dumps({"rounds": json.loads(metrics.read_text()).get("rounds"), "out": str(metrics.parent)})
+            )
         else:
             click.echo("serving; Ctrl+C stops the SuperLink")
             link.wait()

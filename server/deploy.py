@@ -66,8 +66,15 @@ def superlink_command(spec: LinkSpec) -> list[str]:
     """The `flower-superlink` command line: TLS and SuperNode authentication unless the spec is insecure."""
     cmd = [tool("flower-superlink"), "--host", spec.host, "--port", str(spec.port), "--database", str(spec.database)]
     if spec.secure:
-        cmd += ["--ssl-ca-certfile", str(spec.ca_cert), "--ssl-certfile", str(spec.server_cert),
-                "--ssl-keyfile", str(spec.server_key), "--enable-supernode-auth"]
+        cmd += [
+            "--ssl-ca-certfile",
+            str(spec.ca_cert),
+            "--ssl-certfile",
+            str(spec.server_cert),
+            "--ssl-keyfile",
+            str(spec.server_key),
+            "--enable-supernode-auth",
+        ]
     else:
         cmd += ["--insecure"]
     return cmd
@@ -78,8 +85,9 @@ def start_superlink(spec: LinkSpec, *, timeout: float = 60.0) -> subprocess.Pope
     spec.state.mkdir(parents=True, exist_ok=True)
     spec.flwr_home.mkdir(parents=True, exist_ok=True)
     log = open(spec.state / "superlink.log", "ab")  # noqa: SIM115 - handed to the child, which outlives this call
-    proc = subprocess.Popen(superlink_command(spec), env=flower_env(spec.flwr_home), stdout=log,
-                            stderr=subprocess.STDOUT, cwd=spec.state)
+    proc = subprocess.Popen(
+        superlink_command(spec), env=flower_env(spec.flwr_home), stdout=log, stderr=subprocess.STDOUT, cwd=spec.state
+    )
     log.close()
     try:
         wait_for_port(spec.host, spec.port, proc, timeout=timeout, log=spec.state / "superlink.log")
@@ -108,8 +116,13 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, *, timeout: floa
 def write_connection(spec: LinkSpec) -> Path:
     """Write $FLWR_HOME/config.toml so that `flwr` commands reach this SuperLink (as connection 'silorec')."""
     probe = "127.0.0.1" if spec.host in ("0.0.0.0", "") else spec.host
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-             f'address = "{probe}:{spec.port}"']
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f'address = "{probe}:{spec.port}"',
+    ]
     lines += [f"root-certificates = {json.dumps(str(spec.ca_cert.resolve()))}"] if spec.secure else ["insecure = true"]
     path = spec.flwr_home / "config.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -137,7 +150,9 @@ def register_merchants(spec: LinkSpec, registry: Mapping[str, str]) -> dict[str,
 def submit_run(spec: LinkSpec, run_config: Mapping[str, object], app: Path = APP_DIR) -> str:
     """`flwr run` the silorec app on this SuperLink with `run_config` overrides; return the run id."""
     if not (Path(app) / "pyproject.toml").is_file():
-        raise DeployError(f"{app} is not a Flower app folder (no pyproject.toml); pass --app with silorec's project folder")
+        raise DeployError(
+            f"{app} is not a Flower app folder (no pyproject.toml); pass --app with silorec's project folder"
+        )
     overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
     args = ["run", str(app), CONNECTION] + (["--run-config", overrides] if overrides else [])
     reply = _flwr_json(spec, args)
@@ -159,7 +174,9 @@ def wait_for_run(spec: LinkSpec, run_id: str, link: subprocess.Popen, *, poll: f
     """Block until the run is finished (or the SuperLink dies); return its final status."""
     while True:
         if link.poll() is not None:
-            raise DeployError(f"flower-superlink exited with code {link.returncode} during run {run_id}; see {spec.state / 'superlink.log'}")
+            raise DeployError(
+                f"flower-superlink exited with code {link.returncode} during run {run_id}; see {spec.state / 'superlink.log'}"
+            )
         status = run_status(spec, run_id)
         if status.startswith("finished"):
             return status
@@ -180,11 +197,21 @@ def stop(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
 
 def _flwr_json(spec: LinkSpec, args: list[str]) -> dict:
     # `flwr ... --format json` exits 0 even on failure; the JSON's "success" says what happened
-    done = subprocess.run([tool("flwr"), *args, "--format", "json"], env=flower_env(spec.flwr_home),
-                          capture_output=True, text=True, timeout=300, cwd=spec.state)
+    done = subprocess.run(
+        [tool("flwr"), *args, "--format", "json"],
+        env=flower_env(spec.flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=spec.state,
+    )
     start = done.stdout.find("{")
     try:
-        return json.loads(done.stdout[start:]) if start >= 0 else {"success": False, "error-message": done.stderr or done.stdout}
+        return (
+            json.loads(done.stdout[start:])
+            if start >= 0
+            else {"success": False, "error-message": done.stderr or done.stdout}
+        )
     except ValueError:
         return {"success": False, "error-message": done.stdout + done.stderr}
 

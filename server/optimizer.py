@@ -24,16 +24,21 @@ from common.train import TrainConfig, optimizer_for
 class GlobalOptimizer:
     """AdamW over the global adapter's trained tensors, fed one noisy gradient sum per round."""
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], trained: Sequence[str], cfg: TrainConfig, total_steps: int) -> None:
+    def __init__(
+        self, arrays: Mapping[str, np.ndarray], trained: Sequence[str], cfg: TrainConfig, total_steps: int
+    ) -> None:
         self.trained = list(trained)
         self.params = {n: torch.nn.Parameter(torch.from_numpy(np.array(arrays[n], np.float32))) for n in self.trained}
         self.optimizer, self.schedule = optimizer_for(
             [p for n, p in self.params.items() if not n.startswith(CALIBRATION_PREFIX)],
             [p for n, p in self.params.items() if n.startswith(CALIBRATION_PREFIX)],
-            cfg, total_steps,
+            cfg,
+            total_steps,
         )
 
-    def step(self, arrays: Mapping[str, np.ndarray], total: Mapping[str, np.ndarray], expected_batch: float) -> dict[str, np.ndarray]:
+    def step(
+        self, arrays: Mapping[str, np.ndarray], total: Mapping[str, np.ndarray], expected_batch: float
+    ) -> dict[str, np.ndarray]:
         """`arrays` after one AdamW step on the gradient `total / expected_batch` (the untrained tensors as they were)."""
         with torch.no_grad():
             for name, p in self.params.items():
@@ -61,5 +66,7 @@ class GlobalOptimizer:
         if "schedule.step" in state:
             steps = int(np.asarray(state["schedule.step"]).ravel()[0])
             self.schedule.last_epoch = steps
-            for group, decay, base in zip(self.optimizer.param_groups, self.schedule.lr_lambdas, self.schedule.base_lrs):
+            for group, decay, base in zip(
+                self.optimizer.param_groups, self.schedule.lr_lambdas, self.schedule.base_lrs
+            ):
                 group["lr"] = base * decay(steps)

@@ -69,27 +69,49 @@ def make_server_pki(out: Path, hosts: Sequence[str] = DEFAULT_HOSTS, *, force: b
         check_host(host)
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "silorec"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, "silorec federation CA")])
+    ca_name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "silorec"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "silorec federation CA"),
+        ]
+    )
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name)
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))  # tolerate small clock skew between hosts
         .not_valid_after(now + dt.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     server_key = ec.generate_private_key(ec.SECP256R1())
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "silorec"),
-                                 x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "silorec"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, hosts[0]),
+                ]
+            )
+        )
         .issuer_name(ca_name)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
@@ -97,9 +119,20 @@ def make_server_pki(out: Path, hosts: Sequence[str] = DEFAULT_HOSTS, *, force: b
         .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
         .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
@@ -117,7 +150,12 @@ def enroll_merchant(out: Path, merchant: str, *, force: bool = False) -> Enrolme
         raise PkiError(f"merchant name {merchant!r} is not usable as a file name: use letters, digits, '.', '_' or '-'")
     out = Path(out)
     enrolment = Enrolment(
-        merchant, out / f"{merchant}.key", out / f"{merchant}.pub", out / REGISTRY, out / f"{merchant}.sign.key", out / SIGNING_REGISTRY
+        merchant,
+        out / f"{merchant}.key",
+        out / f"{merchant}.pub",
+        out / REGISTRY,
+        out / f"{merchant}.sign.key",
+        out / SIGNING_REGISTRY,
     )
     registry = read_registry(out)
     if not force:
@@ -126,14 +164,22 @@ def enroll_merchant(out: Path, merchant: str, *, force: bool = False) -> Enrolme
             raise PkiError(f"{merchant} is already enrolled in {enrolment.registry}; pass --force to give it a new key")
     key = ec.generate_private_key(ec.SECP384R1())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     _write_private(enrolment.private_key, private)
     _write_public(enrolment.public_key, public + f" silorec-{merchant}\n".encode())
     signing = ed25519.Ed25519PrivateKey.generate()
-    _write_private(enrolment.signing_key, signing.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    _write_private(
+        enrolment.signing_key,
+        signing.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
     signers = json.loads(enrolment.signing_registry.read_text()) if enrolment.signing_registry.is_file() else {}
-    signers[merchant] = signing.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    signers[merchant] = (
+        signing.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    )
     atomic.write_json(enrolment.signing_registry, dict(sorted(signers.items())))
     registry[merchant] = public.decode()
     atomic.write_json(enrolment.registry, dict(sorted(registry.items())))
@@ -148,7 +194,9 @@ def read_registry(folder: Path) -> dict[str, str]:
     try:
         registry = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise PkiError(f"{path} is not a readable enrolment registry ({e}); restore it or re-enroll the merchants") from e
+        raise PkiError(
+            f"{path} is not a readable enrolment registry ({e}); restore it or re-enroll the merchants"
+        ) from e
     if not isinstance(registry, dict) or not all(isinstance(v, str) for v in registry.values()):
         raise PkiError(f"{path} is not a merchant → public key mapping; restore it or re-enroll the merchants")
     for merchant, line in registry.items():
@@ -172,8 +220,10 @@ def check_host(host: str) -> None:
     name = host[:-1] if host.endswith(".") else host
     if not name or len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
         shown = host if len(host) <= 40 else host[:37] + "..."
-        raise PkiError(f"--host {shown!r} is neither an IP address nor a DNS name (labels of 1-63 letters, digits or '-', "
-                       "253 characters in all)")
+        raise PkiError(
+            f"--host {shown!r} is neither an IP address nor a DNS name (labels of 1-63 letters, digits or '-', "
+            "253 characters in all)"
+        )
 
 
 def _san(host: str) -> x509.GeneralName:
@@ -184,7 +234,9 @@ def _san(host: str) -> x509.GeneralName:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -25,15 +25,17 @@ import numpy as np
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from common.popularity import look_up, pool_tables, read_table
-from common.messages import ASK_TABLE, TABLE_KIND, USE_POOLED
-from common.round import RoundConfig
 from common.logs import log
+from common.messages import ASK_TABLE, TABLE_KIND, USE_POOLED
+from common.popularity import look_up, pool_tables, read_table
+from common.round import RoundConfig
 from server import queries
 from server.sealing import Envelope
 
 
-def pool_popularity(grid: Grid, envelope: Envelope, cfg: RoundConfig, *, min_nodes: int, timeout: float | None = None) -> dict[str, Any]:
+def pool_popularity(
+    grid: Grid, envelope: Envelope, cfg: RoundConfig, *, min_nodes: int, timeout: float | None = None
+) -> dict[str, Any]:
     """Ask every connected merchant for its table, sum them, and send each merchant its pooled counts.
 
     Returns what the round-0 line of metrics.jsonl records: the merchants
@@ -52,8 +54,13 @@ def pool_popularity(grid: Grid, envelope: Envelope, cfg: RoundConfig, *, min_nod
             a.arrays, a.reason, a.rejected, a.size = None, str(e), True, 0
             log(WARNING, "popularity: rejected table from %s (node %d): %s", a.silo, a.node, e)
     report = queries.summary_of(answers)
-    summary: dict[str, Any] = {"merchants": 0, "item_texts": 0, "bytes_received": report["bytes_received"],
-                               "rejected": report["rejected"], "no_table": report["no_reply"]}
+    summary: dict[str, Any] = {
+        "merchants": 0,
+        "item_texts": 0,
+        "bytes_received": report["bytes_received"],
+        "rejected": report["rejected"],
+        "no_table": report["no_reply"],
+    }
     for a in answers:
         if a.arrays is None and not a.rejected:
             log(INFO, "popularity: %s sends no table: %s", a.silo, a.reason)
@@ -61,14 +68,27 @@ def pool_popularity(grid: Grid, envelope: Envelope, cfg: RoundConfig, *, min_nod
         log(INFO, "popularity: %d table(s), nothing to pool; every merchant keeps its own counts", len(tables))
         return summary
     pooled = pool_tables(list(tables.values()))
-    failed = queries.hand_out(grid, envelope, cfg, USE_POOLED, {
-        node: {"keys": keys, "counts": look_up(pooled, keys).astype(np.float32)} for node, (keys, _) in tables.items()
-    }, timeout=timeout)
+    failed = queries.hand_out(
+        grid,
+        envelope,
+        cfg,
+        USE_POOLED,
+        {
+            node: {"keys": keys, "counts": look_up(pooled, keys).astype(np.float32)}
+            for node, (keys, _) in tables.items()
+        },
+        timeout=timeout,
+    )
     silos = {a.node: a.silo for a in answers}
     # a merchant that could not take them keeps its own counts: the pooled ones never reached its state
     summary["rejected"] += [{"silo": silos[n], "node": n, "reason": f"error: {why}"} for n, why in failed.items()]
     summary["merchants"] = len(tables) - len(failed)
     summary["item_texts"] = len(pooled[0])
-    log(INFO, "popularity: pooled %d merchants' released counts over %d item texts (%d bytes received)",
-        summary["merchants"], summary["item_texts"], summary["bytes_received"])
+    log(
+        INFO,
+        "popularity: pooled %d merchants' released counts over %d item texts (%d bytes received)",
+        summary["merchants"],
+        summary["item_texts"],
+        summary["bytes_received"],
+    )
     return summary

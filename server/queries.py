@@ -19,9 +19,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from common.arrays import to_record
+from common.logs import log
 from common.messages import POOL_RECORD
 from common.round import RoundConfig
-from common.logs import log
 from server.sealing import Envelope
 from server.updates import UpdateRejected
 
@@ -39,12 +39,22 @@ class Answer:
 
 
 def ask(
-    grid: Grid, envelope: Envelope, cfg: RoundConfig, what: str, nodes: Iterable[int], *, kind: str, timeout: float | None = None
+    grid: Grid,
+    envelope: Envelope,
+    cfg: RoundConfig,
+    what: str,
+    nodes: Iterable[int],
+    *,
+    kind: str,
+    timeout: float | None = None,
 ) -> list[Answer]:
     """Ask each merchant of `nodes` for `what`; return every answer, opened (`kind` is what it must be sealed as)."""
     asks = [
-        Message(RecordDict({"config": cfg.to_record(), POOL_RECORD: ConfigRecord({"ask": what}), **envelope.key_records()}),
-                dst_node_id=node, message_type=MessageType.QUERY)
+        Message(
+            RecordDict({"config": cfg.to_record(), POOL_RECORD: ConfigRecord({"ask": what}), **envelope.key_records()}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
         for node in sorted(nodes)
     ]
     answers = []
@@ -70,13 +80,23 @@ def ask(
 
 
 def hand_out(
-    grid: Grid, envelope: Envelope, cfg: RoundConfig, what: str, arrays: Mapping[int, Mapping[str, np.ndarray]], *,
+    grid: Grid,
+    envelope: Envelope,
+    cfg: RoundConfig,
+    what: str,
+    arrays: Mapping[int, Mapping[str, np.ndarray]],
+    *,
     timeout: float | None = None,
 ) -> dict[int, str]:
     """Send each merchant (node) its own `arrays`, sealed to it; return the nodes that failed to take them, with why."""
     sends = [
-        Message(RecordDict({"config": cfg.to_record(), POOL_RECORD: ConfigRecord({"ask": what}), "arrays": to_record(dict(a))}),
-                dst_node_id=node, message_type=MessageType.QUERY)
+        Message(
+            RecordDict(
+                {"config": cfg.to_record(), POOL_RECORD: ConfigRecord({"ask": what}), "arrays": to_record(dict(a))}
+            ),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
         for node, a in sorted(arrays.items())
     ]
     sealed = envelope.seal_messages(grid, sends, cfg.round, cfg.to_record())

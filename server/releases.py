@@ -31,13 +31,13 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from common import distributed_dp
 from common.accounting import Entry
 from common.cooccurrence import RANK, SIZE, project, symmetric
-from common.popularity import look_up
-from common.messages import ASK_CENSUS, CENSUS_KIND, SumSpec, USE_NEIGHBOURS, USE_POOLED
-from common.round import RoundConfig
 from common.logs import log
+from common.messages import ASK_CENSUS, CENSUS_KIND, USE_NEIGHBOURS, USE_POOLED, SumSpec
+from common.popularity import look_up
+from common.round import RoundConfig
 from server import queries
-from server.secagg import SecureSum
 from server.sealing import Envelope
+from server.secagg import SecureSum
 
 
 @dataclass
@@ -73,7 +73,9 @@ class Census:
         return cls({n: m["silo"] for n, m in merchants.items()}, {n: int(m["users"]) for n, m in merchants.items()}, {})
 
 
-def take_census(grid: Grid, envelope: Envelope, cfg: RoundConfig, *, min_nodes: int, timeout: float | None = None) -> tuple[Census, dict]:
+def take_census(
+    grid: Grid, envelope: Envelope, cfg: RoundConfig, *, min_nodes: int, timeout: float | None = None
+) -> tuple[Census, dict]:
     """Ask every connected merchant for its trainable users and item keys; merchants that give none are left out."""
     _, nodes = sample_nodes(grid, min_nodes, 0)
     answers = queries.ask(grid, envelope, cfg, ASK_CENSUS, nodes, kind=CENSUS_KIND, timeout=timeout)
@@ -98,7 +100,13 @@ def take_census(grid: Grid, envelope: Envelope, cfg: RoundConfig, *, min_nodes: 
 
 
 def release_statistics(
-    secure: SecureSum, grid: Grid, envelope: Envelope, cfg: RoundConfig, census: Census, *, min_replies: int,
+    secure: SecureSum,
+    grid: Grid,
+    envelope: Envelope,
+    cfg: RoundConfig,
+    census: Census,
+    *,
+    min_replies: int,
     timeout: float | None = None,
 ) -> tuple[list[Entry], dict[str, bool], dict[str, Any]]:
     """The federation's popularity (and co-occurrence) releases: their accountant entries, what every merchant
@@ -115,47 +123,92 @@ def release_statistics(
     if counts is None:
         return entries, held, summary
     pooled = (union, counts)
-    failed = queries.hand_out(grid, envelope, cfg, USE_POOLED, {
-        node: {"keys": keys, "counts": look_up(pooled, keys).astype(np.float32)} for node, keys in census.keys.items()
-    }, timeout=timeout)
+    failed = queries.hand_out(
+        grid,
+        envelope,
+        cfg,
+        USE_POOLED,
+        {
+            node: {"keys": keys, "counts": look_up(pooled, keys).astype(np.float32)}
+            for node, keys in census.keys.items()
+        },
+        timeout=timeout,
+    )
     held["prior"] = not failed
     summary["popularity"]["not_taken"] = [census.silos[n] for n in failed]
-    log(INFO, "popularity: released once over %d merchants' %d users, %d item texts (noise multiplier %g)",
-        len(census.silos), census.total_users, len(union), cfg.prior_noise)
+    log(
+        INFO,
+        "popularity: released once over %d merchants' %d users, %d item texts (noise multiplier %g)",
+        len(census.silos),
+        census.total_users,
+        len(union),
+        cfg.prior_noise,
+    )
     if cfg.cooccurrence_noise <= 0:
         return entries, held, summary
     top = np.sort(union[np.argsort(-counts, kind="stable")[:SIZE]])
     size = len(top)
-    pairs, report = _secure_release(secure, cfg, census, "cooccurrence", cfg.cooccurrence_noise, top, size * (size - 1) // 2,
-                                    min_replies)
+    pairs, report = _secure_release(
+        secure, cfg, census, "cooccurrence", cfg.cooccurrence_noise, top, size * (size - 1) // 2, min_replies
+    )
     entries.append((float(cfg.cooccurrence_noise), 1.0, 1))
     summary["cooccurrence"] = report | {"items": size}
     if pairs is None:
         return entries, held, summary
     matrix = project(symmetric(pairs, size), RANK)
     rows = {node: np.flatnonzero(np.isin(top, keys)) for node, keys in census.keys.items()}
-    failed = queries.hand_out(grid, envelope, cfg, USE_NEIGHBOURS, {
-        node: {"keys": top[mine], "matrix": np.ascontiguousarray(matrix[np.ix_(mine, mine)])} for node, mine in rows.items()
-    }, timeout=timeout)
+    failed = queries.hand_out(
+        grid,
+        envelope,
+        cfg,
+        USE_NEIGHBOURS,
+        {
+            node: {"keys": top[mine], "matrix": np.ascontiguousarray(matrix[np.ix_(mine, mine)])}
+            for node, mine in rows.items()
+        },
+        timeout=timeout,
+    )
     held["neighbours"] = not failed
     summary["cooccurrence"]["not_taken"] = [census.silos[n] for n in failed]
-    log(INFO, "co-occurrence: released once over the %d most popular item texts (noise multiplier %g)", size, cfg.cooccurrence_noise)
+    log(
+        INFO,
+        "co-occurrence: released once over the %d most popular item texts (noise multiplier %g)",
+        size,
+        cfg.cooccurrence_noise,
+    )
     return entries, held, summary
 
 
 def _secure_release(
-    secure: SecureSum, cfg: RoundConfig, census: Census, task: str, noise: float, keys: np.ndarray, dim: int, min_replies: int,
+    secure: SecureSum,
+    cfg: RoundConfig,
+    census: Census,
+    task: str,
+    noise: float,
+    keys: np.ndarray,
+    dim: int,
+    min_replies: int,
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """One release as a secure sum over `keys` (sealed to each merchant): its noisy total (None if abandoned) and
     what to record of it."""
     name = "counts" if task == "popularity" else "pairs"
     # one user adds at most 1 to any count, so a merchant's counts are within ±its users: never clipped
-    lattice = distributed_dp.plan(bound=float(census.max_users), noise_multiplier=noise, clip=1.0, dim=dim,
-                                  min_replies=min_replies, merchants=len(census.silos))
+    lattice = distributed_dp.plan(
+        bound=float(census.max_users),
+        noise_multiplier=noise,
+        clip=1.0,
+        dim=dim,
+        min_replies=min_replies,
+        merchants=len(census.silos),
+    )
     spec = SumSpec(task, (name,), noise, 1.0, min_replies, 1.0, lattice)
     result = secure(0, cfg.to_record(), spec, sealed={"keys": np.asarray(keys, np.uint64)}, nodes=census.nodes)
-    report = {"merchants": result.contributors, "took_part": sorted(m.silo for m in result.accepted),
-              "noise_multiplier": noise, "lattice": lattice.to_config()}
+    report = {
+        "merchants": result.contributors,
+        "took_part": sorted(m.silo for m in result.accepted),
+        "noise_multiplier": noise,
+        "lattice": lattice.to_config(),
+    }
     if result.total is None:
         log(WARNING, "%s release abandoned: %s; merchants score without it", task, result.reason)
         return None, report | {"abandoned": result.reason}

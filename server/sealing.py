@@ -49,7 +49,9 @@ def load_or_create_key(ckpt_dir: Path, *, resuming: bool, state_key: bytes | Non
     return key, False
 
 
-def envelope_for(settings: ServerSettings, ckpt_dir: Path, resumed_run: str | None, *, state_key: bytes | None) -> Envelope:
+def envelope_for(
+    settings: ServerSettings, ckpt_dir: Path, resumed_run: str | None, *, state_key: bytes | None
+) -> Envelope:
     """This run's envelope: its key pair (kept across a resume when the state key allows) and its run id."""
     run_id = resumed_run or uuid.uuid4().hex[:12]
     if not settings.seal_updates:
@@ -60,8 +62,14 @@ def envelope_for(settings: ServerSettings, ckpt_dir: Path, resumed_run: str | No
     key, kept = load_or_create_key(ckpt_dir, resuming=resumed_run is not None, state_key=state_key)
     if resumed_run is not None and not kept:
         run_id = uuid.uuid4().hex[:12]  # nothing sealed for the old run must open in this one
-        log(WARNING, "no state key to recover run %s's sealing key: continuing as run %s with a new key pair "
-            "(set %s to keep the key across restarts)", resumed_run, run_id, STATE_KEY_ENV)
+        log(
+            WARNING,
+            "no state key to recover run %s's sealing key: continuing as run %s with a new key pair "
+            "(set %s to keep the key across restarts)",
+            resumed_run,
+            run_id,
+            STATE_KEY_ENV,
+        )
     signers = read_signers(Path(settings.signing_keys)) if settings.signing_keys else None
     return Envelope(run_id, key, signers=signers)
 
@@ -85,7 +93,9 @@ class Envelope:
     open_seconds: float = 0.0  # time spent opening updates since the last reset (the server's cost of sealing)
     global_seal_seconds: float = 0.0  # time spent sealing the global adapter to merchants since the last reset
 
-    def seal_messages(self, grid: Grid, messages: Iterable[Message], server_round: int, config: ConfigRecord) -> list[Message]:
+    def seal_messages(
+        self, grid: Grid, messages: Iterable[Message], server_round: int, config: ConfigRecord
+    ) -> list[Message]:
         """`messages` with their global adapter sealed to each merchant; a merchant with no key is left out."""
         messages = list(messages)
         if self.key is None:
@@ -98,7 +108,12 @@ class Envelope:
             node = message.metadata.dst_node_id
             public = self.merchant_keys.get(node)
             if public is None:
-                log(WARNING, "round %d: node %d gave no sealing key; it is left out (nothing is sent in the clear)", server_round, node)
+                log(
+                    WARNING,
+                    "round %d: node %d gave no sealing key; it is left out (nothing is sent in the clear)",
+                    server_round,
+                    node,
+                )
                 continue
             arrays = message.content["arrays"]
             kind = message.metadata.message_type
@@ -106,14 +121,18 @@ class Envelope:
             if id(arrays) not in payloads:
                 payloads[id(arrays)] = pack(from_record(arrays))
             payload = payloads[id(arrays)]
-            blob = seal.seal(payload, public, seal.update_context(self.run_id, server_round, node, kind=f"global-{kind}"))
+            blob = seal.seal(
+                payload, public, seal.update_context(self.run_id, server_round, node, kind=f"global-{kind}")
+            )
             self.global_seal_seconds += time.perf_counter() - t0
             # a fresh RecordDict: Flower's strategies share one content object among all their messages
-            content = RecordDict({
-                **dict(message.content.config_records),  # the round config, and any ask beside it
-                seal.SEALED_GLOBAL_RECORD: ConfigRecord({"arrays": blob}),
-                seal.KEY_RECORD: run_key,
-            })
+            content = RecordDict(
+                {
+                    **dict(message.content.config_records),  # the round config, and any ask beside it
+                    seal.SEALED_GLOBAL_RECORD: ConfigRecord({"arrays": blob}),
+                    seal.KEY_RECORD: run_key,
+                }
+            )
             sealed.append(Message(content, dst_node_id=node, message_type=kind, group_id=message.metadata.group_id))
         return sealed
 
@@ -137,7 +156,9 @@ class Envelope:
             return {}
         return {seal.KEY_RECORD: ConfigRecord({"public-key": seal.public_bytes(self.key), "version": seal.VERSION})}
 
-    def open(self, reply: Message, server_round: int, *, kind: str = "train-update") -> tuple[dict[str, np.ndarray], int]:
+    def open(
+        self, reply: Message, server_round: int, *, kind: str = "train-update"
+    ) -> tuple[dict[str, np.ndarray], int]:
         """The update in `reply` (or what else `kind` names) and its size on the wire; UpdateRejected if it cannot be trusted."""
         sealed = reply.content.config_records.get(seal.SEALED_RECORD)
         if self.key is None:
@@ -188,7 +209,9 @@ def read_signers(path: Path) -> dict[bytes, str]:
         registry = json.loads(Path(path).read_text())
         signers = {bytes.fromhex(public): merchant for merchant, public in registry.items()}
     except (OSError, ValueError, AttributeError, TypeError) as e:
-        raise SilorecError(f"signing-keys {path}: not a readable merchant → Ed25519 public key registry ({e})") from None
+        raise SilorecError(
+            f"signing-keys {path}: not a readable merchant → Ed25519 public key registry ({e})"
+        ) from None
     if any(len(k) != 32 for k in signers):
         raise SilorecError(f"signing-keys {path}: every key must be 32 bytes (hex); re-enroll the merchants")
     return signers

@@ -51,8 +51,8 @@ from flwr.serverapp import Grid
 from common import distributed_dp, seal
 from common.arrays import pack, to_record
 from common.errors import SilorecError
-from common.messages import SEALED_GLOBAL_KEY, SumSpec
 from common.logs import log
+from common.messages import SEALED_GLOBAL_KEY, SumSpec
 from server.sealing import Envelope
 from server.settings import ServerSettings
 from server.strategy import MerchantReport, RoundResult
@@ -104,8 +104,11 @@ class SumCollector(LegacyFedAvg):
 
     def __init__(self, settings: ServerSettings, envelope: Envelope) -> None:
         super().__init__(
-            fraction_fit=settings.fraction_train, fraction_evaluate=0.0, min_fit_clients=2,
-            min_available_clients=settings.min_available_clients, on_fit_config_fn=lambda _: self.fit_config,
+            fraction_fit=settings.fraction_train,
+            fraction_evaluate=0.0,
+            min_fit_clients=2,
+            min_available_clients=settings.min_available_clients,
+            on_fit_config_fn=lambda _: self.fit_config,
         )
         self.envelope = envelope
         self.fit_config: dict[str, Any] = {}
@@ -114,17 +117,26 @@ class SumCollector(LegacyFedAvg):
         self.nodes: set[int] | None = None  # only these merchants, if set
         self.result: RoundResult | None = None
 
-    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        pairs = [(p, ins) for p, ins in super().configure_fit(server_round, parameters, client_manager)
-                 if self.nodes is None or p.node_id in self.nodes]
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        pairs = [
+            (p, ins)
+            for p, ins in super().configure_fit(server_round, parameters, client_manager)
+            if self.nodes is None or p.node_id in self.nodes
+        ]
         if self.payload is None:
             return pairs
         sealed = []
         for proxy, ins in pairs:
             public = self.envelope.merchant_keys.get(proxy.node_id)
             if public is None:
-                log(WARNING, "round %d: node %d gave no sealing key; it is left out (nothing is sent in the clear)",
-                    server_round, proxy.node_id)
+                log(
+                    WARNING,
+                    "round %d: node %d gave no sealing key; it is left out (nothing is sent in the clear)",
+                    server_round,
+                    proxy.node_id,
+                )
                 continue
             context = seal.update_context(self.envelope.run_id, server_round, proxy.node_id, kind="global-secagg")
             config = dict(ins.config) | {SEALED_GLOBAL_KEY: seal.seal(self.payload, public, context)}
@@ -138,9 +150,16 @@ class SumCollector(LegacyFedAvg):
         assert self.spec is not None
         result = RoundResult(total=None)
         for proxy, res in results:
-            metrics = {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            merchant = MerchantReport(proxy.node_id, str(res.metrics.get("silo", "?")), metrics,
-                                      "accepted" if res.num_examples > 0 else "no-update", str(res.metrics.get("reason", "")))
+            metrics = {
+                k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            merchant = MerchantReport(
+                proxy.node_id,
+                str(res.metrics.get("silo", "?")),
+                metrics,
+                "accepted" if res.num_examples > 0 else "no-update",
+                str(res.metrics.get("reason", "")),
+            )
             merchant.update_bytes = sum(a.size for a in parameters_to_ndarrays(res.parameters)) * 8  # masked int64
             result.merchants.append(merchant)
         for reason in dict.fromkeys(failure_reason(str(f)) for f in failures):  # Flower may list one failure twice
@@ -155,7 +174,9 @@ class SumCollector(LegacyFedAvg):
         elif self.spec.lattice is None:
             result.total = dict(zip(self.spec.names, mean, strict=True))
         else:
-            result.total = distributed_dp.decode(dict(zip(self.spec.names, mean, strict=True)), result.contributors, self.spec.lattice)
+            result.total = distributed_dp.decode(
+                dict(zip(self.spec.names, mean, strict=True)), result.contributors, self.spec.lattice
+            )
         self.result = result
         return None, {}
 
@@ -168,8 +189,12 @@ class SecureSum:
         self.settings = settings
         self.envelope = envelope
         self.collector = SumCollector(settings, envelope)
-        self.legacy = LegacyContext(context, ServerConfig(num_rounds=max(1, settings.rounds), round_timeout=settings.round_timeout),
-                                    self.collector, SimpleClientManager())
+        self.legacy = LegacyContext(
+            context,
+            ServerConfig(num_rounds=max(1, settings.rounds), round_timeout=settings.round_timeout),
+            self.collector,
+            SimpleClientManager(),
+        )
         self.users_seen: list[float] = []  # merchants' user counts, for `update` sums' max weight
         _, self._stop, ready = start_update_client_manager_thread(grid, self.legacy.client_manager)
         ready.wait()
@@ -178,8 +203,13 @@ class SecureSum:
         self._stop.set()
 
     def __call__(
-        self, rnd: int, config: ConfigRecord | Mapping[str, Any], spec: SumSpec, *,
-        sealed: Mapping[str, np.ndarray] | None = None, nodes: set[int] | None = None,
+        self,
+        rnd: int,
+        config: ConfigRecord | Mapping[str, Any],
+        spec: SumSpec,
+        *,
+        sealed: Mapping[str, np.ndarray] | None = None,
+        nodes: set[int] | None = None,
     ) -> RoundResult:
         """Run one SecAgg+ sum of `spec` over the merchants (all, or `nodes`) and return what it unmasked.
 
@@ -201,21 +231,39 @@ class SecureSum:
         self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
         workflow = self._workflow(spec, merchants=len(nodes) if nodes is not None else len(self.grid.get_node_ids()))
         workflow(self.grid, self.legacy)
-        result = c.result or RoundResult(total=None, reason="SecAgg+ halted before it could unmask the sum (too few merchants answered)")
-        result.workflow = {"clipping_range": workflow.clipping_range, "quantization_range": workflow.quantization_range,
-                           "max_weight": workflow.max_weight, "modulus": workflow.modulus_range, "seconds": workflow.seconds}
+        result = c.result or RoundResult(
+            total=None, reason="SecAgg+ halted before it could unmask the sum (too few merchants answered)"
+        )
+        result.workflow = {
+            "clipping_range": workflow.clipping_range,
+            "quantization_range": workflow.quantization_range,
+            "max_weight": workflow.max_weight,
+            "modulus": workflow.modulus_range,
+            "seconds": workflow.seconds,
+        }
         self.users_seen += [m.metrics["users"] for m in result.merchants if m.metrics.get("users")]
         return result
 
     def _workflow(self, spec: SumSpec, *, merchants: int) -> TimedSecAggPlus:
-        common = {"num_shares": NUM_SHARES, "reconstruction_threshold": RECONSTRUCTION_THRESHOLD, "timeout": self.settings.round_timeout}
+        common = {
+            "num_shares": NUM_SHARES,
+            "reconstruction_threshold": RECONSTRUCTION_THRESHOLD,
+            "timeout": self.settings.round_timeout,
+        }
         if spec.lattice is not None:
-            return TimedSecAggPlus(max_weight=1.0, clipping_range=float(spec.lattice.half),
-                                      quantization_range=spec.lattice.range, modulus_range=spec.lattice.modulus, **common)
+            return TimedSecAggPlus(
+                max_weight=1.0,
+                clipping_range=float(spec.lattice.half),
+                quantization_range=spec.lattice.range,
+                modulus_range=spec.lattice.modulus,
+                **common,
+            )
         return TimedSecAggPlus(
             max_weight=2.0 * max(self.users_seen) if self.users_seen else DEFAULT_MAX_WEIGHT,
-            clipping_range=float(spec.clip), quantization_range=quantization_range(max(merchants, 2)),
-            modulus_range=MODULUS, **common,
+            clipping_range=float(spec.clip),
+            quantization_range=quantization_range(max(merchants, 2)),
+            modulus_range=MODULUS,
+            **common,
         )
 
 
@@ -234,8 +282,10 @@ def failure_reason(text: str) -> str:
 def check(settings: ServerSettings) -> None:
     """Raise SilorecError if `settings` ask for something that SecAgg+ cannot give."""
     if settings.aggregation != "fedavg":
-        raise SilorecError(f"aggregation {settings.aggregation!r} needs each update in the clear; with secure aggregation "
-                           "(federation mode, or secure-aggregation = true) only fedavg is possible: choose one of the two")
+        raise SilorecError(
+            f"aggregation {settings.aggregation!r} needs each update in the clear; with secure aggregation "
+            "(federation mode, or secure-aggregation = true) only fedavg is possible: choose one of the two"
+        )
     if settings.min_fit_clients < 2:
         raise SilorecError(
             "secure aggregation over one merchant reveals that merchant's update: set min-fit-clients to 2 or more"

@@ -22,7 +22,9 @@ class ServerSettings:
     trim: float = 0.1  # trimmed-mean: fraction dropped at each end
     max_update_norm: float = 25.0  # L2 bound on one merchant's update; larger ones are rejected
     round_timeout: float = 3600.0
-    secure_aggregation: bool = False  # SecAgg+: the coordinator sees only the sum of updates (no screening, no robust aggregation)
+    secure_aggregation: bool = (
+        False  # SecAgg+: the coordinator sees only the sum of updates (no screening, no robust aggregation)
+    )
     # before round 1, sum the merchants' released popularity by item text and give each merchant
     # the pooled counts (server.popularity); DP runs with a prior only, never with SecAgg+
     pool_popularity: bool = True
@@ -30,8 +32,12 @@ class ServerSettings:
     # merchants' validation users (common.serve); "" keeps the learned weight
     prior_scales: str = PRIOR_SCALES
     seal_updates: bool = True  # merchants seal updates to the run's key; off only for debugging
-    signing_keys: str = ""  # signing.json of `silorec-server enroll`: then every update must be signed by an enrolled merchant
-    state_key_file: str = ""  # a file holding the key that encrypts the run's sealing key at rest (else $SILOREC_STATE_KEY)
+    signing_keys: str = (
+        ""  # signing.json of `silorec-server enroll`: then every update must be signed by an enrolled merchant
+    )
+    state_key_file: str = (
+        ""  # a file holding the key that encrypts the run's sealing key at rest (else $SILOREC_STATE_KEY)
+    )
     # federation mode: the fewest merchants whose shares a round needs (m_min); each merchant adds
     # noise of variance σ²C²/m_min, and a round with fewer replies is abandoned. 0: every merchant
     # of the run's census (exactly the central noise; any dropout abandons a round)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -76,11 +76,22 @@ class ScreenedFedAvg(FedAvg):
                 continue
             info = reply.content.config_records.get("info")
             silo = str(info["silo"]) if info else "?"
-            metrics = {k: float(v) for k, v in reply.content["metrics"].items()} if "metrics" in reply.content.metric_records else {}
+            metrics = (
+                {k: float(v) for k, v in reply.content["metrics"].items()}
+                if "metrics" in reply.content.metric_records
+                else {}
+            )
             report = MerchantReport(node, silo, metrics, "no-update", str(info["reason"]) if info else "")
             result.merchants.append(report)
             if not self.envelope.has_update(reply):
-                log(INFO, "round %d: %s (node %d) sent no update: %s", server_round, silo, node, report.reason or "no reason given")
+                log(
+                    INFO,
+                    "round %d: %s (node %d) sent no update: %s",
+                    server_round,
+                    silo,
+                    node,
+                    report.reason or "no reason given",
+                )
                 continue
             try:
                 update, report.update_bytes = self.envelope.open(reply, server_round)
@@ -95,13 +106,20 @@ class ScreenedFedAvg(FedAvg):
             updates.append(update)
             weights.append(metrics["users"])
         if len(updates) < self.settings.min_fit_clients:
-            log(WARNING, "round %d: only %d update(s) passed screening (min-fit-clients %d); the global adapter is unchanged",
-                server_round, len(updates), self.settings.min_fit_clients)
+            log(
+                WARNING,
+                "round %d: only %d update(s) passed screening (min-fit-clients %d); the global adapter is unchanged",
+                server_round,
+                len(updates),
+                self.settings.min_fit_clients,
+            )
             return result
         result.total = aggregate(updates, weights, self.settings.aggregation, trim=self.settings.trim)  # type: ignore[arg-type]
         return result
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's hook: the aggregated update (not the new global) and summed counts."""
         result = self.screen_and_aggregate(server_round, replies)
         metrics = MetricRecord({"accepted": len(result.accepted), "bytes-received": result.bytes_received})

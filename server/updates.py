@@ -42,7 +42,9 @@ def screen(update: Update, spec: Mapping[str, TensorSpec], max_norm: float) -> f
     """Raise UpdateRejected unless `update` matches `spec`, is finite and has norm ≤ `max_norm`; return its norm."""
     missing = sorted(set(spec) - set(update))
     if missing:
-        raise UpdateRejected(f"missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise UpdateRejected(
+            f"missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     extra = sorted(set(update) - set(spec))
     if extra:
         raise UpdateRejected(f"unexpected tensor {extra[0]}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))

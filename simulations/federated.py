@@ -21,7 +21,13 @@ from client.merchant import HEAD_FILE, Merchant, release_statistics, released_ta
 from common import atomic
 from common.errors import SilorecError
 from common.metrics import (
-    load_ranks, metrics_from_ranks, most_pop, most_pop_scorer, paired_difference, ranks_of, save_ranks,
+    load_ranks,
+    metrics_from_ranks,
+    most_pop,
+    most_pop_scorer,
+    paired_difference,
+    ranks_of,
+    save_ranks,
 )
 from common.popularity import prior_of, text_keys
 from common.round import SILO_PRESET, RoundConfig
@@ -64,7 +70,9 @@ def partition_for_run(spec: SimulationSpec) -> Path:
     return silos
 
 
-def run_simulation(spec: SimulationSpec, settings: ServerSettings, *, verbose: bool = False, client_app=None) -> dict[str, Any]:
+def run_simulation(
+    spec: SimulationSpec, settings: ServerSettings, *, verbose: bool = False, client_app=None
+) -> dict[str, Any]:
     """Run the federation in Flower's simulation engine and return its metrics.json.
 
     `client_app` replaces silorec's own ClientApp (tests use it to play a misbehaving merchant).
@@ -80,7 +88,9 @@ def run_simulation(spec: SimulationSpec, settings: ServerSettings, *, verbose: b
     n = sum(1 for p in silos.iterdir() if p.is_dir())
     cpus = os.cpu_count() or 1
     threads = max(1, spec.cpus_per_client)
-    settings = replace(settings, out_dir=str(spec.out), round=replace(settings.round, silos_dir=str(silos), threads=threads))
+    settings = replace(
+        settings, out_dir=str(spec.out), round=replace(settings.round, silos_dir=str(silos), threads=threads)
+    )
     overrides = _as_run_config(settings)
     backend = {
         "client_resources": {"num_cpus": spec.cpus_per_client, "num_gpus": spec.gpu_fraction},
@@ -88,11 +98,16 @@ def run_simulation(spec: SimulationSpec, settings: ServerSettings, *, verbose: b
         "init_args": {"num_cpus": cpus, "num_gpus": 1 if spec.gpu_fraction > 0 else 0, "log_to_driver": verbose},
     }
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # what Ray's FutureWarning asks: GPUs only where asked
+    os.environ.setdefault(
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"
+    )  # what Ray's FutureWarning asks: GPUs only where asked
     with simulation_console(spec.out, verbose=verbose):
         flwr_run_simulation(
-            server_app=make_app(overrides), client_app=client_app, num_supernodes=n,
-            backend_config=backend, verbose_logging=verbose,
+            server_app=make_app(overrides),
+            client_app=client_app,
+            num_supernodes=n,
+            backend_config=backend,
+            verbose_logging=verbose,
         )
     result = spec.out / "metrics.json"
     if not result.is_file():  # Flower logs a ServerApp failure but does not raise it
@@ -119,8 +134,25 @@ def local_only_settings(settings: ServerSettings) -> ServerSettings:
     """
     if settings.privacy == "silo":
         return settings
-    names = ("epsilon", "seed", "lr", "max_grad_norm", "next_items", "cut", "base_model", "lora_r", "lora_alpha", "lora_targets",
-             "ffa", "max_tokens", "recency", "temperature", "local_head", "threads", "silos_dir")
+    names = (
+        "epsilon",
+        "seed",
+        "lr",
+        "max_grad_norm",
+        "next_items",
+        "cut",
+        "base_model",
+        "lora_r",
+        "lora_alpha",
+        "lora_targets",
+        "ffa",
+        "max_tokens",
+        "recency",
+        "temperature",
+        "local_head",
+        "threads",
+        "silos_dir",
+    )
     cfg = RoundConfig.for_mode("silo", **{k: getattr(settings.round, k) for k in names})
     return replace(settings, rounds=SILO_PRESET["rounds"], round=replace(cfg, rounds=SILO_PRESET["rounds"]))
 
@@ -157,7 +189,9 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
         ledger = None
         if cfg.private:
             delta = cfg.delta or default_delta(split.n_users)
-            ledger = PrivacyLedger(path=out / "local-only" / folder.name / "ledger.json", budget=cfg.epsilon, delta=delta)
+            ledger = PrivacyLedger(
+                path=out / "local-only" / folder.name / "ledger.json", budget=cfg.epsilon, delta=delta
+            )
         keys = text_keys(item_texts(silo.items))
         if ledger is not None and cfg.prior_noise > 0 and not reuse_releases(model, folder, ledger, keys):
             release_statistics(model, split, cfg, ledger, run="local-only", round=0)  # as a federated merchant would
@@ -165,10 +199,18 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
             users = sum(len(h) >= 2 for h in split.train)
             q = min(1.0, cfg.batch_size / max(users, 1))
             steps = epochs * max(1, math.ceil(users / cfg.batch_size))
-            tcfg = replace(tcfg, noise_multiplier=ledger.plan(sample_rate=q, steps_per_round=steps, rounds_left=1), delta=delta)
+            tcfg = replace(
+                tcfg, noise_multiplier=ledger.plan(sample_rate=q, steps_per_round=steps, rounds_left=1), delta=delta
+            )
         result = train(model, split, tcfg, progress=False)
         if ledger is not None:
-            epsilon = ledger.record(run="local-only", round=1, noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate, steps=result.steps)
+            epsilon = ledger.record(
+                run="local-only",
+                round=1,
+                noise_multiplier=result.noise_multiplier,
+                sample_rate=result.sample_rate,
+                steps=result.steps,
+            )
         by_scale = {name: prior_scale_ranks(model, getattr(split, name), (1.0, *scales)) for name in SPLITS}
         scale, learned = None, {}
         if scales and model.has_prior:  # as the federation does, on this merchant's own validation users
@@ -177,10 +219,21 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
             learned = {f"{name}_ranks_learned": by_scale[name][1.0].tolist() for name in SPLITS}
         ranks = {name: by_scale[name][1.0 if scale is None else scale] for name in SPLITS}
         test = metrics_from_ranks(ranks["test"])
-        results.append({"silo": folder.name, "epsilon": epsilon, "prior_scale": scale, **test,
-                        **{f"{name}_ranks": r.tolist() for name, r in ranks.items()}, **learned})
-        log(f"  local-only {folder.name:<14} users {test['users']:>4}  NDCG@10 {test['ndcg@10']:.4f}"
-            + (f"  ε {epsilon:.2f}" if epsilon else "") + (f"  prior weight ×{scale:g}" if scale is not None else ""))
+        results.append(
+            {
+                "silo": folder.name,
+                "epsilon": epsilon,
+                "prior_scale": scale,
+                **test,
+                **{f"{name}_ranks": r.tolist() for name, r in ranks.items()},
+                **learned,
+            }
+        )
+        log(
+            f"  local-only {folder.name:<14} users {test['users']:>4}  NDCG@10 {test['ndcg@10']:.4f}"
+            + (f"  ε {epsilon:.2f}" if epsilon else "")
+            + (f"  prior weight ×{scale:g}" if scale is not None else "")
+        )
     # over all merchants' users at once: each merchant's averages weighted by its users
     report = {name: metrics_from_ranks(np.concatenate([r[f"{name}_ranks"] for r in results])) for name in SPLITS}
     report |= {"per_merchant": results, "epsilon_max": max((r["epsilon"] or 0 for r in results), default=0)}
@@ -207,14 +260,23 @@ def reuse_releases(model: Recommender, folder: Path, ledger: PrivacyLedger, item
     own = released_table(state)
     if own is None or not (state / HEAD_FILE).is_file():
         return False
-    releases = [e for e in PrivacyLedger.open(state, budget=ledger.budget, delta=ledger.delta).entries if e.what != "train"]
+    releases = [
+        e for e in PrivacyLedger.open(state, budget=ledger.budget, delta=ledger.delta).entries if e.what != "train"
+    ]
     if not releases:
         return False
     head, item_ids = load_head(state / HEAD_FILE)
     model.load_head_state({k: v for k, v in head.items() if k in RELEASED}, item_ids)  # not the local head it trained
     model.set_prior(prior_of(own, item_keys))
     for e in releases:
-        ledger.record(run="local-only", round=0, noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate, steps=e.steps, what=e.what)
+        ledger.record(
+            run="local-only",
+            round=0,
+            noise_multiplier=e.noise_multiplier,
+            sample_rate=e.sample_rate,
+            steps=e.steps,
+            what=e.what,
+        )
     return True
 
 
@@ -255,8 +317,11 @@ def paired_comparisons(
     """
     joined = _joined_ranks(silos, settings, out, local_only)
     ids = user_ids(silos)
-    save_ranks(out, {split: dict(zip(ids[split], joined[split]["federated"].tolist())) for split in SPLITS},
-               model=f"federated ({settings.privacy} privacy)")
+    save_ranks(
+        out,
+        {split: dict(zip(ids[split], joined[split]["federated"].tolist())) for split in SPLITS},
+        model=f"federated ({settings.privacy} privacy)",
+    )
     report = {split: _differences(by_model) for split, by_model in joined.items()}
     atomic.write_json(out / "comparison.json", report)
     return report
@@ -287,7 +352,9 @@ def compare_runs(runs: list[Path], against: list[Path]) -> dict[str, dict[str, f
         for arm, folders in zip(arms, (runs, against)):
             for ranks, folder in zip(arm, folders):
                 if sorted(ranks[split]) != users:
-                    raise SilorecError(f"{folder} scored other {split} users than {runs[0]}: only runs on the same data pair up")
+                    raise SilorecError(
+                        f"{folder} scored other {split} users than {runs[0]}: only runs on the same data pair up"
+                    )
         stacked = [np.array([[r[split][u] for u in users] for r in arm]) for arm in arms]
         report[split] = paired_difference(*stacked) | {"runs": len(runs), "against": len(against)}
     return report
@@ -309,9 +376,13 @@ def pooled_comparisons(runs: list[Path]) -> dict[str, dict[str, dict[str, float]
     first, partition, settings, users = runs[0], _partition(runs[0]), _settings(runs[0]), _users(runs[0])
     for out in runs[1:]:
         if _partition(out) != partition:
-            raise SilorecError(f"{out} and {first} split the data into different merchants: only runs of one partition pair up")
+            raise SilorecError(
+                f"{out} and {first} split the data into different merchants: only runs of one partition pair up"
+            )
         if differ := sorted(k for k, v in _settings(out).items() if settings.get(k) != v):
-            raise SilorecError(f"{out} and {first} ran with different settings ({', '.join(differ)}): pool draws of one setting")
+            raise SilorecError(
+                f"{out} and {first} ran with different settings ({', '.join(differ)}): pool draws of one setting"
+            )
         if _users(out) != users:
             raise SilorecError(f"{out} and {first} scored different users: they were made from different data")
     stacked: dict[str, dict[str, list[np.ndarray]]] = {split: {} for split in SPLITS}
@@ -321,7 +392,8 @@ def pooled_comparisons(runs: list[Path]) -> dict[str, dict[str, dict[str, float]
             for model, ranks in joined.items():
                 stacked[split].setdefault(model, []).append(ranks)
     return {  # only what every run scored (runs older than a comparison lack it)
-        split: _differences({m: np.stack(r) for m, r in joined.items() if len(r) == len(runs)}) for split, joined in stacked.items()
+        split: _differences({m: np.stack(r) for m, r in joined.items() if len(r) == len(runs)})
+        for split, joined in stacked.items()
     }
 
 
@@ -358,15 +430,23 @@ def _joined_ranks(
         if local_only is not None:
             ranks["local-only"] = {r["silo"]: np.asarray(r[f"{split}_ranks"]) for r in local_only["per_merchant"]}
             if all(f"{split}_ranks_learned" in r for r in local_only["per_merchant"]):
-                ranks[LEARNED] = {r["silo"]: np.asarray(r[f"{split}_ranks_learned"]) for r in local_only["per_merchant"]}
+                ranks[LEARNED] = {
+                    r["silo"]: np.asarray(r[f"{split}_ranks_learned"]) for r in local_only["per_merchant"]
+                }
         names = sorted(ranks["federated"])
         joined[split] = {}
         for model, by_silo in ranks.items():
             if sorted(by_silo) != names:
-                raise SilorecError(f"{model} and federated runs cover different merchants: {sorted(by_silo)} vs {names}")
+                raise SilorecError(
+                    f"{model} and federated runs cover different merchants: {sorted(by_silo)} vs {names}"
+                )
             joined[split][model] = np.concatenate([by_silo[n] for n in names])
     return joined
 
 
 def _differences(joined: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    return {f"federated − {model}": paired_difference(joined["federated"], joined[model]) for model in joined if model != "federated"}
+    return {
+        f"federated − {model}": paired_difference(joined["federated"], joined[model])
+        for model in joined
+        if model != "federated"
+    }

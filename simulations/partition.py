@@ -75,8 +75,15 @@ def write_partition(
             summaries.append(summary)
             atomic.write_json(
                 folder / "silo.json",
-                {"name": share.name, "users": summary.users, "items": summary.items,
-                 "interactions": summary.interactions, "scheme": scheme, "seed": seed, "note": share.note},
+                {
+                    "name": share.name,
+                    "users": summary.users,
+                    "items": summary.items,
+                    "interactions": summary.interactions,
+                    "scheme": scheme,
+                    "seed": seed,
+                    "note": share.note,
+                },
             )
         atomic.write_json(
             scratch / "partition.json",
@@ -114,7 +121,9 @@ def _region_note(name: str) -> str:
 def _categories(silo: Silo) -> list[list[str]]:
     cats = [[c for c in s.split(CATEGORY_SEPARATOR) if c] for s in silo.items["category"]]
     if not any(cats):
-        raise PartitionError(f"{silo.root}: this scheme needs item categories, and the items file has none in field 'category'")
+        raise PartitionError(
+            f"{silo.root}: this scheme needs item categories, and the items file has none in field 'category'"
+        )
     return cats
 
 
@@ -135,10 +144,16 @@ def _by_dirichlet(silo: Silo, merchants: int, *, seed: int, alpha: float) -> lis
         if np.bincount(owner, minlength=merchants).min() >= MIN_USERS_PER_MERCHANT:
             break
     else:
-        raise PartitionError(f"alpha={alpha} leaves some of {merchants} merchants nearly empty in 100 draws; raise --alpha")
+        raise PartitionError(
+            f"alpha={alpha} leaves some of {merchants} merchants nearly empty in 100 draws; raise --alpha"
+        )
     width = len(str(merchants - 1))
     return [
-        Share(f"dirichlet-{m:0{width}d}", users=frozenset(users[owner == m]), note=f"Dirichlet(alpha={alpha}) over dominant category")
+        Share(
+            f"dirichlet-{m:0{width}d}",
+            users=frozenset(users[owner == m]),
+            note=f"Dirichlet(alpha={alpha}) over dominant category",
+        )
         for m in range(merchants)
     ]
 
@@ -159,7 +174,8 @@ def _by_catalog(silo: Silo, merchants: int) -> list[Share]:
     load = Counter(primary[i] for i in silo.interactions["item"])
     if merchants > len(load):
         raise PartitionError(
-            f"the catalog scheme needs at least as many categories with interactions ({len(load)}) as merchants ({merchants})"
+            f"the catalog scheme needs at least as many categories with interactions ({len(load)}) as merchants "
+            f"({merchants})"
         )
     for p in set(primary):
         load.setdefault(p, 0)  # unsold categories still go to someone's catalog

@@ -105,7 +105,9 @@ def make_synthetic_silo(out: Path, spec: SyntheticSpec = SyntheticSpec(), *, fmt
     elif fmt == "parquet":
         out.mkdir(parents=True, exist_ok=True)
         items.to_parquet(out / "items.parquet", index=False)
-        inter.assign(timestamp=inter["timestamp"] // 1_000_000_000).to_parquet(out / "interactions.parquet", index=False)
+        inter.assign(timestamp=inter["timestamp"] // 1_000_000_000).to_parquet(
+            out / "interactions.parquet", index=False
+        )
         users.to_parquet(out / "users.parquet", index=False)
     else:
         raise ValueError(f"fmt must be 'csv' or 'parquet', not {fmt!r}")

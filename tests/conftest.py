@@ -33,8 +33,12 @@ def tiny_bert(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=160,
+        vocab_size=len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=160,
     )
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     return folder

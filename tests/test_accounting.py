@@ -23,8 +23,17 @@ def test_a_compacted_history_costs_what_opacus_says_of_the_history_as_it_was(nam
 
 
 def test_entries_that_no_accountant_can_mean_are_refused():
-    for entry in ((0.0, 0.1, 1), (-1.0, 0.1, 1), (float("inf"), 0.1, 1), (1.0, 0.0, 1), (1.0, 1.01, 1),
-                  (1.0, float("nan"), 1), (1.0, 0.1, 0), (1.0, 0.1, -3), (1.0, 0.1, 1.5)):
+    for entry in (
+        (0.0, 0.1, 1),
+        (-1.0, 0.1, 1),
+        (float("inf"), 0.1, 1),
+        (1.0, 0.0, 1),
+        (1.0, 1.01, 1),
+        (1.0, float("nan"), 1),
+        (1.0, 0.1, 0),
+        (1.0, 0.1, -3),
+        (1.0, 0.1, 1.5),
+    ):
         with pytest.raises(ValueError):
             accounting.epsilon([entry], 1e-4)
     with pytest.raises(ValueError, match="δ"):

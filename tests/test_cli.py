@@ -47,11 +47,23 @@ def test_no_command_deletes_or_replaces_what_it_did_not_make(tmp_path, synthetic
     before = _tree(parent)
     runner = CliRunner()
     cases = [
-        (sim, ["partition", str(source), "--merchants", "3", "--out", str(parent), "--force"], "a folder holding SOURCE"),
-        (sim, ["partition", str(source), "--merchants", "3", "--out", str(source / "silos"), "--force"], "inside SOURCE"),
+        (
+            sim,
+            ["partition", str(source), "--merchants", "3", "--out", str(parent), "--force"],
+            "a folder holding SOURCE",
+        ),
+        (
+            sim,
+            ["partition", str(source), "--merchants", "3", "--out", str(source / "silos"), "--force"],
+            "inside SOURCE",
+        ),
         (sim, ["run", "--data", str(source), "--out", str(parent), "--force"], "a folder holding --data"),
         (sim, ["run", "--data", str(source), "--out", str(source), "--force"], "the same folder as --data"),
-        (sim, ["central", "--data", str(source), "--out", str(parent), "--no-dp", "--force"], "a folder holding --data"),
+        (
+            sim,
+            ["central", "--data", str(source), "--out", str(parent), "--no-dp", "--force"],
+            "a folder holding --data",
+        ),
         (sim, ["run", "--data", str(synthetic_silo), "--out", str(parent), "--force"], "did not write"),
         (sim, ["partition", str(synthetic_silo), "--merchants", "3", "--out", str(parent), "--force"], "did not write"),
     ]
@@ -81,12 +93,24 @@ def test_fetch_data_refuses_a_folder_it_did_not_make(tmp_path):
 
     with mock.patch.dict(ml.checksums, {n: hashlib.sha256(t.encode()).hexdigest() for n, t in files.items()}):
         for extra in ([], ["--force"]):
-            done = CliRunner().invoke(sim, ["fetch-data", "movielens-100k", "--out", str(theirs), "--wheel", str(wheel), *extra])
+            done = CliRunner().invoke(
+                sim, ["fetch-data", "movielens-100k", "--out", str(theirs), "--wheel", str(wheel), *extra]
+            )
             assert done.exit_code == 2 and "did not write" in done.output, done.output
             assert sorted(p.name for p in theirs.iterdir()) == ["keep.txt"]
         ours = tmp_path / "ours"
-        assert CliRunner().invoke(sim, ["fetch-data", "movielens-100k", "--out", str(ours), "--wheel", str(wheel)]).exit_code == 0
-        assert CliRunner().invoke(sim, ["fetch-data", "movielens-100k", "--out", str(ours), "--wheel", str(wheel), "--force"]).exit_code == 0
+        assert (
+            CliRunner()
+            .invoke(sim, ["fetch-data", "movielens-100k", "--out", str(ours), "--wheel", str(wheel)])
+            .exit_code
+            == 0
+        )
+        assert (
+            CliRunner()
+            .invoke(sim, ["fetch-data", "movielens-100k", "--out", str(ours), "--wheel", str(wheel), "--force"])
+            .exit_code
+            == 0
+        )
 
 
 def test_no_setting_turns_privacy_off_silently_and_bad_numbers_are_usage_errors(tmp_path, synthetic_silo):
@@ -103,7 +127,11 @@ def test_no_setting_turns_privacy_off_silently_and_bad_numbers_are_usage_errors(
         (sim, ["partition", str(synthetic_silo), "--out", out, "--alpha", "nan"], "--alpha"),
         (sim, ["partition", str(synthetic_silo), "--out", out, "--seed", "-1"], "--seed"),
         (sim, ["partition", str(synthetic_silo), "--out", out, "--merchants", "0"], "--merchants"),
-        (client, ["recommend", "--adapter", str(synthetic_silo), "--data", str(synthetic_silo), "--user", "u", "-k", "-1"], "-k"),
+        (
+            client,
+            ["recommend", "--adapter", str(synthetic_silo), "--data", str(synthetic_silo), "--user", "u", "-k", "-1"],
+            "-k",
+        ),
     ]
     for cli, args, name in cases:
         done = runner.invoke(cli, args)
@@ -114,5 +142,7 @@ def test_no_setting_turns_privacy_off_silently_and_bad_numbers_are_usage_errors(
 def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, synthetic_silo):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    done = CliRunner().invoke(sim, ["partition", str(synthetic_silo), "--merchants", "2", "--out", str(blocker / "silos")])
+    done = CliRunner().invoke(
+        sim, ["partition", str(synthetic_silo), "--merchants", "2", "--out", str(blocker / "silos")]
+    )
     assert done.exit_code == 2 and done.output.startswith("error: ") and "Traceback" not in done.output, done.output

@@ -65,7 +65,9 @@ def test_projection_keeps_shared_structure_and_drops_most_noise():
     assert np.linalg.norm(projected - truth) < 0.6 * np.linalg.norm(raw - truth)
 
 
-def test_released_neighbours_enter_the_score_times_the_shared_weight_and_stay_local(tmp_path, tiny_bert, synthetic_silo):
+def test_released_neighbours_enter_the_score_times_the_shared_weight_and_stay_local(
+    tmp_path, tiny_bert, synthetic_silo
+):
     silo = load_silo(synthetic_silo)
     ids, texts = list(silo.items["item_id"]), item_texts(silo.items)
     model = build_recommender(ModelConfig(base_model=str(tiny_bert), local_head="none"), ids, texts)
@@ -89,7 +91,9 @@ def test_released_neighbours_enter_the_score_times_the_shared_weight_and_stay_lo
 
     model.save_head(tmp_path / "head.safetensors")
     keep = [i for i in range(len(ids)) if i != 1][::-1]  # another catalog: reversed, without item 1
-    other = build_recommender(ModelConfig(base_model=str(tiny_bert), local_head="none"), [ids[i] for i in keep], [texts[i] for i in keep])
+    other = build_recommender(
+        ModelConfig(base_model=str(tiny_bert), local_head="none"), [ids[i] for i in keep], [texts[i] for i in keep]
+    )
     other.restore_head(tmp_path / "head.safetensors")
     assert other.has_neighbours and len(other.neighbour_items) == 9
     theirs = {ids[int(i)]: k for k, i in enumerate(model.neighbour_items)}
@@ -99,7 +103,17 @@ def test_released_neighbours_enter_the_score_times_the_shared_weight_and_stay_lo
 
 
 def test_a_merchant_releases_both_once_and_pays_for_them_in_its_ledger(tmp_path, tiny_bert, synthetic_silo):
-    cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), rounds=2, local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, prior_noise=2.0, cooccurrence_noise=1.5)
+    cfg = RoundConfig.for_mode(
+        "silo",
+        base_model=str(tiny_bert),
+        rounds=2,
+        local_epochs=1,
+        batch_size=16,
+        epsilon=8.0,
+        delta=1e-3,
+        prior_noise=2.0,
+        cooccurrence_noise=1.5,
+    )
     merchant = Merchant(synthetic_silo, tmp_path / "state", cfg.model())
     global_arrays = {k: v.numpy() for k, v in merchant.model.shared_state().items()}
     for r in (1, 2):

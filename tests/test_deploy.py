@@ -108,7 +108,9 @@ def _wait_for(predicate, timeout: float, what: str, procs: Processes) -> None:
     raise AssertionError(f"timed out waiting for {what}:\n" + procs.log("server")[-3000:])
 
 
-def test_two_enrolled_merchants_train_in_federation_mode_over_tls_and_an_unenrolled_node_is_refused(tmp_path, tiny_bert, processes):
+def test_two_enrolled_merchants_train_in_federation_mode_over_tls_and_an_unenrolled_node_is_refused(
+    tmp_path, tiny_bert, processes
+):
     runner = CliRunner()
     pki, enrolled, rogue_dir = tmp_path / "pki", tmp_path / "enrolled", tmp_path / "rogue"
     assert runner.invoke(server_main, ["certs", "--out", str(pki)]).exit_code == 0
@@ -116,26 +118,69 @@ def test_two_enrolled_merchants_train_in_federation_mode_over_tls_and_an_unenrol
         assert runner.invoke(server_main, ["enroll", "--out", str(enrolled), "--merchant", merchant]).exit_code == 0
     # a key made the same way but never enrolled with this federation
     assert runner.invoke(server_main, ["enroll", "--out", str(rogue_dir), "--merchant", "rogue"]).exit_code == 0
-    silos = {name: make_synthetic_silo(tmp_path / name, SyntheticSpec(users=40, seed=i))
-             for i, name in enumerate(("silo-a", "silo-b", "silo-rogue"), start=1)}
+    silos = {
+        name: make_synthetic_silo(tmp_path / name, SyntheticSpec(users=40, seed=i))
+        for i, name in enumerate(("silo-a", "silo-b", "silo-rogue"), start=1)
+    }
 
     port, out, state = _free_port(), tmp_path / "run", tmp_path / "server-state"
-    server = processes.start("server", [
-        str(BIN / "silorec-server"), "start", "--certs", str(pki), "--enrolled", str(enrolled),
-        "--address", f"127.0.0.1:{port}", "--state", str(state), "--out", str(out), "--exit-after-run",
-        "--run-config", f"num-server-rounds={ROUNDS}", "--run-config", f"base-model={tiny_bert}",
-        "--run-config", "batch-size=16", "--run-config", "delta=1e-3", "--run-config", f"eval-every={ROUNDS}",
-        "--run-config", "threads=1",
-    ])
+    server = processes.start(
+        "server",
+        [
+            str(BIN / "silorec-server"),
+            "start",
+            "--certs",
+            str(pki),
+            "--enrolled",
+            str(enrolled),
+            "--address",
+            f"127.0.0.1:{port}",
+            "--state",
+            str(state),
+            "--out",
+            str(out),
+            "--exit-after-run",
+            "--run-config",
+            f"num-server-rounds={ROUNDS}",
+            "--run-config",
+            f"base-model={tiny_bert}",
+            "--run-config",
+            "batch-size=16",
+            "--run-config",
+            "delta=1e-3",
+            "--run-config",
+            f"eval-every={ROUNDS}",
+            "--run-config",
+            "threads=1",
+        ],
+    )
     # a node whose key is not registered yet is refused, so the merchants start once both keys are in
-    _wait_for(lambda: "registered shop-b" in processes.log("server") or server.poll() is not None, 60, "the merchants' registration", processes)
+    _wait_for(
+        lambda: "registered shop-b" in processes.log("server") or server.poll() is not None,
+        60,
+        "the merchants' registration",
+        processes,
+    )
     assert server.poll() is None, processes.log("server")
 
     def node(name: str, silo: str, key: Path):
-        return processes.start(name, [
-            str(BIN / "silorec-client"), "start", "--data", str(silos[silo]), "--server", f"127.0.0.1:{port}",
-            "--ca", str(pki / "ca.pem"), "--key", str(key), "--port", str(_free_port()),
-        ])
+        return processes.start(
+            name,
+            [
+                str(BIN / "silorec-client"),
+                "start",
+                "--data",
+                str(silos[silo]),
+                "--server",
+                f"127.0.0.1:{port}",
+                "--ca",
+                str(pki / "ca.pem"),
+                "--key",
+                str(key),
+                "--port",
+                str(_free_port()),
+            ],
+        )
 
     rogue = node("rogue", "silo-rogue", rogue_dir / "rogue.key")
     node("shop-a", "silo-a", enrolled / "shop-a.key")
@@ -154,7 +199,11 @@ def test_two_enrolled_merchants_train_in_federation_mode_over_tls_and_an_unenrol
     assert [line["round"] for line in lines] == [0, 1, 2]
     assert all(line["accepted"] == 2 and "silo-rogue" not in line["epsilon"] for line in lines[1:])
     # federation mode: each round one secure sum of both merchants' noise shares, accounted once and in both ledgers
-    assert metrics["privacy"]["mode"] == "federation" and metrics["privacy"]["steps"] == ROUNDS and metrics["secure_aggregation"]
+    assert (
+        metrics["privacy"]["mode"] == "federation"
+        and metrics["privacy"]["steps"] == ROUNDS
+        and metrics["secure_aggregation"]
+    )
     assert all(eps == pytest.approx(metrics["privacy"]["epsilon"]) for eps in lines[-1]["epsilon"].values())
     # accepted although the run demanded updates signed with the merchants' enrolled Ed25519 keys
     assert metrics["sealed"] and metrics["config"]["server"]["signing_keys"].endswith("signing.json")
@@ -171,7 +220,19 @@ def test_two_enrolled_merchants_train_in_federation_mode_over_tls_and_an_unenrol
 def test_a_merchant_with_an_invalid_silo_is_refused_before_any_process_starts(tmp_path):
     silo = make_synthetic_silo(tmp_path / "shop", SyntheticSpec(users=20, seed=0))
     (silo / "items.csv").write_text("item_id,title\n")  # an empty catalog
-    done = CliRunner().invoke(client_main, ["start", "--data", str(silo), "--server", "127.0.0.1:1",
-                                            "--ca", str(tmp_path / "ca.pem"), "--key", str(tmp_path / "k.key")])
+    done = CliRunner().invoke(
+        client_main,
+        [
+            "start",
+            "--data",
+            str(silo),
+            "--server",
+            "127.0.0.1:1",
+            "--ca",
+            str(tmp_path / "ca.pem"),
+            "--key",
+            str(tmp_path / "k.key"),
+        ],
+    )
     assert done.exit_code == 2, done.output
     assert done.output.startswith("error: ") and "catalog" in done.output and len(done.output.strip().splitlines()) == 1

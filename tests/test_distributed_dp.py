@@ -59,7 +59,9 @@ def test_without_noise_the_sum_is_exact_to_the_rounding():
 
 def test_a_lattice_leaves_tail_room_and_cannot_wrap():
     for merchants in (2, 11, 100):
-        lattice = plan(bound=170.0, noise_multiplier=1.5, clip=1.0, dim=74_115, min_replies=merchants, merchants=merchants)
+        lattice = plan(
+            bound=170.0, noise_multiplier=1.5, clip=1.0, dim=74_115, min_replies=merchants, merchants=merchants
+        )
         assert merchants * lattice.range < lattice.modulus and lattice.range & (lattice.range - 1) == 0
         need = lattice.bound / lattice.step + 1 + TAIL * lattice.share_std(1.5, 1.0, 74_115, merchants)
         assert need <= lattice.half < 1.001 * need

@@ -34,7 +34,9 @@ from simulations.federated import SimulationSpec, run_simulation
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 
 
-def _settings(tiny_bert: Path, out: Path, *, rounds: int, no_dp: bool = False, batch: int = 30, **server) -> ServerSettings:
+def _settings(
+    tiny_bert: Path, out: Path, *, rounds: int, no_dp: bool = False, batch: int = 30, **server
+) -> ServerSettings:
     cfg = RoundConfig(base_model=str(tiny_bert), batch_size=batch, no_dp=no_dp, delta=1e-3, threads=1)
     return ServerSettings(rounds=rounds, out_dir=str(out), eval_every=rounds, round=cfg, **server)
 
@@ -59,8 +61,13 @@ class RecordingClient(MerchantClient):
         if spec.task == "gradient":
             folder = Path(cfg.silos_dir).parent / "shares"
             folder.mkdir(exist_ok=True)
-            np.savez(folder / f"round-{cfg.round}-node-{self.context.node_id}.npz", std=seen["std"], step=seen["step"],
-                     **{f"signal-{n}": seen["signal"][n] for n in spec.names}, **{f"share-{n}": a for n, a in zip(spec.names, arrays)})
+            np.savez(
+                folder / f"round-{cfg.round}-node-{self.context.node_id}.npz",
+                std=seen["std"],
+                step=seen["step"],
+                **{f"signal-{n}": seen["signal"][n] for n in spec.names},
+                **{f"share-{n}": a for n, a in zip(spec.names, arrays)},
+            )
         return arrays, weight, metrics
 
 
@@ -80,7 +87,9 @@ class ThriftyClient(MerchantClient):
     def fit(self, parameters, config):
         cfg, spec = RoundConfig.from_record(config), SumSpec.from_config(config)
         if spec.task == "gradient" and int(self.context.node_config["partition-id"]) == 1:
-            ledger = PrivacyLedger.open(merchant_for_node(self.context.node_config, cfg).state_dir, budget=8.0, delta=cfg.delta)
+            ledger = PrivacyLedger.open(
+                merchant_for_node(self.context.node_config, cfg).state_dir, budget=8.0, delta=cfg.delta
+            )
             releases = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries if e.what != "train"]
             budget = accounting.epsilon([*releases, (spec.noise_multiplier, spec.sample_rate, 1)], cfg.delta) + 1e-6
             self.context.node_config["budget"] = str(budget)
@@ -131,7 +140,9 @@ def steps(monkeypatch):
 def test_noise_shares_sum_to_the_central_noise_and_each_step_is_accounted_once(tmp_path, tiny_bert, steps):
     data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=90, seed=4))
     out = tmp_path / "run"
-    m = run_simulation(SimulationSpec(data=data, out=out, merchants=3), _settings(tiny_bert, out, rounds=3), client_app=recording)
+    m = run_simulation(
+        SimulationSpec(data=data, out=out, merchants=3), _settings(tiny_bert, out, rounds=3), client_app=recording
+    )
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     plan = lines[0]["plan"]
     sigma, q, names = plan["noise_multiplier"], plan["sample_rate"], plan["names"]
@@ -152,7 +163,11 @@ def test_noise_shares_sum_to_the_central_noise_and_each_step_is_accounted_once(t
     noise = np.concatenate([n.ravel() for n in noise])
     central = float(np.mean(expected))
     print(f"noise of the secure sum: std {noise.std():.4f} over {noise.size} coordinates; central σ·C {central:.4f}")
-    assert noise.size > 5000 and noise.std() == pytest.approx(central, rel=0.06) and abs(noise.mean()) < 5 * central / math.sqrt(noise.size)
+    assert (
+        noise.size > 5000
+        and noise.std() == pytest.approx(central, rel=0.06)
+        and abs(noise.mean()) < 5 * central / math.sqrt(noise.size)
+    )
 
     # one accountant: the federation's ε is central DP-SGD's for the same releases and steps, and every ledger says so
     central_dp = create_accountant("prv")
@@ -166,15 +181,20 @@ def test_noise_shares_sum_to_the_central_noise_and_each_step_is_accounted_once(t
         ledger = PrivacyLedger.open(silo / ".silorec-state", budget=8.0, delta=1e-3)
         assert [e.what for e in ledger.entries] == ["popularity", "cooccurrence", "train", "train", "train"]
         assert ledger.spent() == pytest.approx(eps, rel=1e-6)
-    assert len(lines[3]["epsilon"]) == 3 and all(e == pytest.approx(eps, rel=1e-6) for e in lines[3]["epsilon"].values())
+    assert len(lines[3]["epsilon"]) == 3 and all(
+        e == pytest.approx(eps, rel=1e-6) for e in lines[3]["epsilon"].values()
+    )
     assert (out / "adapter" / "README.md").read_text().count("Privacy of the federation") == 1
 
 
 def test_without_noise_the_secure_sum_is_the_plain_sum_within_the_rounding(tmp_path, tiny_bert, steps):
     data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=60, seed=6))
     out = tmp_path / "run"
-    run_simulation(SimulationSpec(data=data, out=out, merchants=2), _settings(tiny_bert, out, rounds=2, no_dp=True, batch=20),
-                   client_app=recording)
+    run_simulation(
+        SimulationSpec(data=data, out=out, merchants=2),
+        _settings(tiny_bert, out, rounds=2, no_dp=True, batch=20),
+        client_app=recording,
+    )
     lattice = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["plan"]["lattice"]
     worst, scale = 0.0, 0.0
     for rnd, taken in enumerate(steps, start=1):
@@ -191,16 +211,22 @@ def test_a_dropout_is_recovered_above_min_replies_and_a_round_below_it_is_abando
     data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=90, seed=7))
     out = tmp_path / "recovered"
     # m_min 2 of 3: partition 0 drops out of round 2, which goes on with the other two
-    run_simulation(SimulationSpec(data=data, out=out, merchants=3), _settings(tiny_bert, out, rounds=2, min_replies=2),
-                   client_app=faulty)
+    run_simulation(
+        SimulationSpec(data=data, out=out, merchants=3),
+        _settings(tiny_bert, out, rounds=2, min_replies=2),
+        client_app=faulty,
+    )
     line = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][2]
     assert "abandoned" not in line and line["accepted"] == 2 and len(steps) == 2
     assert any("drops out of round 2" in r["reason"] for r in line["rejected"])
 
     steps.clear()
     out = tmp_path / "abandoned"
-    run_simulation(SimulationSpec(data=data, out=out, merchants=3), _settings(tiny_bert, out, rounds=3, min_replies=3),
-                   client_app=faulty)
+    run_simulation(
+        SimulationSpec(data=data, out=out, merchants=3),
+        _settings(tiny_bert, out, rounds=3, min_replies=3),
+        client_app=faulty,
+    )
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert "abandoned" in lines[2] and "abandoned" not in lines[1] and "abandoned" not in lines[3]
     # round 2 moved nothing: round 3 started from round 1's adapter, and the run ended on round 3's step
@@ -213,22 +239,33 @@ def test_a_dropout_is_recovered_above_min_replies_and_a_round_below_it_is_abando
 def test_a_merchant_refuses_a_round_its_budget_cannot_pay_for(tmp_path, tiny_bert, steps):
     data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=90, seed=8))
     out = tmp_path / "run"
-    m = run_simulation(SimulationSpec(data=data, out=out, merchants=3), _settings(tiny_bert, out, rounds=2, min_replies=2),
-                       client_app=thrifty)
+    m = run_simulation(
+        SimulationSpec(data=data, out=out, merchants=3),
+        _settings(tiny_bert, out, rounds=2, min_replies=2),
+        client_app=thrifty,
+    )
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["accepted"] == 3 and lines[2]["accepted"] == 2 and len(steps) == 2
     (refused,) = [r["reason"] for r in lines[2]["rejected"]]
     assert "refuses the round" in refused and "would take it to" in refused
     silo = next(p for p in sorted((out / "silos").iterdir()) if p.is_dir() and p.name in refused)
     ledger = PrivacyLedger.open(silo / ".silorec-state", budget=8.0, delta=1e-3)
-    assert [e.what for e in ledger.entries] == ["popularity", "cooccurrence", "train"]  # the refused step was never recorded
+    assert [e.what for e in ledger.entries] == [
+        "popularity",
+        "cooccurrence",
+        "train",
+    ]  # the refused step was never recorded
     assert m["rounds"] == 2
 
 
 def test_a_merchant_whose_ledger_reports_less_than_it_was_asked_to_spend_is_flagged(tmp_path, tiny_bert):
     data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=60, seed=9))
     out = tmp_path / "run"
-    run_simulation(SimulationSpec(data=data, out=out, merchants=2), _settings(tiny_bert, out, rounds=2, batch=20), client_app=forgetful)
+    run_simulation(
+        SimulationSpec(data=data, out=out, merchants=2),
+        _settings(tiny_bert, out, rounds=2, batch=20),
+        client_app=forgetful,
+    )
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert "ledger_flags" not in lines[1]
     (flag,) = lines[2]["ledger_flags"]
@@ -237,9 +274,11 @@ def test_a_merchant_whose_ledger_reports_less_than_it_was_asked_to_spend_is_flag
 
 def test_settings_that_federation_mode_cannot_honour_are_refused_before_anything_starts():
     fed = ServerSettings()
-    for bad, match in ((replace(fed, aggregation="median"), "only fedavg"),
-                       (replace(fed, round=replace(fed.round, local_head="bias")), "local-head"),
-                       (replace(fed, min_replies=1), "min-replies")):
+    for bad, match in (
+        (replace(fed, aggregation="median"), "only fedavg"),
+        (replace(fed, round=replace(fed.round, local_head="bias")), "local-head"),
+        (replace(fed, min_replies=1), "min-replies"),
+    ):
         with pytest.raises(SilorecError, match=match):
             check_settings(bad)
     check_settings(replace(fed, round=RoundConfig.for_mode("silo", local_head="full"), aggregation="median"))

@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-
 from opacus.accountants import create_accountant
 
 from client.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
@@ -63,7 +62,9 @@ def test_an_older_ledger_keeps_the_accountant_it_was_written_with(tmp_path):
     ledger.accountant = "rdp"
     ledger.record(run="a", round=1, noise_multiplier=1.0, sample_rate=0.1, steps=5)
     again = PrivacyLedger.open(tmp_path, budget=50, delta=1e-3)
-    assert again.accountant == "rdp" and again.spent() == pytest.approx(accounting.epsilon([(1.0, 0.1, 5)], 1e-3, "rdp"))
+    assert again.accountant == "rdp" and again.spent() == pytest.approx(
+        accounting.epsilon([(1.0, 0.1, 5)], 1e-3, "rdp")
+    )
     assert PrivacyLedger.open(tmp_path / "new", budget=50, delta=1e-3).accountant == accounting.DEFAULT
 
 
@@ -76,7 +77,9 @@ def test_a_silo_past_its_budget_refuses(tmp_path):
 
 
 def test_delta_cannot_change_once_spent(tmp_path):
-    PrivacyLedger.open(tmp_path, budget=8, delta=1e-3).record(run="a", round=1, noise_multiplier=1, sample_rate=0.1, steps=1)
+    PrivacyLedger.open(tmp_path, budget=8, delta=1e-3).record(
+        run="a", round=1, noise_multiplier=1, sample_rate=0.1, steps=1
+    )
     with pytest.raises(LedgerError, match="δ=0.001"):
         PrivacyLedger.open(tmp_path, budget=8, delta=1e-4)
 
@@ -115,16 +118,19 @@ def _tampered(tmp_path, how):
         path.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("how, match", [
-    (lambda d, p: d["entries"].pop(), "no longer holds"),  # an entry dropped: a lower ε
-    (lambda d, p: d["entries"][0].update(steps=0), "steps"),
-    (lambda d, p: d["entries"][0].update(steps=-4), "steps"),
-    (lambda d, p: d["entries"][1].update(noise_multiplier=50.0), "no longer holds"),  # a raised noise: a lower ε
-    (lambda d, p: d["entries"][1].update(steps="five"), "whole numbers"),
-    (lambda d, p: d["entries"][1].update(sample_rate=-0.2), "sample rate"),
-    (lambda d, p: d["entries"][1].update(what="gift"), "kind"),
-    (lambda d, p: p.unlink(), "is missing"),
-])
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        (lambda d, p: d["entries"].pop(), "no longer holds"),  # an entry dropped: a lower ε
+        (lambda d, p: d["entries"][0].update(steps=0), "steps"),
+        (lambda d, p: d["entries"][0].update(steps=-4), "steps"),
+        (lambda d, p: d["entries"][1].update(noise_multiplier=50.0), "no longer holds"),  # a raised noise: a lower ε
+        (lambda d, p: d["entries"][1].update(steps="five"), "whole numbers"),
+        (lambda d, p: d["entries"][1].update(sample_rate=-0.2), "sample rate"),
+        (lambda d, p: d["entries"][1].update(what="gift"), "kind"),
+        (lambda d, p: p.unlink(), "is missing"),
+    ],
+)
 def test_a_ledger_that_lost_or_changed_entries_is_refused_with_what_to_do(tmp_path, how, match):
     _tampered(tmp_path, how)
     with pytest.raises(LedgerError, match=match) as e:
@@ -141,7 +147,9 @@ def test_an_older_backup_is_refused_and_an_edit_of_the_recorded_epsilon_too(tmp_
     with pytest.raises(LedgerError, match="older backup"):
         PrivacyLedger.open(tmp_path, budget=50, delta=1e-3)
     fresh = tmp_path / "fresh"
-    PrivacyLedger.open(fresh, budget=50, delta=1e-3).record(run="a", round=1, noise_multiplier=1.0, sample_rate=0.2, steps=5)
+    PrivacyLedger.open(fresh, budget=50, delta=1e-3).record(
+        run="a", round=1, noise_multiplier=1.0, sample_rate=0.2, steps=5
+    )
     (fresh / "ledger.seen").unlink()  # a hand-made ledger: its recorded ε must still be what its entries cost
     data = json.loads((fresh / "ledger.json").read_text())
     data["entries"][0]["noise_multiplier"] = 3.0

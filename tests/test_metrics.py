@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from common.errors import SilorecError
-from common.metrics import evaluate, load_ranks, metrics_from_ranks, most_pop, paired_difference, save_ranks, target_ranks
+from common.metrics import (
+    evaluate,
+    load_ranks,
+    metrics_from_ranks,
+    most_pop,
+    paired_difference,
+    save_ranks,
+    target_ranks,
+)
 from common.silo import load_silo
 from common.split import EvalCase, leave_one_out
 
@@ -21,7 +29,11 @@ def test_hand_worked_ranking():
             [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # all alike: ties count against -> last of 6 -> 6
         ]
     )
-    cases = [EvalCase("a", np.array([0]), 2), EvalCase("b", np.array([], dtype=np.int64), 5), EvalCase("c", np.array([5, 5]), 1)]
+    cases = [
+        EvalCase("a", np.array([0]), 2),
+        EvalCase("b", np.array([], dtype=np.int64), 5),
+        EvalCase("c", np.array([5, 5]), 1),
+    ]
     ranks = target_ranks(scores, cases)
     assert ranks.tolist() == [3, 1, 5]  # row c: item 5 masked, so 5 candidates remain
     m = metrics_from_ranks(ranks, ks=(1, 3))

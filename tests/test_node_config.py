@@ -16,7 +16,10 @@ def test_paths_default_beside_the_silo_and_a_simulation_picks_its_partition(tmp_
     for name in ("b", "a", ".hidden"):
         (tmp_path / "silos" / name).mkdir(parents=True)
     sim = NodeConfig.parse({"partition-id": 1})
-    assert sim.silo(str(tmp_path / "silos")) == tmp_path / "silos" / "b" and sim.cache(str(tmp_path / "silos")) == tmp_path / "cache"
+    assert (
+        sim.silo(str(tmp_path / "silos")) == tmp_path / "silos" / "b"
+        and sim.cache(str(tmp_path / "silos")) == tmp_path / "cache"
+    )
     with pytest.raises(NodeConfigError, match="no data-path"):
         NodeConfig.parse({}).silo()
 
@@ -30,7 +33,9 @@ def test_a_budget_must_be_a_positive_number_and_keeps_the_node_out_of_non_privat
     node.check_privacy(True, "a round")
     with pytest.raises(NodeConfigError, match="takes part only in DP rounds"):
         node.check_privacy(False, "a round")
-    NodeConfig.parse({"no-dp": "true"}).check_privacy(False, "a round")  # opted in, loudly, at `silorec-client start --no-dp`
+    NodeConfig.parse({"no-dp": "true"}).check_privacy(
+        False, "a round"
+    )  # opted in, loudly, at `silorec-client start --no-dp`
     NodeConfig.parse({}).check_privacy(False, "a round")  # a simulation: the researcher sets both sides
     with pytest.raises(NodeConfigError, match="either"):
         NodeConfig.parse({"budget": "8", "no-dp": "true"})

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 
 from common import seal
 from server.cli import main
-from server.sealing import read_signers
 from server.pki import PkiError, enroll_merchant, make_server_pki, read_registry
+from server.sealing import read_signers
 
 
 def _mode(path) -> int:
@@ -97,7 +97,9 @@ def test_a_bad_merchant_name_or_registry_is_a_clear_error(tmp_path):
 
 def test_commands_write_the_files_and_refuse_to_overwrite_in_one_line(tmp_path):
     runner = CliRunner()
-    done = runner.invoke(main, ["certs", "--out", str(tmp_path / "pki"), "--host", "link.example", "--host", "127.0.0.1"])
+    done = runner.invoke(
+        main, ["certs", "--out", str(tmp_path / "pki"), "--host", "link.example", "--host", "127.0.0.1"]
+    )
     assert done.exit_code == 0, done.output
     assert {f.name for f in (tmp_path / "pki").iterdir()} == {"ca.pem", "ca.key", "server.pem", "server.key"}
     again = runner.invoke(main, ["certs", "--out", str(tmp_path / "pki")])
@@ -108,7 +110,9 @@ def test_commands_write_the_files_and_refuse_to_overwrite_in_one_line(tmp_path):
 
 
 def test_start_without_certificates_names_the_missing_files(tmp_path):
-    done = CliRunner().invoke(main, ["start", "--certs", str(tmp_path / "none"), "--enrolled", str(tmp_path), "--state", str(tmp_path / "s")])
+    done = CliRunner().invoke(
+        main, ["start", "--certs", str(tmp_path / "none"), "--enrolled", str(tmp_path), "--state", str(tmp_path / "s")]
+    )
     assert done.exit_code == 2 and "ca.pem" in done.output and "silorec-server certs" in done.output
 
 
@@ -121,4 +125,3 @@ def test_a_host_that_is_neither_an_address_nor_a_name_is_one_line_before_anythin
         done = CliRunner().invoke(server_main, ["certs", "--out", str(tmp_path / "pki"), "--host", host])
         assert done.exit_code == 2 and "neither an IP address nor a DNS name" in done.output, done.output
         assert len(done.output.strip().splitlines()) == 1 and not (tmp_path / "pki").exists()
-

@@ -8,14 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from client.merchant import state_path
 from client.ledger import PrivacyLedger
-from client.merchant import HEAD_FILE, Merchant, released_table
-from common.popularity import (
-    accountant_entry, check_table, item_counts, look_up, pool_tables, prior_from_counts, read_table, release_counts,
-    set_released_prior, text_keys,
-)
+from client.merchant import HEAD_FILE, Merchant, released_table, state_path
 from common.metrics import ranks_of
+from common.popularity import (
+    accountant_entry,
+    check_table,
+    item_counts,
+    look_up,
+    pool_tables,
+    prior_from_counts,
+    read_table,
+    release_counts,
+    set_released_prior,
+    text_keys,
+)
 from common.round import RoundConfig
 from common.serve import best_scale, parse_scales, prior_scale_ranks, scorer
 from common.silo import load_silo
@@ -46,7 +53,9 @@ def test_release_adds_gaussian_noise_of_the_noise_multiplier_and_exact_counts_wi
     assert np.std(noisy - exact) == pytest.approx(2.0, rel=0.03)
     # fresh noise unless seeded: whoever knows the seed can subtract it
     assert not np.array_equal(noisy, release_counts(histories, 20_000, 2.0))
-    assert np.array_equal(release_counts(histories, 20_000, 2.0, seed=5), release_counts(histories, 20_000, 2.0, seed=5))
+    assert np.array_equal(
+        release_counts(histories, 20_000, 2.0, seed=5), release_counts(histories, 20_000, 2.0, seed=5)
+    )
     prior = prior_from_counts(np.array([-3.0, 0.0, np.e - 1]))
     assert prior.tolist() == pytest.approx([0.0, 0.0, 1.0])
     assert accountant_entry(2.0) == (2.0, 1.0, 1)
@@ -78,7 +87,16 @@ def test_prior_enters_the_score_times_the_shared_weight_and_is_saved_locally(tmp
 
 
 def test_a_merchant_releases_once_and_pays_for_it_in_its_ledger(tmp_path, tiny_bert, synthetic_silo):
-    cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), rounds=2, local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, prior_noise=1.0)
+    cfg = RoundConfig.for_mode(
+        "silo",
+        base_model=str(tiny_bert),
+        rounds=2,
+        local_epochs=1,
+        batch_size=16,
+        epsilon=8.0,
+        delta=1e-3,
+        prior_noise=1.0,
+    )
     merchant = Merchant(synthetic_silo, tmp_path / "state", cfg.model())
     global_arrays = {k: v.numpy() for k, v in merchant.model.shared_state().items()}
     for r in (1, 2):
@@ -97,7 +115,9 @@ def test_a_merchant_releases_once_and_pays_for_it_in_its_ledger(tmp_path, tiny_b
 
 def test_set_released_prior_reports_what_to_account(tiny_bert, synthetic_silo):
     silo = load_silo(synthetic_silo)
-    model = build_recommender(ModelConfig(base_model=str(tiny_bert)), list(silo.items["item_id"]), item_texts(silo.items))
+    model = build_recommender(
+        ModelConfig(base_model=str(tiny_bert)), list(silo.items["item_id"]), item_texts(silo.items)
+    )
     histories = [np.array([0, 1, 2]), np.array([2, 3])]
     assert set_released_prior(model, histories, 1.5) == (1.5, 1.0, 1)
     assert model.has_prior
@@ -109,11 +129,19 @@ def test_local_only_merchants_pay_for_the_same_prior_from_the_same_budget(tmp_pa
     silos = tmp_path / "silos"
     for name, seed in (("a", 1), ("b", 2)):
         make_synthetic_silo(silos / name, SyntheticSpec(users=40, seed=seed))
-    cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, threads=1)
-    report = run_local_only(silos, ServerSettings(rounds=2, out_dir=str(tmp_path / "run"), round=cfg), tmp_path / "run", log=lambda *_: None)
+    cfg = RoundConfig.for_mode(
+        "silo", base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, threads=1
+    )
+    report = run_local_only(
+        silos, ServerSettings(rounds=2, out_dir=str(tmp_path / "run"), round=cfg), tmp_path / "run", log=lambda *_: None
+    )
     assert report["test"]["users"] == 80 and 0 < report["epsilon_max"] <= 8.0
-    for m in report["per_merchant"]:  # each chose its prior's weight on its own validation users, and kept the ranks as trained
-        assert m["prior_scale"] in parse_scales(ServerSettings.prior_scales) and len(m["test_ranks_learned"]) == len(m["test_ranks"])
+    for m in report[
+        "per_merchant"
+    ]:  # each chose its prior's weight on its own validation users, and kept the ranks as trained
+        assert m["prior_scale"] in parse_scales(ServerSettings.prior_scales) and len(m["test_ranks_learned"]) == len(
+            m["test_ranks"]
+        )
     for name in ("a", "b"):
         ledger = PrivacyLedger.open(tmp_path / "run" / "local-only" / name, budget=8.0, delta=1e-3)
         assert [e.what for e in ledger.entries] == ["popularity", "train"] and ledger.spent() <= 8.0
@@ -126,7 +154,9 @@ def test_local_only_merchants_keep_the_release_they_made_to_federate(tmp_path, t
     silos = tmp_path / "silos"
     for name, seed in (("a", 1), ("b", 2)):
         make_synthetic_silo(silos / name, SyntheticSpec(users=40, seed=seed))
-    cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, threads=1)
+    cfg = RoundConfig.for_mode(
+        "silo", base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, threads=1
+    )
     federating = Merchant(silos / "a", state_path({}, silos / "a"), cfg.model())
     federating.release_statistics(replace(cfg, prior_noise=2.0), federating.ledger(cfg, None))
     released, _ = load_head(state_path({}, silos / "a") / HEAD_FILE)
@@ -135,19 +165,28 @@ def test_local_only_merchants_keep_the_release_they_made_to_federate(tmp_path, t
     assert not torch.equal(load_head(state_path({}, silos / "a") / HEAD_FILE)[0]["prior"], released["prior"])
     priors = []
     real_train = federated.train
-    monkeypatch.setattr(federated, "train", lambda model, *a, **kw: (priors.append(model.prior.clone()), real_train(model, *a, **kw))[1])
+    monkeypatch.setattr(
+        federated, "train", lambda model, *a, **kw: (priors.append(model.prior.clone()), real_train(model, *a, **kw))[1]
+    )
 
-    run_local_only(silos, ServerSettings(rounds=1, out_dir=str(tmp_path / "run"), round=cfg), tmp_path / "run", log=lambda *_: None)
+    run_local_only(
+        silos, ServerSettings(rounds=1, out_dir=str(tmp_path / "run"), round=cfg), tmp_path / "run", log=lambda *_: None
+    )
     assert torch.equal(priors[0], released["prior"]) and priors[1].any()
     for name, noise in (("a", 2.0), ("b", 1.0)):  # b never federated: it releases afresh, at its own noise
         entries = PrivacyLedger.open(tmp_path / "run" / "local-only" / name, budget=8.0, delta=1e-3).entries
-        assert [(e.what, e.noise_multiplier) for e in entries] == [("popularity", noise), ("train", entries[1].noise_multiplier)]
+        assert [(e.what, e.noise_multiplier) for e in entries] == [
+            ("popularity", noise),
+            ("train", entries[1].noise_multiplier),
+        ]
 
 
 def test_item_texts_name_an_item_alike_at_every_merchant():
     keys = text_keys(["Toy Story (1995); Animation", "Heat (1995); Action", "Toy Story (1995); Animation"])
     assert keys.dtype == np.uint64 and keys[0] == keys[2] and keys[0] != keys[1]
-    assert np.array_equal(text_keys(["Heat (1995); Action"]), keys[1:2])  # not salted: another merchant computes the same
+    assert np.array_equal(
+        text_keys(["Heat (1995); Action"]), keys[1:2]
+    )  # not salted: another merchant computes the same
 
 
 def test_pooled_counts_are_the_tables_summed_by_item_text():
@@ -185,14 +224,29 @@ def test_a_table_holds_keys_and_counts_and_nothing_else():
 
 
 def test_a_merchant_shares_its_release_once_and_scores_with_the_pooled_counts(tmp_path, tiny_bert, synthetic_silo):
-    cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), rounds=1, local_epochs=1, batch_size=16, epsilon=8.0, delta=1e-3, prior_noise=1.0)
+    cfg = RoundConfig.for_mode(
+        "silo",
+        base_model=str(tiny_bert),
+        rounds=1,
+        local_epochs=1,
+        batch_size=16,
+        epsilon=8.0,
+        delta=1e-3,
+        prior_noise=1.0,
+    )
     merchant = Merchant(synthetic_silo, tmp_path / "state", cfg.model())
     table, reason = merchant.popularity_table(cfg)
     again, _ = merchant.popularity_table(cfg)  # asked twice (a restarted coordinator): the same release
-    assert reason == "" and np.array_equal(table["counts"], again["counts"]) and np.array_equal(table["keys"], merchant.item_keys)
+    assert (
+        reason == ""
+        and np.array_equal(table["counts"], again["counts"])
+        and np.array_equal(table["keys"], merchant.item_keys)
+    )
     assert np.allclose(merchant.model.prior.numpy(), prior_from_counts(table["counts"]))
     others = 10.0 * np.arange(len(table["keys"]))
-    merchant.use_pooled_popularity({"keys": table["keys"][::-1].copy(), "counts": (table["counts"] + others)[::-1].copy()})
+    merchant.use_pooled_popularity(
+        {"keys": table["keys"][::-1].copy(), "counts": (table["counts"] + others)[::-1].copy()}
+    )
     global_arrays = {k: v.numpy() for k, v in merchant.model.shared_state().items()}
     assert merchant.train_round(global_arrays, cfg).update is not None
     assert np.allclose(merchant.model.prior.numpy(), prior_from_counts(table["counts"] + others))
@@ -202,17 +256,23 @@ def test_a_merchant_shares_its_release_once_and_scores_with_the_pooled_counts(tm
         merchant.use_pooled_popularity({"keys": table["keys"], "counts": np.full(len(table["keys"]), np.inf)})
     assert merchant.popularity_table(replace(cfg, no_dp=True)) == (None, "this run releases no popularity")
     spent = Merchant(synthetic_silo, tmp_path / "spent", cfg.model())
-    PrivacyLedger.open(tmp_path / "spent", budget=8.0, delta=1e-3).record(run="earlier", round=1, noise_multiplier=0.5, sample_rate=1.0, steps=200)
+    PrivacyLedger.open(tmp_path / "spent", budget=8.0, delta=1e-3).record(
+        run="earlier", round=1, noise_multiplier=0.5, sample_rate=1.0, steps=200
+    )
     assert spent.popularity_table(cfg) == (None, "the ε budget left cannot pay for the popularity release")
 
 
 def test_scaling_the_prior_weight_ranks_as_a_model_with_that_weight(tiny_bert, synthetic_silo):
     silo = load_silo(synthetic_silo)
     split = leave_one_out(silo.interactions, silo.n_items)
-    model = build_recommender(ModelConfig(base_model=str(tiny_bert), local_head="none"), list(silo.items["item_id"]), item_texts(silo.items))
+    model = build_recommender(
+        ModelConfig(base_model=str(tiny_bert), local_head="none"), list(silo.items["item_id"]), item_texts(silo.items)
+    )
     model.set_prior(prior_from_counts(item_counts(split.train, silo.n_items) * 4))
     model.calibration.prior_weight.weight.data.fill_(0.8)
-    ranks = prior_scale_ranks(model, split.valid, (1.0, 0.5, 1.0, 0.0), batch_size=7)  # batches need not divide the users
+    ranks = prior_scale_ranks(
+        model, split.valid, (1.0, 0.5, 1.0, 0.0), batch_size=7
+    )  # batches need not divide the users
     assert list(ranks) == [1.0, 0.5, 0.0] and np.array_equal(ranks[1.0], ranks_of(scorer(model), split.valid))
     model.calibration.prior_weight.weight.data.fill_(0.4)
     assert np.array_equal(ranks[0.5], ranks_of(scorer(model), split.valid))

@@ -22,7 +22,10 @@ def sealed(key) -> bytes:
 
 
 def test_round_trip_and_the_ciphertext_hides_the_update(key):
-    update = {"a.lora_A.weight": np.arange(96, dtype=np.float32).reshape(8, 12), "a.lora_B.weight": np.ones((12, 8), np.float32)}
+    update = {
+        "a.lora_A.weight": np.arange(96, dtype=np.float32).reshape(8, 12),
+        "a.lora_B.weight": np.ones((12, 8), np.float32),
+    }
     payload = pack(update)
     blob = seal.seal(payload, seal.public_bytes(key), AD)
     assert len(blob) == len(payload) + seal.HEADER_BYTES + seal.TAG_BYTES

@@ -10,9 +10,9 @@ import pytest
 from flwr.clientapp import ClientApp
 
 import client.app as merchant_app
+from client.merchant import merchant_for_node
 from client.secagg import MerchantClient, clip_norm, secagg_mod_for, secure_aggregation_mod
 from common.errors import SilorecError
-from client.merchant import merchant_for_node
 from common.messages import SumSpec
 from common.round import RoundConfig
 from server import checkpoint
@@ -33,9 +33,13 @@ class RecordingClient(MerchantClient):
         folder.mkdir(exist_ok=True)
         names = SumSpec.from_config(config).names
         merchant = merchant_for_node(self.context.node_config, cfg)
-        start = {n: a for n, a in self._global(merchant, parameters, config, cfg).items() if n in names}
-        np.savez(folder / f"round-{cfg.round}-node-{self.context.node_id}.npz", users=users,
-                 **{f"update-{i}": a for i, a in enumerate(arrays)}, **{f"global-{n}": p for n, p in start.items()})
+        start = {n: a for n, a in self._sealed(merchant, parameters, config, cfg).items() if n in names}
+        np.savez(
+            folder / f"round-{cfg.round}-node-{self.context.node_id}.npz",
+            users=users,
+            **{f"update-{i}": a for i, a in enumerate(arrays)},
+            **{f"global-{n}": p for n, p in start.items()},
+        )
         return arrays, users, metrics
 
 
@@ -63,16 +67,27 @@ merchant.query()(merchant_app.query)
 
 
 def _settings(tiny_bert: Path, out: Path, *, rounds: int, epsilon: float = 8.0, no_dp: bool = False) -> ServerSettings:
-    cfg = RoundConfig.for_mode("silo", base_model=str(tiny_bert), local_epochs=1, batch_size=16, epsilon=epsilon, no_dp=no_dp,
-                               delta=1e-3, threads=1)
+    cfg = RoundConfig.for_mode(
+        "silo",
+        base_model=str(tiny_bert),
+        local_epochs=1,
+        batch_size=16,
+        epsilon=epsilon,
+        no_dp=no_dp,
+        delta=1e-3,
+        threads=1,
+    )
     return ServerSettings(rounds=rounds, out_dir=str(out), secure_aggregation=True, round=cfg)
 
 
 def test_secagg_aggregate_matches_users_weighted_fedavg_of_the_same_updates(tmp_path, tiny_bert):
     data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=90, seed=4))
     out = tmp_path / "run"
-    m = run_simulation(SimulationSpec(data=data, out=out, merchants=3), _settings(tiny_bert, out, rounds=2, no_dp=True),
-                       client_app=recording)
+    m = run_simulation(
+        SimulationSpec(data=data, out=out, merchants=3),
+        _settings(tiny_bert, out, rounds=2, no_dp=True),
+        client_app=recording,
+    )
     assert m["secure_aggregation"] and m["rounds"] == 2 and (out / "adapter" / "adapter_model.safetensors").is_file()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2] and all(line["accepted"] == 3 for line in lines[1:])
@@ -102,8 +117,10 @@ def test_secagg_aggregate_matches_users_weighted_fedavg_of_the_same_updates(tmp_
     wrong = max(float(np.abs(applied[k] - unweighted[k]).max()) for k in names)
     scale = max(float(np.abs(expected[k]).max()) for k in names)
     tol += 2 * 2.0**-24 * max(float(np.abs(final[k]).max()) for k in names)  # the global adapter is stored in float32
-    print(f"SecAgg+ vs FedAvg: max abs diff {err:.3g} (bound {tol:.3g}, update max abs {scale:.3g}); "
-          f"an unweighted mean would differ by {wrong:.3g}")
+    print(
+        f"SecAgg+ vs FedAvg: max abs diff {err:.3g} (bound {tol:.3g}, update max abs {scale:.3g}); "
+        f"an unweighted mean would differ by {wrong:.3g}"
+    )
     assert err < tol
     assert wrong > 10 * tol and scale > 100 * tol  # the check can tell a wrong aggregate from a right one
 
@@ -111,8 +128,11 @@ def test_secagg_aggregate_matches_users_weighted_fedavg_of_the_same_updates(tmp_
 def test_dp_merchants_report_epsilon_through_secagg(tmp_path, tiny_bert):
     data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=60, seed=5))
     out = tmp_path / "run"
-    m = run_simulation(SimulationSpec(data=data, out=out, merchants=3), _settings(tiny_bert, out, rounds=1, epsilon=8.0),
-                       client_app=merchant)
+    m = run_simulation(
+        SimulationSpec(data=data, out=out, merchants=3),
+        _settings(tiny_bert, out, rounds=1, epsilon=8.0),
+        client_app=merchant,
+    )
     line = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1]
     assert line["accepted"] == 3 and len(line["epsilon"]) == 3
     assert all(0 < eps <= 8.0 for eps in line["epsilon"].values())

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-import tomllib
 from dataclasses import fields
 from pathlib import Path
+
+import tomllib
 
 from common.round import RoundConfig
 from server.settings import ServerSettings
@@ -32,5 +33,9 @@ def test_the_run_config_states_the_settings_defaults():
     defaults = {f.name: f.default for cls in (ServerSettings, RoundConfig) for f in fields(cls) if f.name != "round"}
     defaults["num_server_rounds"] = ServerSettings.rounds
     placed = {"silos_dir", "threads"}  # where `make demo` writes silos; one torch thread per simulated merchant
-    differ = {k: v for k, v in run_config().items() if k.replace("-", "_") not in placed and defaults[k.replace("-", "_")] != v}
+    differ = {
+        k: v
+        for k, v in run_config().items()
+        if k.replace("-", "_") not in placed and defaults[k.replace("-", "_")] != v
+    }
     assert not differ, f"pyproject.toml run config values that are not the settings' defaults: {differ}"

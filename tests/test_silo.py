@@ -45,7 +45,9 @@ def test_nearby_large_epochs_stay_distinct(tmp_path):
 
 
 def test_iso_timestamps_are_read(tmp_path):
-    s = load_silo(silo(tmp_path, inter="user_id,item_id,timestamp\nu,1,2024-05-01T12:00:00Z\nu,2,2024-05-01T12:00:01+00:00\n"))
+    s = load_silo(
+        silo(tmp_path, inter="user_id,item_id,timestamp\nu,1,2024-05-01T12:00:00Z\nu,2,2024-05-01T12:00:01+00:00\n")
+    )
     a, b = s.interactions["timestamp"]
     assert b - a == 10**9
 
@@ -136,7 +138,9 @@ def test_parquet_errors_name_the_row(tmp_path):
     root = tmp_path / "p"
     root.mkdir()
     pd.DataFrame({"item_id": ["a", "b"], "title": ["x", "y"]}).to_parquet(root / "items.parquet")
-    pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "zz"], "timestamp": [1, 2]}).to_parquet(root / "interactions.parquet")
+    pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "zz"], "timestamp": [1, 2]}).to_parquet(
+        root / "interactions.parquet"
+    )
     with pytest.raises(UnknownItemError) as e:
         load_silo(root)
     assert e.value.location == "row 2" and e.value.path.name == "interactions.parquet"
@@ -147,7 +151,9 @@ def test_parquet_datetime_column(tmp_path):
     root.mkdir()
     pd.DataFrame({"item_id": ["a"], "title": ["x"]}).to_parquet(root / "items.parquet")
     ts = pd.to_datetime(["2024-01-01T00:00:00Z", "2024-01-01T00:00:02Z"])
-    pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "a"], "timestamp": ts}).to_parquet(root / "interactions.parquet")
+    pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "a"], "timestamp": ts}).to_parquet(
+        root / "interactions.parquet"
+    )
     s = load_silo(root)
     assert np.diff(s.interactions["timestamp"].to_numpy()).tolist() == [2 * 10**9]
 
@@ -192,13 +198,19 @@ def test_parquet_synthetic_silo_matches_csv(tmp_path):
     pd.testing.assert_frame_equal(a.interactions, b.interactions)
 
 
-@pytest.mark.parametrize("items, match", [
-    ('item_id,title\n1,"Red pan\n2,Blue rake\n3,Old drum\n', "line 2: a quote opens here and is never closed"),
-    ('item_id,title\n1,"Red pan\n2,Blue rake\n3,"\n', "line 2: field 'title': a quoted field runs from line 2 over 3 lines"),
-    ('item_id,title\n1,"Red" pan\n', "line 2: unreadable CSV"),
-    ('item_id,title,title\n1,Red pan,x\n', "line 1: field 'title': appears twice in the header"),
-    ("item_id,title\n1,Red pan\n2\n", "line 3: 1 fields where the header has 2"),
-])
+@pytest.mark.parametrize(
+    "items, match",
+    [
+        ('item_id,title\n1,"Red pan\n2,Blue rake\n3,Old drum\n', "line 2: a quote opens here and is never closed"),
+        (
+            'item_id,title\n1,"Red pan\n2,Blue rake\n3,"\n',
+            "line 2: field 'title': a quoted field runs from line 2 over 3 lines",
+        ),
+        ('item_id,title\n1,"Red" pan\n', "line 2: unreadable CSV"),
+        ("item_id,title,title\n1,Red pan,x\n", "line 1: field 'title': appears twice in the header"),
+        ("item_id,title\n1,Red pan\n2\n", "line 3: 1 fields where the header has 2"),
+    ],
+)
 def test_a_csv_is_read_strictly_and_an_error_names_its_line(tmp_path, items, match):
     with pytest.raises(SiloFormatError, match=match):
         load_silo(silo(tmp_path, items=items))

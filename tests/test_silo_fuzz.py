@@ -75,9 +75,15 @@ def test_random_parquet_schemas(ids, stamps, titles):
         root = Path(tmp)
         n = min(len(ids), len(stamps), len(titles))
         try:
-            pq.write_table(pa.table({"item_id": pa.array(ids[:n]), "title": pa.array(titles[:n])}), root / "items.parquet")
-            pq.write_table(pa.table({"user_id": pa.array(ids[:n]), "item_id": pa.array(ids[:n]),
-                                     "timestamp": pa.array(stamps[:n])}), root / "interactions.parquet")
+            pq.write_table(
+                pa.table({"item_id": pa.array(ids[:n]), "title": pa.array(titles[:n])}), root / "items.parquet"
+            )
+            pq.write_table(
+                pa.table(
+                    {"user_id": pa.array(ids[:n]), "item_id": pa.array(ids[:n]), "timestamp": pa.array(stamps[:n])}
+                ),
+                root / "interactions.parquet",
+            )
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
             return  # pyarrow itself refuses to write such a column
         try:

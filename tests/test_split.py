@@ -17,8 +17,16 @@ def test_hand_worked_split_with_ties():
     # u2: 2 interactions -> trains on both, not evaluated.
     # u3: exactly 3 -> train [a], valid b, test c.
     rows = [
-        ("u1", 0, 5), ("u2", 7, 1), ("u1", 1, 3), ("u3", 5, 10), ("u1", 2, 5),
-        ("u1", 3, 9), ("u3", 6, 11), ("u1", 4, 5), ("u2", 8, 1), ("u3", 4, 10),
+        ("u1", 0, 5),
+        ("u2", 7, 1),
+        ("u1", 1, 3),
+        ("u3", 5, 10),
+        ("u1", 2, 5),
+        ("u1", 3, 9),
+        ("u3", 6, 11),
+        ("u1", 4, 5),
+        ("u2", 8, 1),
+        ("u3", 4, 10),
     ]
     s = leave_one_out(frame(rows), n_items=9)
     assert s.user_ids == ["u1", "u2", "u3"]

@@ -68,7 +68,9 @@ def test_fresh_user_vector_is_the_recency_weighted_mean_of_item_vectors(tiny_ber
     expected = []
     for h in histories:
         weights = torch.tensor([0.5 ** (len(h) - 1 - j) for j in range(len(h))])
-        expected.append(torch.nn.functional.normalize((weights[:, None] * m.item_vectors[torch.as_tensor(h)]).sum(0), dim=0))
+        expected.append(
+            torch.nn.functional.normalize((weights[:, None] * m.item_vectors[torch.as_tensor(h)]).sum(0), dim=0)
+        )
     assert torch.allclose(ours, torch.stack(expected), atol=1e-5)
 
 
@@ -122,7 +124,10 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_scores(tmp_path, tiny_
         u = tower.encode_users(batch["input_ids"], batch["segments"], batch["position_ids"])
         head = m.head_state()
         calibration = load_file(tmp_path / "adapter" / CALIBRATION_FILE)
-        scale, offset = calibration["calibration.log_scale.weight"].exp(), calibration["calibration.offset.weight"].reshape(-1)
+        scale, offset = (
+            calibration["calibration.log_scale.weight"].exp(),
+            calibration["calibration.offset.weight"].reshape(-1),
+        )
         plain = (u * scale + offset) @ m.item_vectors.T + u @ head["weight"].T + head["bias"]
         assert torch.allclose(plain, expected, atol=1e-4)
         # and silorec's own loader
@@ -171,8 +176,11 @@ def test_a_damaged_or_mismatched_adapter_is_one_clear_error_and_never_a_download
     cfg = ModelConfig(base_model=str(tiny_bert), local_head="none")
     build_recommender(cfg, list(s.items["item_id"]), item_texts(s.items)).save(tmp_path / "good")
     other = tmp_path / "rank4"
-    build_recommender(ModelConfig(base_model=str(tiny_bert), local_head="none", lora_r=4), list(s.items["item_id"]),
-                      item_texts(s.items)).save(other)
+    build_recommender(
+        ModelConfig(base_model=str(tiny_bert), local_head="none", lora_r=4),
+        list(s.items["item_id"]),
+        item_texts(s.items),
+    ).save(other)
 
     def damaged(name, how):
         folder = tmp_path / name
@@ -181,20 +189,36 @@ def test_a_damaged_or_mismatched_adapter_is_one_clear_error_and_never_a_download
         return folder
 
     cases = {
-        "adapter_config.json: unreadable": damaged("config", lambda f: (f / "adapter_config.json").write_text("{ half")),
+        "adapter_config.json: unreadable": damaged(
+            "config", lambda f: (f / "adapter_config.json").write_text("{ half")
+        ),
         "silorec_model.json: unreadable": damaged("model", lambda f: (f / "silorec_model.json").write_text("[1")),
         "adapter_model.safetensors: unreadable tensors": damaged(
-            "truncated", lambda f: (f / "adapter_model.safetensors").write_bytes((f / "adapter_model.safetensors").read_bytes()[:50])),
-        "adapter_model.safetensors is missing": damaged("missing", lambda f: (f / "adapter_model.safetensors").unlink()),
-        "has shape": damaged("mixed", lambda f: shutil.copy(other / "adapter_model.safetensors", f / "adapter_model.safetensors")),
+            "truncated",
+            lambda f: (f / "adapter_model.safetensors").write_bytes(
+                (f / "adapter_model.safetensors").read_bytes()[:50]
+            ),
+        ),
+        "adapter_model.safetensors is missing": damaged(
+            "missing", lambda f: (f / "adapter_model.safetensors").unlink()
+        ),
+        "has shape": damaged(
+            "mixed", lambda f: shutil.copy(other / "adapter_model.safetensors", f / "adapter_model.safetensors")
+        ),
         "r is 4 but": damaged("rank", lambda f: shutil.copy(other / "adapter_config.json", f / "adapter_config.json")),
-        "not a silorec model config": damaged("fields", lambda f: (f / "silorec_model.json").write_text(json.dumps({"lora_r": "eight", "recency": 9}))),
+        "not a silorec model config": damaged(
+            "fields", lambda f: (f / "silorec_model.json").write_text(json.dumps({"lora_r": "eight", "recency": 9}))
+        ),
     }
     user = str(s.interactions["user_id"].iloc[0])
     for message, folder in cases.items():
         for args in (["recommend", "--user", user], ["evaluate"]):
-            done = CliRunner().invoke(client, [args[0], "--adapter", str(folder), "--data", str(synthetic_silo), *args[1:]])
+            done = CliRunner().invoke(
+                client, [args[0], "--adapter", str(folder), "--data", str(synthetic_silo), *args[1:]]
+            )
             assert done.exit_code == 2 and message in done.output, (message, args, done.output)
             assert done.output.startswith("error: ") and len(done.output.strip().splitlines()) == 1
-    done = CliRunner().invoke(client, ["recommend", "--adapter", str(tmp_path / "good"), "--data", str(synthetic_silo), "--user", user])
+    done = CliRunner().invoke(
+        client, ["recommend", "--adapter", str(tmp_path / "good"), "--data", str(synthetic_silo), "--user", user]
+    )
     assert done.exit_code == 0, done.output

@@ -5,6 +5,7 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
+from common import accounting
 from common.metrics import evaluate, most_pop
 from common.records import UserRecords
 from common.serve import scorer
@@ -12,8 +13,15 @@ from common.silo import load_silo
 from common.split import leave_one_out
 from common.text import item_texts
 from common.towers import ModelConfig, build_recommender
-from common import accounting
-from common.train import TrainConfig, clip_bounds, clipped_gradient_sum, dp_optimizer, mask_history, next_items_loss, train
+from common.train import (
+    TrainConfig,
+    clip_bounds,
+    clipped_gradient_sum,
+    dp_optimizer,
+    mask_history,
+    next_items_loss,
+    train,
+)
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 
 
@@ -114,11 +122,15 @@ def test_dp_training_changes_every_trainable_tensor_and_reports_epsilon(tiny_ber
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
 
 
-def test_without_an_adapter_learning_rate_only_the_calibration_trains_and_takes_the_whole_bound(tiny_bert, synthetic_silo):
+def test_without_an_adapter_learning_rate_only_the_calibration_trains_and_takes_the_whole_bound(
+    tiny_bert, synthetic_silo
+):
     model, split = setup(synthetic_silo, tiny_bert)
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     offset = model.calibration.offset.weight.detach().clone()
-    train(model, split, TrainConfig(epochs=1, batch_size=16, lr=0.0, head_lr=0.1, epsilon=4.0, delta=1e-3), progress=False)
+    train(
+        model, split, TrainConfig(epochs=1, batch_size=16, lr=0.0, head_lr=0.1, epsilon=4.0, delta=1e-3), progress=False
+    )
     assert all(torch.equal(p, lora[n]) for n, p in model.named_parameters() if "lora_" in n)
     assert not torch.equal(model.calibration.offset.weight, offset)
     assert sorted(model.shared_parameters()) == ["calibration.log_scale.weight", "calibration.offset.weight"]

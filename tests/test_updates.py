@@ -43,5 +43,7 @@ def test_fedavg_is_users_weighted():
 def test_median_and_trimmed_mean_resist_one_outlier():
     updates = [good(1.0), good(1.1), good(0.9), good(1.0), good(1000.0)]
     assert np.allclose(aggregate(updates, [1] * 5, "median")["a.lora_A"], 1.0)
-    assert np.allclose(aggregate(updates, [1] * 5, "trimmed-mean", trim=0.2)["a.lora_A"], 1.0 + 0.1 / 3 - 0.1 / 3, atol=0.04)
+    assert np.allclose(
+        aggregate(updates, [1] * 5, "trimmed-mean", trim=0.2)["a.lora_A"], 1.0 + 0.1 / 3 - 0.1 / 3, atol=0.04
+    )
     assert aggregate(updates, [1] * 5, "fedavg")["a.lora_A"].mean() > 100
