@@ -200,7 +200,7 @@ def _epsilon(metrics: dict[str, Any]) -> float | None:
 def _rounds(folder: Path) -> dict[str, float]:
     """Round 0 and last validation, and a round's mean cost: wall, SecAgg+ stages but the merchants' own work, and that work."""
     history = _history(folder)
-    trained = [h for h in history[1:] if "valid" not in h]  # rounds without an evaluation in them
+    trained = [h for h in history[1:] if "valid" not in h and "secagg" in h]  # summed rounds without an evaluation
     stages = [h["secagg"].get("seconds", {}) for h in trained]
     merchants = list(merchant_seconds(folder / "silos", {h["round"] for h in trained}).values())
     total_stage = [sum(s.values()) for s in stages]
