@@ -71,11 +71,14 @@ def run_federation(
     tuning = prior_scales(settings)
     if tuning:  # valid evaluations also score each factor of the prior's weight
         base = replace(base, score_scales=",".join(f"{k:g}" for k in tuning))
-    evaluator = FedAvg(
+    # round 0 waits for the merchants the run needs; later evaluations ask those online, since one lost
+    # mid-run would leave FedAvg waiting for it for ever (its metrics then cover the merchants that answered)
+    first = FedAvg(
         fraction_evaluate=1.0,
         min_evaluate_nodes=settings.min_fit_clients,
         min_available_nodes=settings.min_available_clients,
     )
+    evaluator = FedAvg(fraction_evaluate=1.0, min_evaluate_nodes=1, min_available_nodes=1)
     secure = SecureSum(grid, context, settings, envelope) if settings.secure else None
     try:
         training = TRAININGS[settings.privacy](grid, settings, envelope, secure, shared)
@@ -102,7 +105,7 @@ def run_federation(
         if not history:  # round 0: what the mode releases, and the untrained adapter with it
             zero = replace(base, round=0, split="valid")
             line = training.start(zero)
-            valid, _ = evaluate_global(evaluator, grid, global_arrays, training.configure(zero), envelope)
+            valid, _ = evaluate_global(first, grid, global_arrays, training.configure(zero), envelope)
             history.append({"round": 0, "valid": valid} | line)
             checkpoint.save(
                 ckpt_dir, checkpoint.Checkpoint(envelope.run_id, 0, global_arrays, history, *training.state())
@@ -298,7 +301,9 @@ class SiloTraining:
                 min_replies=self.settings.min_fit_clients,
                 clip=self.settings.max_update_norm,
             )
-            result = self.secure(rnd, cfg.to_record(), spec, sealed=arrays)
+            result = self.secure(
+                rnd, cfg.to_record(), spec, sealed=arrays, shapes={n: self.shared[n].shape for n in spec.names}
+            )
             if result.total is None:
                 log(WARNING, "round %d: %s; the global adapter is unchanged", rnd, result.reason)
             line = round_line(rnd, result) | {
@@ -528,7 +533,14 @@ class FederationTraining:
             self.history.append((p.noise_multiplier, p.sample_rate, 1))
         self.steps_tried += 1
         commit()
-        result = self.secure(cfg.round, cfg.to_record(), spec, sealed=arrays, nodes=self.census.nodes)
+        result = self.secure(
+            cfg.round,
+            cfg.to_record(),
+            spec,
+            sealed=arrays,
+            nodes=self.census.nodes,
+            shapes={n: arrays[n].shape for n in p.names},
+        )
         line = round_line(cfg.round, result) | {"secagg": result.workflow, "epsilon_federation": self.epsilon()}
         if p.noise_multiplier > 0:
             for m in result.accepted:

@@ -202,7 +202,14 @@ def _secure_release(
         merchants=len(census.silos),
     )
     spec = SumSpec(task, (name,), noise, 1.0, min_replies, 1.0, lattice)
-    result = secure(0, cfg.to_record(), spec, sealed={"keys": np.asarray(keys, np.uint64)}, nodes=census.nodes)
+    result = secure(
+        0,
+        cfg.to_record(),
+        spec,
+        sealed={"keys": np.asarray(keys, np.uint64)},
+        nodes=census.nodes,
+        shapes={name: (dim,)},
+    )
     report = {
         "merchants": result.contributors,
         "took_part": sorted(m.silo for m in result.accepted),

@@ -35,8 +35,11 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context
-from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.common import FitIns, FitRes, Parameters, bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.server import ServerConfig
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -79,13 +82,37 @@ def quantization_range(merchants: int) -> int:
 
 
 class TimedSecAggPlus(SecAggPlusWorkflow):
-    """Flower's SecAgg+ workflow, timing each of its four stages (the merchants' own work is in collect)."""
+    """Flower's SecAgg+ workflow, timing each of its four stages (the merchants' own work is in collect).
+
+    Two changes to how it treats merchants:
+
+    - A merchant lost before it delivered its key shares is out of the sum.
+      Every merchant masks only with those whose shares reached it, so no mask
+      involves the lost one. Flower would still count it as a dropout to
+      unmask and halt for want of its shares.
+    - A reply whose masked vector is not the expected shapes is turned into an
+      error reply before it is summed, as if that merchant had dropped out.
+      Flower would add it to the sum and crash on the mismatch, or, worse,
+      broadcast a short one silently.
+    """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.seconds: dict[str, float] = {}
+        self.shapes: list[tuple[int, ...]] | None = None  # of the masked vector; None: not screened
+        self.screened: list[str] = []  # why replies were refused, one line each
         for stage in ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage", "unmask_stage"):
             setattr(self, stage, self._timed(stage, getattr(self, stage)))
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        state.sampled_node_ids = set(state.active_node_ids)  # U2 of SecAgg+: who delivered key shares
+        return ok and self._check_threshold(state)
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        if self.shapes is None:
+            return super().collect_masked_vectors_stage(grid, context, state)
+        return super().collect_masked_vectors_stage(ScreenedGrid(grid, self.shapes, self.screened), context, state)
 
     def _timed(self, name: str, stage):
         def run(*args: Any) -> bool:
@@ -96,6 +123,48 @@ class TimedSecAggPlus(SecAggPlusWorkflow):
                 self.seconds[name.removesuffix("_stage")] = round(time.perf_counter() - t0, 4)
 
         return run
+
+
+class ScreenedGrid:
+    """A Grid whose replies to SecAgg+'s collect stage carry exactly the expected masked shapes, or become errors."""
+
+    def __init__(self, grid: Grid, shapes: list[tuple[int, ...]], refused: list[str]) -> None:
+        self._grid, self._shapes, self._refused = grid, shapes, refused
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        return [self._screen(reply) for reply in self._grid.send_and_receive(messages, timeout=timeout)]
+
+    def _screen(self, reply: Message) -> Message:
+        if reply.has_error():
+            return reply
+        reason = masked_vector_fault(reply, self._shapes)
+        if reason is None:
+            return reply
+        self._refused.append(f"node {reply.metadata.src_node_id}: {reason}")
+        return Message(metadata=reply.metadata, error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason))
+
+
+def masked_vector_fault(reply: Message, shapes: list[tuple[int, ...]]) -> str | None:
+    """Why a collect-stage reply is not a masked vector of `shapes` (int64 words below the modulus), or None."""
+    configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    blobs = configs.get(SecAggKey.MASKED_PARAMETERS) if configs is not None else None
+    if not isinstance(blobs, list) or len(blobs) != len(shapes):
+        return f"its masked vector has {len(blobs) if isinstance(blobs, list) else 'no'} tensors, not {len(shapes)}"
+    expected = sum(8 * int(np.prod(s)) for s in shapes)
+    size = sum(len(b) for b in blobs if isinstance(b, bytes))
+    if size > 2 * expected + 1024 * len(shapes):  # before parsing: a reply far past the bound is not even read
+        return f"its masked vector is {size:,} bytes, past the bound of about {expected:,}"
+    try:
+        arrays = [bytes_to_ndarray(b) for b in blobs]
+    except Exception as e:  # noqa: BLE001 - any unparsable bytes are the same fault
+        return f"its masked vector does not parse ({type(e).__name__})"
+    for i, (a, want) in enumerate(zip(arrays, shapes)):
+        if tuple(a.shape) != tuple(want) or not np.issubdtype(a.dtype, np.integer):
+            return f"masked tensor {i} is {a.dtype}{list(a.shape)}, not int{list(want)}"
+    return None
 
 
 class SumCollector(LegacyFedAvg):
@@ -120,6 +189,19 @@ class SumCollector(LegacyFedAvg):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        # FedAvg would wait until min_available_clients are online, for ever if a merchant was lost mid-run: a sum
+        # needs only the merchants online now, at least the spec's min_replies (else it is abandoned at once)
+        online = [p for p in client_manager.all().values() if self.nodes is None or p.node_id in self.nodes]
+        self.min_available_clients = max(2, self.spec.min_replies if self.spec else 2)
+        if len(online) < self.min_available_clients:
+            log(
+                WARNING,
+                "round %d: %d merchant(s) online, fewer than the %d this sum needs",
+                server_round,
+                len(online),
+                self.min_available_clients,
+            )
+            return []
         pairs = [
             (p, ins)
             for p, ins in super().configure_fit(server_round, parameters, client_manager)
@@ -210,11 +292,14 @@ class SecureSum:
         *,
         sealed: Mapping[str, np.ndarray] | None = None,
         nodes: set[int] | None = None,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
     ) -> RoundResult:
         """Run one SecAgg+ sum of `spec` over the merchants (all, or `nodes`) and return what it unmasked.
 
         `sealed` travels to each merchant sealed to its key: the global
-        adapter, or the item keys a release counts over.
+        adapter, or the item keys a release counts over. `shapes` are the
+        tensors each merchant must send, by name; a reply of other shapes or
+        past their size is refused before it is summed.
         """
         c = self.collector
         c.spec, c.nodes, c.result = spec, nodes, None
@@ -230,10 +315,15 @@ class SecureSum:
         self.legacy.state.array_records[MAIN_PARAMS_RECORD] = to_record(params)
         self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
         workflow = self._workflow(spec, merchants=len(nodes) if nodes is not None else len(self.grid.get_node_ids()))
+        if shapes is not None:
+            workflow.shapes = [(1,), *(tuple(shapes[n]) for n in spec.names)]  # Flower prepends the weight factor
         workflow(self.grid, self.legacy)
         result = c.result or RoundResult(
             total=None, reason="SecAgg+ halted before it could unmask the sum (too few merchants answered)"
         )
+        for reason in workflow.screened:
+            log(WARNING, "round %d: a reply was refused before the sum: %s", rnd, reason)
+            result.merchants.append(MerchantReport(-1, "?", {}, "rejected", f"refused before the sum: {reason}"))
         result.workflow = {
             "clipping_range": workflow.clipping_range,
             "quantization_range": workflow.quantization_range,
@@ -267,6 +357,7 @@ class SecureSum:
         )
 
 
+_RELAYED = re.compile(r"Error\(code=\d+, reason=['\"](.+)['\"]\)", re.S)
 _RAISED = re.compile(r"(?:client|common|server)\.\w+\.\w+: (.+?)(?:\\n|\n|'>|$)")
 
 
@@ -275,6 +366,9 @@ def failure_reason(text: str) -> str:
     raised = _RAISED.findall(text)
     if raised:
         return raised[-1].strip().rstrip("\\")
+    relayed = _RELAYED.fullmatch(text.strip())  # Flower's own Error(code=…, reason='…'): a lost node, say
+    if relayed:
+        return relayed.group(1).removeprefix("Error: ")
     lines = [line.strip() for line in text.replace("\\n", "\n").splitlines() if line.strip()]
     return lines[-1][:500] if lines else "no reason given"
 

@@ -68,6 +68,18 @@ class Processes:
         self.started[name] = proc
         return proc
 
+    def kill(self, name: str) -> None:
+        """SIGKILL one process we started and its descendants: a merchant's machine lost mid-round."""
+        proc = self.started[name]
+        tree = _descendants(proc.pid)
+        proc.kill()
+        proc.wait()
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
@@ -108,19 +120,19 @@ def _wait_for(predicate, timeout: float, what: str, procs: Processes) -> None:
     raise AssertionError(f"timed out waiting for {what}:\n" + procs.log("server")[-3000:])
 
 
-def test_two_enrolled_merchants_train_in_federation_mode_over_tls_and_an_unenrolled_node_is_refused(
+def test_enrolled_merchants_train_in_federation_mode_over_tls_past_one_killed_mid_run_and_a_rogue_is_refused(
     tmp_path, tiny_bert, processes
 ):
     runner = CliRunner()
     pki, enrolled, rogue_dir = tmp_path / "pki", tmp_path / "enrolled", tmp_path / "rogue"
     assert runner.invoke(server_main, ["certs", "--out", str(pki)]).exit_code == 0
-    for merchant in ("shop-a", "shop-b"):
+    for merchant in ("shop-a", "shop-b", "shop-c"):
         assert runner.invoke(server_main, ["enroll", "--out", str(enrolled), "--merchant", merchant]).exit_code == 0
     # a key made the same way but never enrolled with this federation
     assert runner.invoke(server_main, ["enroll", "--out", str(rogue_dir), "--merchant", "rogue"]).exit_code == 0
     silos = {
         name: make_synthetic_silo(tmp_path / name, SyntheticSpec(users=40, seed=i))
-        for i, name in enumerate(("silo-a", "silo-b", "silo-rogue"), start=1)
+        for i, name in enumerate(("silo-a", "silo-b", "silo-c", "silo-rogue"), start=1)
     }
 
     port, out, state = _free_port(), tmp_path / "run", tmp_path / "server-state"
@@ -152,11 +164,16 @@ def test_two_enrolled_merchants_train_in_federation_mode_over_tls_and_an_unenrol
             f"eval-every={ROUNDS}",
             "--run-config",
             "threads=1",
+            # every round needs two of the three merchants, so one lost mid-run leaves enough for a round
+            "--run-config",
+            "min-replies=2",
+            "--run-config",
+            "min-available-clients=3",
         ],
     )
     # a node whose key is not registered yet is refused, so the merchants start once both keys are in
     _wait_for(
-        lambda: "registered shop-b" in processes.log("server") or server.poll() is not None,
+        lambda: "registered shop-c" in processes.log("server") or server.poll() is not None,
         60,
         "the merchants' registration",
         processes,
@@ -185,20 +202,35 @@ def test_two_enrolled_merchants_train_in_federation_mode_over_tls_and_an_unenrol
     rogue = node("rogue", "silo-rogue", rogue_dir / "rogue.key")
     node("shop-a", "silo-a", enrolled / "shop-a.key")
     node("shop-b", "silo-b", enrolled / "shop-b.key")
+    node("shop-c", "silo-c", enrolled / "shop-c.key")
 
     rogue_code = rogue.wait(timeout=60)
     assert rogue_code != 0, processes.log("rogue")
     assert "Failed to activate SuperNode" in processes.log("rogue")
 
-    server.wait(timeout=600)
+    # shop-c's SuperNode dies once round 0 (census and releases) is checkpointed: in round 1 or just before it
+    _wait_for(
+        lambda: (out / "checkpoint" / "state.json").is_file() or server.poll() is not None,
+        600,
+        "round 0",
+        processes,
+    )
+    processes.kill("shop-c")
+
+    server.wait(timeout=900)
     assert server.returncode == 0, processes.log("server")[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rounds"] == ROUNDS
-    assert sorted(m["silo"] for m in metrics["merchants"]) == ["silo-a", "silo-b"]  # never the rogue's
+    assert sorted(m["silo"] for m in metrics["merchants"]) == ["silo-a", "silo-b"]  # the survivors; never the rogue
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2]
-    assert all(line["accepted"] == 2 and "silo-rogue" not in line["epsilon"] for line in lines[1:])
-    # federation mode: each round one secure sum of both merchants' noise shares, accounted once and in both ledgers
+    assert lines[0]["census"]["merchants"] == 3  # shop-c took part in the census and the releases
+    assert all("silo-rogue" not in line.get("epsilon", {}) for line in lines)
+    # the round shop-c died in completes with the other two or is abandoned cleanly; the next runs with them
+    assert lines[1]["accepted"] == 2 or "abandoned" in lines[1], lines[1]
+    assert lines[2]["accepted"] == 2 and "abandoned" not in lines[2], lines[2]
+    assert sorted(lines[2]["epsilon"]) == ["silo-a", "silo-b"]
+    # federation mode: each round one secure sum of the merchants' noise shares, accounted once and in every ledger
     assert (
         metrics["privacy"]["mode"] == "federation"
         and metrics["privacy"]["steps"] == ROUNDS

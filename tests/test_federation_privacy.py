@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.clientapp import ClientApp
+from flwr.common import ndarray_to_bytes
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from opacus.accountants import create_accountant
 
 import client.app as merchant_app
@@ -108,8 +110,25 @@ class ForgetfulClient(MerchantClient):
         return super().fit(parameters, config)
 
 
-def _app(client_cls) -> ClientApp:
-    app = ClientApp(mods=[secagg_mod_for(lambda context: client_cls(context).to_client())])
+def oversize_mod(msg, context, call_next):
+    """Partition 0 answers round 2's collect stage with its last masked tensor 4 million words long (32 MB)."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)  # read first: SecAgg+'s mod consumes it
+    collect = configs is not None and configs.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS
+    reply = call_next(msg, context)
+    if (
+        collect
+        and msg.metadata.group_id == "2"
+        and int(context.node_config["partition-id"]) == 0
+        and not reply.has_error()
+    ):
+        out = reply.content.config_records[RECORD_KEY_CONFIGS]
+        vector = list(out[Key.MASKED_PARAMETERS])
+        out[Key.MASKED_PARAMETERS] = vector[:-1] + [ndarray_to_bytes(np.ones(4_000_000, np.int64))]
+    return reply
+
+
+def _app(client_cls, *outer) -> ClientApp:
+    app = ClientApp(mods=[*outer, secagg_mod_for(lambda context: client_cls(context).to_client())])
     app.train()(merchant_app.train)  # Flower asks for one; a secure sum's messages never reach it
     app.evaluate()(merchant_app.evaluate)
     app.query()(merchant_app.query)
@@ -120,6 +139,7 @@ recording = _app(RecordingClient)
 faulty = _app(FaultyClient)
 thrifty = _app(ThriftyClient)
 forgetful = _app(ForgetfulClient)
+oversized = _app(MerchantClient, oversize_mod)
 
 
 @pytest.fixture
@@ -234,6 +254,24 @@ def test_a_dropout_is_recovered_above_min_replies_and_a_round_below_it_is_abando
     assert all(np.array_equal(steps[1]["before"][k], v) for k, v in steps[0]["after"].items())
     final = checkpoint.load(out / "checkpoint").global_arrays
     assert all(np.array_equal(final[k], v) for k, v in steps[1]["after"].items())
+
+
+def test_a_reply_past_the_size_bound_is_refused_before_the_sum_and_the_round_goes_on(tmp_path, tiny_bert, steps):
+    data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=90, seed=10))
+    out = tmp_path / "run"
+    m = run_simulation(
+        SimulationSpec(data=data, out=out, merchants=3),
+        _settings(tiny_bert, out, rounds=3, min_replies=2),
+        client_app=oversized,
+    )
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["accepted"] for line in lines[1:]] == [3, 2, 3] and len(steps) == 3
+    (refused,) = [r["reason"] for r in lines[2]["rejected"] if "refused before the sum" in r["reason"]]
+    print(f"round 2, refused: {refused}")
+    assert "past the bound" in refused and "32,0" in refused
+    # the other two were unmasked as if partition 0 had dropped out: the step is finite and moved the adapter
+    assert all(np.isfinite(v).all() for v in steps[1]["total"].values())
+    assert m["rounds"] == 3
 
 
 def test_a_merchant_refuses_a_round_its_budget_cannot_pay_for(tmp_path, tiny_bert, steps):
