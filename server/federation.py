@@ -304,6 +304,9 @@ class SiloTraining:
             result = self.secure(
                 rnd, cfg.to_record(), spec, sealed=arrays, shapes={n: self.shared[n].shape for n in spec.names}
             )
+            for m in result.merchants:
+                if m.status in ("rejected", "error"):
+                    log(WARNING, "round %d: %s", rnd, m.reason if m.silo == "?" else f"{m.silo}: {m.reason}")
             if result.total is None:
                 log(WARNING, "round %d: %s; the global adapter is unchanged", rnd, result.reason)
             line = round_line(rnd, result) | {

@@ -321,8 +321,7 @@ class SecureSum:
         result = c.result or RoundResult(
             total=None, reason="SecAgg+ halted before it could unmask the sum (too few merchants answered)"
         )
-        for reason in workflow.screened:
-            log(WARNING, "round %d: a reply was refused before the sum: %s", rnd, reason)
+        for reason in workflow.screened:  # the training logs each refused merchant, as it does every rejection
             result.merchants.append(MerchantReport(-1, "?", {}, "rejected", f"refused before the sum: {reason}"))
         result.workflow = {
             "clipping_range": workflow.clipping_range,
