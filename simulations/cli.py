@@ -321,8 +321,12 @@ def format_table(m: dict) -> str:
     rows = [f"{'test (seed ' + str(m['seed']) + ')':<22}" + "".join(f"{k.upper():>10}" for k in keys)]
     rows.append(f"{'silorec (' + eps + ')':<22}" + "".join(f"{m['test'][k]:>10.4f}" for k in keys))
     rows.append(f"{'MostPop':<22}" + "".join(f"{m['most_pop']['test'][k]:>10.4f}" for k in keys))
-    ratio = m["test"]["ndcg@10"] / max(m["most_pop"]["test"]["ndcg@10"], 1e-12)
-    rows.append(f"NDCG@10 is {ratio:.2f}x MostPop's over {m['test']['users']} users")
+    ours, pop = m["test"]["ndcg@10"], m["most_pop"]["test"]["ndcg@10"]
+    users = int(m["test"]["users"])
+    if pop > 0:
+        rows.append(f"NDCG@10 is {ours / pop:.2f}x MostPop's over {users} users")
+    else:  # a ratio to nothing says nothing
+        rows.append(f"NDCG@10 is {ours - pop:+.4f} over MostPop's (which scores 0) over {users} users")
     return "\n".join(rows)
 
 

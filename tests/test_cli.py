@@ -146,3 +146,20 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, synthetic
         sim, ["partition", str(synthetic_silo), "--merchants", "2", "--out", str(blocker / "silos")]
     )
     assert done.exit_code == 2 and done.output.startswith("error: ") and "Traceback" not in done.output, done.output
+
+
+def test_the_table_beside_a_mostpop_of_zero_gives_a_difference_not_a_ratio():
+    from simulations.cli import format_table
+
+    metrics = {k: 0.0 for k in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20")}
+    m = {
+        "epsilon": None,
+        "delta": None,
+        "seed": 0,
+        "test": {**metrics, "ndcg@10": 0.05, "users": 80.0},
+        "most_pop": {"test": metrics},
+    }
+    last = format_table(m).splitlines()[-1]
+    assert last == "NDCG@10 is +0.0500 over MostPop's (which scores 0) over 80 users"
+    m["most_pop"]["test"] = {**metrics, "ndcg@10": 0.025}
+    assert format_table(m).splitlines()[-1] == "NDCG@10 is 2.00x MostPop's over 80 users"
