@@ -47,7 +47,7 @@ from server.releases import Census, release_statistics, take_census
 from server.secagg import SecureSum
 from server.secagg import check as check_secure
 from server.settings import ServerSettings
-from server.strategy import ScreenedFedAvg, summarize_evaluation
+from server.strategy import RoundResult, ScreenedFedAvg, summarize_evaluation
 from server.updates import spec_of
 
 
@@ -200,20 +200,10 @@ def check_settings(settings: ServerSettings) -> None:
 
 def interrupted_line(rnd: int, training) -> dict[str, Any]:
     """metrics.jsonl's line for a round the coordinator stopped in after committing its step: spent, not applied."""
-    return {
-        "round": rnd,
-        "merchants": 0,
-        "accepted": 0,
-        "epsilon": {},
-        "delta": {},
-        "updates_received": 0,
-        "bytes_received": 0,
-        "seal_seconds": 0.0,
-        "rejected": [],
-        "no_update": [],
+    return round_line(rnd, RoundResult(total=None)) | {
         "abandoned": "the coordinator stopped during this round after committing its step to the accountant; "
         "the step stays spent and the round is not rerun, so the run keeps to its planned ε",
-        "epsilon_federation": training.summary().get("epsilon"),
+        "epsilon_federation": training.epsilon(),
         "seconds": 0.0,
     }
 

@@ -105,9 +105,9 @@ class TimedSecAggPlus(SecAggPlusWorkflow):
             setattr(self, stage, self._timed(stage, getattr(self, stage)))
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
-        ok = super().share_keys_stage(grid, context, state)
+        super().share_keys_stage(grid, context, state)  # its verdict counts the lost merchants: judged again below
         state.sampled_node_ids = set(state.active_node_ids)  # U2 of SecAgg+: who delivered key shares
-        return ok and self._check_threshold(state)
+        return self._check_threshold(state)
 
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
         if self.shapes is None:
