@@ -15,10 +15,18 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.node_config import NodeConfig
-from client.sealing import key_record, merchant_key
+from client.sealing import global_arrays, key_record, merchant_key, seal_update, signing_key
 from client.secagg import secure_aggregation_mod
 from common import seal
-from common.messages import POOL_RECORD
+from common.messages import (
+    ASK_CENSUS,
+    ASK_TABLE,
+    CENSUS_KIND,
+    POOL_RECORD,
+    TABLE_KIND,
+    USE_NEIGHBOURS,
+    USE_POOLED,
+)
 
 if TYPE_CHECKING:
     from client.merchant import Merchant, TrainOutcome
@@ -36,11 +44,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from client.sealing import global_arrays
     from common.round import RoundConfig
 
     cfg = RoundConfig.from_record(msg.content["config"])
-    merchant = merchant_from_context(context, cfg)
+    merchant = _merchant(NodeConfig.parse(context.node_config), cfg)
     metrics = merchant.evaluate(global_arrays(msg, cfg, context.node_id, merchant_key(merchant.state_dir)), cfg)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics), "info": _info(merchant)}), reply_to=msg)
 
@@ -50,23 +57,21 @@ def query(msg: Message, context: Context) -> Message:
     """The merchant's public key, so the coordinator can seal the global adapter to it; its census
     (federation mode); or, asked to pool popularity, its released item counts keyed by item text;
     then the pooled counts or co-occurrence to score with."""
+    node = NodeConfig.parse(context.node_config)
     ask = msg.content.config_records.get(POOL_RECORD)
     if ask is None:
-        state = NodeConfig.parse(context.node_config).state(str(msg.content["config"].get("silos_dir", "")))
+        state = node.state(str(msg.content["config"].get("silos_dir", "")))
         return Message(content=RecordDict({seal.KEY_RECORD: key_record(merchant_key(state))}), reply_to=msg)
-    from client.sealing import global_arrays
-    from common.messages import ASK_CENSUS, ASK_TABLE, CENSUS_KIND, TABLE_KIND, USE_NEIGHBOURS, USE_POOLED
     from common.round import RoundConfig
 
     cfg = RoundConfig.from_record(msg.content["config"])
-    merchant = merchant_from_context(context, cfg)
+    merchant = _merchant(node, cfg)
     if ask["ask"] == ASK_TABLE:
-        node = NodeConfig.parse(context.node_config)
         node.check_privacy(cfg.private, "a popularity release")
         table, reason = merchant.popularity_table(cfg, budget=node.budget)
-        return _sealed_reply(msg, context, merchant, table, reason, kind=TABLE_KIND)
+        return _sealed_reply(msg, context, node, merchant, table, reason, kind=TABLE_KIND)
     if ask["ask"] == ASK_CENSUS:
-        return _sealed_reply(msg, context, merchant, merchant.census(), "", kind=CENSUS_KIND)
+        return _sealed_reply(msg, context, node, merchant, merchant.census(), "", kind=CENSUS_KIND)
     if ask["ask"] in (USE_POOLED, USE_NEIGHBOURS):
         arrays = global_arrays(msg, cfg, context.node_id, merchant_key(merchant.state_dir))
         (merchant.use_pooled_popularity if ask["ask"] == USE_POOLED else merchant.use_pooled_neighbours)(arrays)
@@ -74,27 +79,27 @@ def query(msg: Message, context: Context) -> Message:
     raise ValueError(f"unknown query: {ask['ask']!r}")
 
 
-def train_locally(msg: Message, context: Context) -> tuple[Merchant, TrainOutcome]:
+def train_locally(msg: Message, context: Context) -> tuple[NodeConfig, Merchant, TrainOutcome]:
     """Train this merchant's silo from the global adapter in `msg` (the update is still in the clear)."""
-    from client.sealing import global_arrays
     from common.round import RoundConfig
 
     cfg = RoundConfig.from_record(msg.content["config"])
     node = NodeConfig.parse(context.node_config)
     node.check_privacy(cfg.private, "a training round")
-    merchant = merchant_from_context(context, cfg)
+    merchant = _merchant(node, cfg)
     arrays = global_arrays(msg, cfg, context.node_id, merchant_key(merchant.state_dir))
-    return merchant, merchant.train_round(arrays, cfg, budget=node.budget)
+    return node, merchant, merchant.train_round(arrays, cfg, budget=node.budget)
 
 
-def train_reply(msg: Message, context: Context, merchant: Merchant, outcome: TrainOutcome) -> Message:
+def train_reply(msg: Message, context: Context, node: NodeConfig, merchant: Merchant, outcome: TrainOutcome) -> Message:
     """The reply: metrics, and the update sealed to the run's key (in the clear only if the server asked no sealing)."""
-    return _sealed_reply(msg, context, merchant, outcome.update, outcome.reason, metrics=outcome.metrics)
+    return _sealed_reply(msg, context, node, merchant, outcome.update, outcome.reason, metrics=outcome.metrics)
 
 
 def _sealed_reply(
     msg: Message,
     context: Context,
+    node: NodeConfig,
     merchant: Merchant,
     arrays: dict | None,
     reason: str,
@@ -103,7 +108,6 @@ def _sealed_reply(
     kind: str = "train-update",
 ) -> Message:
     """`arrays` sealed to the run's key in `msg` (in the clear only if it sent none), or just why there are none."""
-    from client.sealing import seal_update, signing_key
     from common.arrays import to_record
     from common.round import RoundConfig
 
@@ -117,7 +121,7 @@ def _sealed_reply(
                 msg,
                 cfg,
                 context.node_id,
-                signing_key(NodeConfig.parse(context.node_config).signing_key),
+                signing_key(node.signing_key),
                 kind=kind,
             )
             for name, record in records.items():
@@ -128,11 +132,11 @@ def _sealed_reply(
     return Message(content=content, reply_to=msg)
 
 
-def merchant_from_context(context: Context, cfg: RoundConfig) -> Merchant:
-    """This node's Merchant, from its node config and the round's config."""
+def _merchant(node: NodeConfig, cfg: RoundConfig) -> Merchant:
+    """This node's Merchant (`client.merchant.merchant_for_node`), imported only by the handlers that need a model."""
     from client.merchant import merchant_for_node
 
-    return merchant_for_node(context.node_config, cfg)
+    return merchant_for_node(node, cfg)
 
 
 def _info(merchant: Merchant, reason: str = "") -> ConfigRecord:

@@ -25,23 +25,32 @@ import torch
 
 from client.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from client.node_config import NodeConfig
-from client.secagg import SecureAggregationError
 from common import atomic, distributed_dp
 from common.arrays import pack, to_numpy, to_torch, unpack
-from common.cooccurrence import pair_counts, set_released_cooccurrence
+from common.cooccurrence import pair_counts, release_top_cooccurrence
+from common.errors import SecureAggregationError
 from common.messages import SumSpec
 from common.metrics import metrics_from_ranks, most_pop
-from common.popularity import accountant_entry, counts_over_keys, key_slots, prior_of, release_prior, text_keys
+from common.model_config import ModelConfig
+from common.popularity import (
+    accountant_entry,
+    counts_over_keys,
+    key_slots,
+    prior_from_counts,
+    prior_of,
+    release_prior,
+    text_keys,
+)
+from common.recommender import Recommender, build_recommender
 from common.records import UserRecords
 from common.round import RoundConfig
 from common.serve import parse_scales, prior_scale_ranks, scaled_key
 from common.silo import Silo, load_silo
 from common.split import Split, leave_one_out
+from common.storage import LOCAL_FILE
 from common.text import item_texts
-from common.towers import ModelConfig, Recommender, build_recommender
 from common.train import clipped_gradient_sum, default_delta, train
 
-HEAD_FILE = "head.safetensors"
 TABLE_FILE = "popularity.safetensors"  # the silo's released item counts, keyed by item text: what it may pool
 TIMING_FILE = (
     "timing.jsonl"  # seconds each federation step took this merchant: local only (it would tell its sample size)
@@ -90,7 +99,7 @@ class Merchant:
             atomic.write_bytes(
                 self.state_dir / TABLE_FILE, pack({"keys": self.item_keys, "counts": np.asarray(counts, np.float64)})
             )
-            self.model.save_head(self.state_dir / HEAD_FILE)
+            self.model.save_local(self.state_dir / LOCAL_FILE)
 
     def popularity_table(
         self, cfg: RoundConfig, *, budget: float | None = None
@@ -101,7 +110,7 @@ class Merchant:
         """
         if not cfg.private or cfg.prior_noise <= 0:
             return None, "this run releases no popularity"
-        self.model.restore_head(self.state_dir / HEAD_FILE)
+        self.model.restore_local(self.state_dir)
         if not self.model.has_prior:
             self.release_statistics(cfg, self.ledger(cfg, budget))
             if not self.model.has_prior:
@@ -117,9 +126,9 @@ class Merchant:
     def use_pooled_popularity(self, table: dict[str, np.ndarray]) -> None:
         """Score with the pooled counts of our items' texts (the coordinator's sum of every merchant's table) from now on."""
         prior = prior_of(table, self.item_keys)  # ValueError before anything changes if it is no table
-        self.model.restore_head(self.state_dir / HEAD_FILE)
+        self.model.restore_local(self.state_dir)
         self.model.set_prior(prior)
-        self.model.save_head(self.state_dir / HEAD_FILE)
+        self.model.save_local(self.state_dir / LOCAL_FILE)
 
     # --- federation mode: shares of one sum over every merchant ------------------------
 
@@ -166,9 +175,9 @@ class Merchant:
         for index, key in enumerate(self.item_keys.tolist()):
             first.setdefault(key, index)
         mine = [k for k, key in enumerate(keys.tolist()) if key in first]
-        self.model.restore_head(self.state_dir / HEAD_FILE)
+        self.model.restore_local(self.state_dir)
         self.model.set_neighbours([first[int(keys[k])] for k in mine], matrix[np.ix_(mine, mine)])
-        self.model.save_head(self.state_dir / HEAD_FILE)
+        self.model.save_local(self.state_dir / LOCAL_FILE)
 
     def gradient_share(
         self, global_arrays: dict[str, np.ndarray], cfg: RoundConfig, spec: SumSpec, *, budget: float | None = None
@@ -252,7 +261,7 @@ class Merchant:
         self.model.load_shared_state(to_torch(global_arrays))
         # The state folder, not this process, holds the latest head: a simulation may serve this
         # silo from another actor in the next round, so read it every time.
-        self.model.restore_head(self.state_dir / HEAD_FILE)
+        self.model.restore_local(self.state_dir)
 
     def train_round(
         self, global_arrays: dict[str, np.ndarray], cfg: RoundConfig, *, budget: float | None = None
@@ -300,7 +309,7 @@ class Merchant:
                 "delta": ledger.delta,
                 "noise-multiplier": result.noise_multiplier,
             }
-        self.model.save_head(self.state_dir / HEAD_FILE)
+        self.model.save_local(self.state_dir / LOCAL_FILE)
         shared_after = to_numpy(self.model.shared_state())
         update = {k: shared_after[k] - shared_before[k] for k in shared_after}
         return TrainOutcome(update, metrics)
@@ -334,12 +343,15 @@ def release_statistics(
     """
     if ledger.cost(*accountant_entry(cfg.prior_noise)) >= ledger.budget:
         return None
-    counts = release_prior(model, split.train, cfg.prior_noise)
+    counts = release_prior(split.train, len(model.item_ids), cfg.prior_noise)
     noise, rate, steps = accountant_entry(cfg.prior_noise)
     ledger.record(run=run, round=round, noise_multiplier=noise, sample_rate=rate, steps=steps, what="popularity")
+    model.set_prior(prior_from_counts(counts))
     if cfg.cooccurrence_noise > 0 and ledger.cost(*accountant_entry(cfg.cooccurrence_noise)) < ledger.budget:
-        noise, rate, steps = set_released_cooccurrence(model, split.train, cfg.cooccurrence_noise)
+        released = release_top_cooccurrence(model.prior.cpu().numpy(), split.train, cfg.cooccurrence_noise)
+        noise, rate, steps = accountant_entry(cfg.cooccurrence_noise)
         ledger.record(run=run, round=round, noise_multiplier=noise, sample_rate=rate, steps=steps, what="cooccurrence")
+        model.set_neighbours(*released)
     return counts
 
 
@@ -352,11 +364,10 @@ def released_table(state_dir: Path) -> dict[str, np.ndarray] | None:
 _MERCHANTS: dict[tuple, Merchant] = {}
 
 
-def merchant_for_node(node_config: Mapping, cfg: RoundConfig) -> Merchant:
-    """This node's Merchant, from its node config and the round's config."""
+def merchant_for_node(node: NodeConfig, cfg: RoundConfig) -> Merchant:
+    """This node's Merchant, from its parsed node config and the round's config."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    node = NodeConfig.parse(node_config)
     return merchant_for(
         node.silo(cfg.silos_dir), node.state(cfg.silos_dir), cfg.model(), cache_dir=node.cache(cfg.silos_dir)
     )

@@ -35,17 +35,12 @@ from flwr.compat.common.recorddict_compat import recorddict_to_fitins
 from client.node_config import NodeConfig
 from common.arrays import l2_norm
 from common.distributed_dp import Lattice
-from common.errors import SilorecError
+from common.errors import SecureAggregationError
 from common.messages import SEALED_GLOBAL_KEY, SumSpec
 
 if TYPE_CHECKING:
     from client.merchant import Merchant
     from common.round import RoundConfig
-
-
-class SecureAggregationError(SilorecError):
-    """A secure sum cannot go on as announced for this merchant (its budget, its model, the lattice, too few others)."""
-
 
 SUM_STATE = "silorec-secure-sum"  # what a merchant remembers of the sum it is in (context.state), for the unmask stage
 
@@ -65,14 +60,16 @@ class MerchantClient(NumPyClient):
         self.context = context
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
-        from client.merchant import merchant_for_node  # the model: only the collecting stage needs it
+        # Only this stage needs the model (torch and the rest, seconds to import in a fresh
+        # ClientApp process); SecAgg+'s setup, key-sharing and unmasking stages never load it.
+        from client.merchant import merchant_for_node
         from common.round import RoundConfig
 
         cfg = RoundConfig.from_record(config)
         spec = SumSpec.from_config(config)
         node = NodeConfig.parse(self.context.node_config)
         node.check_privacy(cfg.private, f"a secure sum ({spec.task})")
-        merchant = merchant_for_node(self.context.node_config, cfg)
+        merchant = merchant_for_node(node, cfg)
         if spec.lattice is not None:
             check_ranges(self.context, spec.lattice, merchant.silo.name)
         sealed = self._sealed(merchant, parameters, config, cfg)

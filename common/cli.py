@@ -102,7 +102,8 @@ def with_defaults(model_cfg, defaults: dict[str, Any]):
 
 def model_options(f):
     """--base-model, LoRA, history and head options, gathered into a ModelConfig passed as `model_cfg`."""
-    from common.towers import BUNDLED, DP_MODEL_DEFAULTS, LOCAL_HEADS, ModelConfig
+    from common.model_config import BUNDLED, LOCAL_HEADS, ModelConfig
+    from common.presets import DP_MODEL
 
     d = ModelConfig()
     options = [
@@ -127,7 +128,7 @@ def model_options(f):
             default=d.max_tokens,
             show_default=True,
             help=f"Token budget of a user's history: the texts of their most recent items "
-            f"[{DP_MODEL_DEFAULTS['max_tokens']} with DP].",
+            f"[{DP_MODEL['max_tokens']} with DP].",
         ),
         click.option(
             "--recency",

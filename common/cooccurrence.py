@@ -14,13 +14,13 @@ of the co-occurrence counts among the catalog's most popular items can:
   scales their counts to L2 norm 1: one user's whole contribution has norm
   exactly 1 (the sensitivity under adding or removing a user);
 - each of the size·(size−1)/2 pair counts gets N(0, σ²) noise, composed by
-  the accountant like one DP-SGD step at sample rate 1 (`accountant_entry`);
+  the accountant like one DP-SGD step at sample rate 1 (`common.popularity.accountant_entry`);
 - the noisy matrix is then projected onto its `rank` largest eigenvalues in
   magnitude, which keeps the structure many users share and drops most of
   the noise (post-processing).
 
 A user is scored by the released rows of their most recent history items
-(see `Recommender.neighbour_scores`). Like the prior, the matrix is per item
+(`common.score.neighbour_scores`). Like the prior, the matrix is per item
 and stays in the silo; only the scalar weight it enters the score with is
 shared.
 """
@@ -28,24 +28,16 @@ shared.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.popularity import accountant_entry, gaussian_release
+from common.popularity import gaussian_release
 
-if TYPE_CHECKING:
-    from common.towers import Recommender
-
-# Chosen on MovieLens-100k validation with simulated releases (σ 1.1): 600 items cover most
-# next items there; window 3 beat whole-history co-occurrence; rank 32 kept 0.004 more test
-# NDCG@10 than the raw noisy matrix.
+# Chosen on MovieLens-100k validation: 600 items cover most next items, a window of 3 beats the
+# whole history, and rank 32 keeps the structure many users share while dropping most noise.
 SIZE = 600
 WINDOW = 3
 RANK = 32
-# A user is scored by the rows of their HISTORY most recent items, weighted RECENCY per step back.
-HISTORY = 10
-RECENCY = 0.8
 
 
 def pair_counts(histories: Sequence[np.ndarray], items: np.ndarray, n_items: int, window: int = WINDOW) -> np.ndarray:
@@ -110,27 +102,30 @@ def project(matrix: np.ndarray, rank: int = RANK) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
-def set_released_cooccurrence(
-    model: Recommender,
+def top_items(prior: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """The catalog indices of the `size` items the released prior ranks highest, in catalog order."""
+    prior = np.asarray(prior)
+    return np.sort(np.argsort(-prior, kind="stable")[: min(size, len(prior))])
+
+
+def release_top_cooccurrence(
+    prior: np.ndarray,
     histories: Sequence[np.ndarray],
     noise_multiplier: float,
     *,
     size: int = SIZE,
     seed: int | None = None,
-) -> tuple[float, float, int]:
-    """Release the co-occurrence of `histories` among the prior's `size` top items into `model`.
+) -> tuple[np.ndarray, np.ndarray]:
+    """The items (`top_items` of the already released `prior`) and their released co-occurrence in `histories`.
 
-    The model must already hold its released prior (which picks the items).
-    Returns the accountant entry the caller must record before the matrix is
-    kept or anything trained with it leaves the silo.
+    The caller records `accountant_entry(noise_multiplier)` before the matrix
+    is kept or anything trained with it leaves the silo.
     """
     if noise_multiplier <= 0:
         raise ValueError(f"a released co-occurrence needs noise: noise_multiplier must be > 0, not {noise_multiplier}")
-    if not model.has_prior:
+    if not np.asarray(prior).any():
         raise ValueError(
             "the co-occurrence release picks its items by the released popularity prior: release that first"
         )
-    prior = model.prior.detach().cpu().numpy()
-    items = np.sort(np.argsort(-prior, kind="stable")[: min(size, len(prior))])
-    model.set_neighbours(items, release_cooccurrence(histories, items, len(prior), noise_multiplier, seed=seed))
-    return accountant_entry(noise_multiplier)
+    items = top_items(prior, size)
+    return items, release_cooccurrence(histories, items, len(prior), noise_multiplier, seed=seed)

@@ -63,6 +63,10 @@ class EmptyLogError(SiloFormatError):
     """The interaction log has no interactions."""
 
 
+class SecureAggregationError(SilorecError):
+    """A secure sum cannot go on as announced for this merchant (its budget, its model, the lattice, too few others)."""
+
+
 class DataFetchError(SilorecError):
     """A demo data set could not be fetched or failed its checksum."""
 

@@ -32,12 +32,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from common.towers import Recommender
 
 
 def item_counts(histories: Sequence[np.ndarray], n_items: int) -> np.ndarray:
@@ -81,27 +77,18 @@ def accountant_entry(noise_multiplier: float) -> tuple[float, float, int]:
     return (float(noise_multiplier), 1.0, 1)
 
 
-def set_released_prior(
-    model: Recommender, histories: Sequence[np.ndarray], noise_multiplier: float, *, seed: int | None = None
-) -> tuple[float, float, int]:
-    """Release the counts of `histories` (training histories only) and fix them as `model`'s prior.
-
-    Returns the accountant entry the caller must record before the prior is
-    kept or anything trained with it leaves the silo.
-    """
-    release_prior(model, histories, noise_multiplier, seed=seed)
-    return accountant_entry(noise_multiplier)
-
-
 def release_prior(
-    model: Recommender, histories: Sequence[np.ndarray], noise_multiplier: float, *, seed: int | None = None
+    histories: Sequence[np.ndarray], n_items: int, noise_multiplier: float, *, seed: int | None = None
 ) -> np.ndarray:
-    """`set_released_prior`, returning the released counts (catalog order) for a caller that keeps or pools them."""
+    """The released counts of `histories` (training histories only; catalog order) under noise `noise_multiplier`.
+
+    The caller records `accountant_entry(noise_multiplier)` before the counts,
+    or the prior they give (`prior_from_counts`), are kept or anything trained
+    with them leaves the silo.
+    """
     if noise_multiplier <= 0:
         raise ValueError(f"a released prior needs noise: noise_multiplier must be > 0, not {noise_multiplier}")
-    counts = release_counts(histories, len(model.item_ids), noise_multiplier, seed=seed)
-    model.set_prior(prior_from_counts(counts))
-    return counts
+    return release_counts(histories, n_items, noise_multiplier, seed=seed)
 
 
 # --- pooling across merchants ------------------------------------------------------

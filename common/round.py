@@ -15,33 +15,25 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
+from common.model_config import ModelConfig
 from common.modes import PRIVACY_MODES
-from common.towers import DP_MODEL_DEFAULTS, ModelConfig
+from common.presets import CENTRAL_DP, DP_MODEL, SILO
 from common.train import TrainConfig
-
-# The defaults below are `federation` mode's: one DP-SGD step per round over every merchant's
-# users, with central DP-SGD's settings (common.train.preset) and its two releases. `silo` mode,
-# where each merchant trains local epochs under its own noise, runs with these instead where a
-# setting is not given (tuned on MovieLens-100k; see docs/results.md).
-SILO_PRESET: dict[str, Any] = {
-    "rounds": 3,
-    "local_epochs": 2,
-    "batch_size": 64,
-    "head_lr": 0.1,
-    "prior_noise": 1.0,
-    "cooccurrence_noise": 0.0,
-}
 
 
 @dataclass(frozen=True)
 class RoundConfig:
+    """One round's settings. The defaults are federation mode's: central DP-SGD's (common.presets.CENTRAL_DP), one
+    step a round, with its two releases; silo mode takes common.presets.SILO over them."""
+
     run_id: str = "run"
     round: int = 1
     rounds: int = 1
     local_epochs: int = 1  # silo mode: passes over its users per merchant per round
-    batch_size: int = 256  # expected users per DP-SGD step: over all merchants (federation), per merchant (silo)
-    lr: float = 1e-3  # the DP preset of common.train
-    head_lr: float = 0.01
+    # expected users per DP-SGD step: over all merchants (federation), per merchant (silo)
+    batch_size: int = CENTRAL_DP["batch_size"]
+    lr: float = CENTRAL_DP["lr"]
+    head_lr: float = CENTRAL_DP["head_lr"]
     max_grad_norm: float = TrainConfig.max_grad_norm
     next_items: int = TrainConfig.next_items
     cut: str = TrainConfig.cut  # where a user's training record cuts their history (common.records)
@@ -59,11 +51,11 @@ class RoundConfig:
     lora_alpha: int = ModelConfig.lora_alpha
     lora_targets: str = ",".join(ModelConfig.lora_targets)
     ffa: bool = ModelConfig.ffa
-    # DP's federated preset: the default run is private
-    max_tokens: int = DP_MODEL_DEFAULTS["max_tokens"]
+    # the DP preset: the default run is private
+    max_tokens: int = DP_MODEL["max_tokens"]
     recency: float = ModelConfig.recency
     temperature: float = ModelConfig.temperature
-    local_head: str = DP_MODEL_DEFAULTS["local_head"]
+    local_head: str = DP_MODEL["local_head"]
     # noise multiplier of the popularity prior's one release under DP (common.popularity): of the
     # federation's in federation mode, of each silo's in silo mode; paid from the same ε budget.
     # 0: no prior. A non-private run has none.
@@ -87,7 +79,7 @@ class RoundConfig:
 
     @classmethod
     def for_mode(cls, privacy: str, **overrides: Any) -> RoundConfig:
-        """A RoundConfig for `privacy` (silo mode: SILO_PRESET where `overrides` say nothing)."""
+        """A RoundConfig for `privacy` (silo mode: SILO where `overrides` say nothing)."""
         names = {f.name for f in fields(cls)}
         preset = {k: v for k, v in preset_of(privacy).items() if k in names}
         return cls(**preset | {"privacy": privacy} | overrides)
@@ -144,4 +136,4 @@ def preset_of(privacy: str) -> dict[str, Any]:
     """The settings `privacy` mode runs with where none is given, over the defaults (federation mode's)."""
     if privacy not in PRIVACY_MODES:
         raise ValueError(f"privacy must be one of {', '.join(PRIVACY_MODES)}, not {privacy!r}")
-    return dict(SILO_PRESET) if privacy == "silo" else {}
+    return dict(SILO) if privacy == "silo" else {}

@@ -9,10 +9,12 @@ import numpy as np
 import torch
 
 from common.metrics import ScoreFn, target_ranks
+from common.recommender import Recommender, build_recommender
+from common.score import PRIOR_WEIGHT
 from common.silo import Silo
 from common.split import EvalCase
+from common.storage import load_model_config
 from common.text import item_texts
-from common.towers import PRIOR_WEIGHT, Recommender, build_recommender, load_model_config
 
 
 @torch.no_grad()

@@ -24,19 +24,21 @@ from opacus.optimizers import DPPerLayerOptimizer
 from tqdm.auto import tqdm
 
 from common import accounting
+from common.presets import CENTRAL_DP
+from common.recommender import Recommender
 from common.records import Cut, UserRecord, UserRecords
 from common.split import Split
-from common.towers import Recommender
 
 AccountantHistory = list[accounting.Entry]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128  # expected batch: with DP the sample rate is batch_size / users
+    # the non-private defaults; a DP run takes common.presets.CENTRAL_DP over them
+    epochs: int = 15
+    batch_size: int = 64  # expected batch: with DP the sample rate is batch_size / users
     lr: float = 5e-3  # LoRA adapter
-    head_lr: float = 5e-2  # calibration and local item head: small layers that must move far in few steps
+    head_lr: float = 0.02  # calibration and local item head: small layers that must move far in few steps
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # per-user bound on the whole gradient (DP sensitivity)
     # How max_grad_norm² is shared between the adapter, the head's per-item weights and the small
@@ -61,29 +63,9 @@ class TrainConfig:
 
 
 def preset(private: bool, **overrides) -> TrainConfig:
-    """Defaults tuned on MovieLens-100k for each mode.
-
-    DP-SGD wants large batches (the noise is divided by the batch) and small
-    steps for the calibration, whose released statistics already place it
-    near its best; without DP, smaller batches give more steps per epoch.
-    """
-    # Epochs: 15 non-private reach 2x MostPop on ML-100k in ~11 min on 2 cores. Under DP more,
-    # noisier steps at the same ε did better (10 epochs: 1.15x MostPop, 20: 1.29x, before the
-    # per-item history); DP epochs cost more (per-user gradients), so the DP run pairs them with a
-    # 64-token history (common.towers.DP_MODEL_DEFAULTS) to stay under 10 minutes there.
-    # Batch: 512 of 943 users (sample rate 0.54) instead of 256 takes half the steps at 1.3x the
-    # noise multiplier (2.00 against 1.52 for ε=8), a third less noise on each step's mean
-    # gradient, but over two draws each it reached the same validation NDCG@10 (0.064 against
-    # 0.060 and 0.067) in twice the time: 256 stays.
-    # Head lr: with the prior and co-occurrence released, Adam at 0.1 (with a DP-trained item
-    # bias, common.towers.DP_MODEL_DEFAULTS) walked validation NDCG@10 from the released
-    # statistics' 0.079 to 0.069-0.075; at 0.01 and without the bias it held 0.077-0.080 over 20
-    # epochs. The calibration's text offset alone is 384 numbers of noisy Adam steps.
-    base = (
-        dict(epochs=20, batch_size=256, lr=1e-3, head_lr=0.01)
-        if private
-        else dict(epochs=15, batch_size=64, lr=5e-3, head_lr=0.02)
-    )
+    """A central run's TrainConfig: the defaults, under DP with `common.presets.CENTRAL_DP` over them, then the
+    `overrides` that are not None."""
+    base = dict(CENTRAL_DP) if private else {}
     base.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**base)
 

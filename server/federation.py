@@ -33,12 +33,13 @@ from peft import get_peft_model_state_dict
 from common import accounting, atomic
 from common.arrays import nbytes, to_numpy, to_record
 from common.distributed_dp import Lattice, plan
+from common.encoder import attach_adapter, load_encoder
 from common.errors import SilorecError
 from common.logs import log
 from common.messages import SumSpec
 from common.round import RoundConfig
+from common.score import PRIOR_WEIGHT, initial_calibration, trained_names
 from common.serve import best_scale, parse_scales, scale_prior_weight, scaled_key
-from common.towers import PRIOR_WEIGHT, attach_adapter, initial_calibration, load_encoder, trained_names
 from common.train import TrainConfig, default_delta
 from server import checkpoint, report, sealing
 from server.optimizer import GlobalOptimizer

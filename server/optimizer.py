@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from common.towers import CALIBRATION_PREFIX
+from common.score import CALIBRATION_PREFIX
 from common.train import TrainConfig, optimizer_for
 
 

@@ -11,7 +11,9 @@ from peft import set_peft_model_state_dict
 
 from common import atomic
 from common.arrays import to_torch
-from common.towers import CALIBRATION_PREFIX, ModelConfig, save_shared
+from common.model_config import ModelConfig
+from common.score import CALIBRATION_PREFIX
+from common.storage import save_shared
 
 
 def write_rounds(out: Path, history: list[dict[str, Any]]) -> None:

@@ -12,7 +12,7 @@ from common.serve import PRIOR_SCALES
 
 @dataclass(frozen=True)
 class ServerSettings:
-    rounds: int = 80  # federation mode: one DP-SGD step a round; silo mode's preset is 3 (common.round.SILO_PRESET)
+    rounds: int = 80  # federation mode: one DP-SGD step a round; silo mode's preset is 3 (common.presets.SILO)
     out_dir: str = "runs/flwr"
     resume: bool = False
     min_fit_clients: int = 2  # a round's update is applied only if at least this many merchants' updates pass screening

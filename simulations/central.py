@@ -16,15 +16,17 @@ from pathlib import Path
 import torch
 
 from common import atomic
-from common.cooccurrence import set_released_cooccurrence
+from common.cooccurrence import release_top_cooccurrence
+from common.encoder import default_device
 from common.metrics import evaluate, metrics_from_ranks, most_pop, ranks_of, save_ranks
+from common.model_config import ModelConfig
 from common.plots import plot_curves
-from common.popularity import set_released_prior
+from common.popularity import accountant_entry, prior_from_counts, release_prior
+from common.recommender import build_recommender
 from common.serve import scorer
 from common.silo import load_silo
 from common.split import leave_one_out
 from common.text import item_texts
-from common.towers import ModelConfig, build_recommender, default_device
 from common.train import TrainConfig, TrainResult, train
 
 
@@ -65,19 +67,23 @@ def run_central(
     score = scorer(model)
     released: list[tuple[float, float, int]] = []
     if cfg.train.private and cfg.prior_noise > 0:
-        released.append(set_released_prior(model, split.train, cfg.prior_noise, seed=cfg.train.noise_seed))
+        counts = release_prior(split.train, silo.n_items, cfg.prior_noise, seed=cfg.train.noise_seed)
+        released.append(accountant_entry(cfg.prior_noise))
+        model.set_prior(prior_from_counts(counts))
         log(f"popularity prior released with noise multiplier {cfg.prior_noise:g} (in ε)")
     if cfg.train.private and cfg.cooccurrence_noise > 0:  # refused without the prior, which picks its items
         # an experiment's fixed noise seed must not give the two releases the same noise
         seed = None if cfg.train.noise_seed is None else cfg.train.noise_seed + 1
-        released.append(set_released_cooccurrence(model, split.train, cfg.cooccurrence_noise, seed=seed))
+        prior = model.prior.cpu().numpy()
+        model.set_neighbours(*release_top_cooccurrence(prior, split.train, cfg.cooccurrence_noise, seed=seed))
+        released.append(accountant_entry(cfg.cooccurrence_noise))
         log(
             f"co-occurrence of the {len(model.neighbour_items)} most popular items released with noise multiplier "
             f"{cfg.cooccurrence_noise:g} (in ε)"
         )
 
     history: list[dict] = []
-    best = {"ndcg": -1.0, "epoch": 0, "shared": model.shared_state(), "head": model.head_state()}
+    best = {"ndcg": -1.0, "epoch": 0, "shared": model.shared_state(), "head": model.local_state()}
     if released:  # the released statistics alone are a model already: training must beat them on validation
         start_ndcg = evaluate(score, split.valid, desc="validation")["ndcg@10"]
         best["ndcg"] = start_ndcg
@@ -88,7 +94,7 @@ def run_central(
         history.append({"epoch": epoch + 1, "loss": result.losses[-1], "valid": valid, "epsilon": result.epsilon})
         improved = valid["ndcg@10"] > best["ndcg"]
         if improved:
-            best.update(ndcg=valid["ndcg@10"], epoch=epoch + 1, shared=model.shared_state(), head=model.head_state())
+            best.update(ndcg=valid["ndcg@10"], epoch=epoch + 1, shared=model.shared_state(), head=model.local_state())
         eps = f"   ε {result.epsilon:.2f}" if result.epsilon is not None else ""
         log(
             f"epoch {epoch + 1:>2}/{cfg.train.epochs}  loss {result.losses[-1]:.3f}   valid NDCG@10 "
@@ -99,7 +105,7 @@ def run_central(
 
     result = train(model, split, cfg.train, history=released, on_epoch=on_epoch)
     model.load_shared_state(best["shared"])
-    model.load_head_state(best["head"], model.item_ids)
+    model.load_local_state(best["head"], model.item_ids)
     ranks = {name: ranks_of(score, getattr(split, name), desc=name) for name in ("valid", "test")}
     valid, test = metrics_from_ranks(ranks["valid"]), metrics_from_ranks(ranks["test"])
     metrics = {

@@ -25,11 +25,11 @@ from common.cli import (
     with_defaults,
 )
 from common.metrics import RANKS_FILE
+from common.presets import DP_MODEL, SILO
 from common.records import CUTS
-from common.round import PRIVACY_MODES, SILO_PRESET, RoundConfig, preset_of
+from common.round import PRIVACY_MODES, RoundConfig, preset_of
 from common.silo import load_silo
 from common.summary import summarize
-from common.towers import DP_MODEL_DEFAULTS
 from common.train import TrainConfig, preset
 from server.report import sealing_summary
 from server.settings import ServerSettings
@@ -53,7 +53,7 @@ def warn_no_dp() -> None:
 def _preset(name: str) -> str:
     """A setting's default in each privacy mode, for --help: "federation's; silo's"."""
     fed = getattr(ServerSettings if name == "rounds" else RoundConfig, name)
-    return f"{fed:g}; {SILO_PRESET[name]:g} in silo mode"
+    return f"{fed:g}; {SILO[name]:g} in silo mode"
 
 
 @click.group(cls=RoleGroup, context_settings=CONTEXT)
@@ -296,7 +296,7 @@ def central(
     )
     model_cfg = replace(model_cfg, seed=seed)
     if epsilon is not None:
-        model_cfg = with_defaults(model_cfg, DP_MODEL_DEFAULTS)
+        model_cfg = with_defaults(model_cfg, DP_MODEL)
     if patience is None and epsilon is None:
         patience = CentralConfig.patience
     cfg = CentralConfig(
@@ -366,7 +366,7 @@ def format_table(m: dict) -> str:
     "--local-epochs",
     type=COUNT,
     default=None,
-    help=f"Silo mode: passes over its users per merchant per round [{SILO_PRESET['local_epochs']}].",
+    help=f"Silo mode: passes over its users per merchant per round [{SILO['local_epochs']}].",
 )
 @click.option(
     "--epsilon",
@@ -590,7 +590,7 @@ def run(
     if no_dp:
         warn_no_dp()
     else:
-        model_cfg = with_defaults(model_cfg, DP_MODEL_DEFAULTS)
+        model_cfg = with_defaults(model_cfg, DP_MODEL)
     if privacy == "federation":  # the coordinator steps only what is shared: no merchant-local item head
         model_cfg = with_defaults(model_cfg, {"local_head": "none"})
     given = {

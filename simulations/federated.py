@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from client.ledger import PrivacyLedger
-from client.merchant import HEAD_FILE, Merchant, release_statistics, released_table, state_path
+from client.merchant import Merchant, release_statistics, released_table, state_path
 from common import atomic
 from common.errors import SilorecError
 from common.metrics import (
@@ -30,12 +30,14 @@ from common.metrics import (
     save_ranks,
 )
 from common.popularity import prior_of, text_keys
-from common.round import SILO_PRESET, RoundConfig
+from common.presets import SILO
+from common.recommender import Recommender, build_recommender
+from common.round import RoundConfig
 from common.serve import best_scale, prior_scale_ranks, scale_prior_weight, scorer
 from common.silo import load_silo
 from common.split import leave_one_out
+from common.storage import load_local, local_file
 from common.text import item_texts
-from common.towers import Recommender, build_recommender, load_head
 from common.train import default_delta, train
 from server import checkpoint
 from server.federation import prior_scales
@@ -154,7 +156,7 @@ def local_only_settings(settings: ServerSettings) -> ServerSettings:
         "silos_dir",
     )
     cfg = RoundConfig.for_mode("silo", **{k: getattr(settings.round, k) for k in names})
-    return replace(settings, rounds=SILO_PRESET["rounds"], round=replace(cfg, rounds=SILO_PRESET["rounds"]))
+    return replace(settings, rounds=SILO["rounds"], round=replace(cfg, rounds=SILO["rounds"]))
 
 
 def central_most_pop(data: Path) -> dict[str, float]:
@@ -258,15 +260,16 @@ def reuse_releases(model: Recommender, folder: Path, ledger: PrivacyLedger, item
     """
     state = state_path({}, folder)
     own = released_table(state)
-    if own is None or not (state / HEAD_FILE).is_file():
+    saved = local_file(state)
+    if own is None or saved is None:
         return False
     releases = [
         e for e in PrivacyLedger.open(state, budget=ledger.budget, delta=ledger.delta).entries if e.what != "train"
     ]
     if not releases:
         return False
-    head, item_ids = load_head(state / HEAD_FILE)
-    model.load_head_state({k: v for k, v in head.items() if k in RELEASED}, item_ids)  # not the local head it trained
+    head, item_ids = load_local(saved)
+    model.load_local_state({k: v for k, v in head.items() if k in RELEASED}, item_ids)  # not the local head it trained
     model.set_prior(prior_of(own, item_keys))
     for e in releases:
         ledger.record(

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from peft import PeftModel
 
 from client.cli import main as client
-from common.towers import load_encoder
+from common.encoder import load_encoder
 from simulations.cli import main as sim
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 

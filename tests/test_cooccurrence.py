@@ -10,11 +10,13 @@ import torch
 
 from client.ledger import PrivacyLedger
 from client.merchant import Merchant
-from common.cooccurrence import pair_counts, release_cooccurrence, set_released_cooccurrence
+from common.cooccurrence import pair_counts, release_cooccurrence, release_top_cooccurrence
+from common.model_config import ModelConfig
+from common.recommender import build_recommender
 from common.round import RoundConfig
 from common.silo import load_silo
+from common.storage import LOCAL_FILE
 from common.text import item_texts
-from common.towers import ModelConfig, build_recommender
 
 
 def upper(matrix: np.ndarray) -> np.ndarray:
@@ -72,7 +74,7 @@ def test_released_neighbours_enter_the_score_times_the_shared_weight_and_stay_lo
     ids, texts = list(silo.items["item_id"]), item_texts(silo.items)
     model = build_recommender(ModelConfig(base_model=str(tiny_bert), local_head="none"), ids, texts)
     with pytest.raises(ValueError, match="release that first"):
-        set_released_cooccurrence(model, [np.array([0, 1])], 1.0)
+        release_top_cooccurrence(model.prior.numpy(), [np.array([0, 1])], 1.0)
     # every user goes 0 → 1 → 2: the released rows make 1 and 2 the neighbours of 0 and 1
     histories = [np.array([0, 1, 2])] * 50
     model.set_prior(np.linspace(3, 0, len(ids)))  # items 0, 1, 2 are the most popular
@@ -80,7 +82,9 @@ def test_released_neighbours_enter_the_score_times_the_shared_weight_and_stay_lo
     batch = model.history_inputs([np.array([5, 0])])
     with torch.no_grad():
         before = model(**batch)
-        assert set_released_cooccurrence(model, histories, 0.1, size=10, seed=0) == (0.1, 1.0, 1)
+        items, matrix = release_top_cooccurrence(model.prior.numpy(), histories, 0.1, size=10, seed=0)
+        assert items.tolist() == list(range(10)) and not model.has_neighbours
+        model.set_neighbours(items, matrix)
         scores = model.neighbour_scores(batch["recent"])
         assert torch.allclose(model(**batch) - before, 0.25 * scores, atol=1e-5)
     assert int(scores[0].argmax()) in (1, 2)  # what followed item 0 for every user
@@ -89,12 +93,12 @@ def test_released_neighbours_enter_the_score_times_the_shared_weight_and_stay_lo
     assert "calibration.neighbour_weight.weight" in model.shared_state()
     assert not any(v.numel() in (len(ids), 100) for v in model.shared_state().values())  # no per-item tensor leaves
 
-    model.save_head(tmp_path / "head.safetensors")
+    model.save_local(tmp_path / LOCAL_FILE)
     keep = [i for i in range(len(ids)) if i != 1][::-1]  # another catalog: reversed, without item 1
     other = build_recommender(
         ModelConfig(base_model=str(tiny_bert), local_head="none"), [ids[i] for i in keep], [texts[i] for i in keep]
     )
-    other.restore_head(tmp_path / "head.safetensors")
+    other.restore_local(tmp_path)
     assert other.has_neighbours and len(other.neighbour_items) == 9
     theirs = {ids[int(i)]: k for k, i in enumerate(model.neighbour_items)}
     ours = {other.item_ids[int(i)]: k for k, i in enumerate(other.neighbour_items)}

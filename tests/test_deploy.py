@@ -21,7 +21,7 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 
 from client.cli import main as client_main
-from common.towers import load_encoder
+from common.encoder import load_encoder
 from server.cli import main as server_main
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 

@@ -22,16 +22,17 @@ from safetensors.torch import load_file
 
 import client.app as merchant_app
 from client.ledger import PrivacyLedger
-from client.merchant import HEAD_FILE, released_table
+from client.merchant import released_table
 from common import accounting, seal
 from common.arrays import pack, to_record
+from common.encoder import load_encoder
 from common.errors import SilorecError
 from common.messages import ASK_TABLE, POOL_RECORD, TABLE_KIND
 from common.metrics import metrics_from_ranks
 from common.popularity import look_up, pool_tables, prior_from_counts
 from common.round import RoundConfig
 from common.serve import best_scale
-from common.towers import CALIBRATION_FILE, load_encoder
+from common.storage import CALIBRATION_FILE, LOCAL_FILE
 from server.report import sealing_summary
 from server.settings import ServerSettings
 from simulations.federated import (
@@ -145,11 +146,11 @@ hostile = ClientApp()
 
 @hostile.train()
 def _hostile_train(msg, context):
-    merchant, outcome = merchant_app.train_locally(msg, context)
+    node, merchant, outcome = merchant_app.train_locally(msg, context)
     how = TAMPER.get(int(context.node_config["partition-id"]))
     if outcome.update is not None and how in ("nan", "shape", "missing", "norm"):
         outcome = replace(outcome, update=_tamper(outcome.update, how))
-    reply = merchant_app.train_reply(msg, context, merchant, outcome)
+    reply = merchant_app.train_reply(msg, context, node, merchant, outcome)
     if outcome.update is None or how is None:
         return reply
     cfg = RoundConfig.from_record(msg.content["config"])
@@ -238,11 +239,11 @@ def test_bad_updates_and_spent_budgets_are_left_out_and_the_round_completes(tmp_
         [(t["keys"], t["counts"]) for name, t in tables.items() if name not in (silos[4].name, silos[5].name)]
     )
     for silo in silos[:4] + silos[6:]:
-        prior = load_file(silo / ".silorec-state" / HEAD_FILE)["prior"].numpy()
+        prior = load_file(silo / ".silorec-state" / LOCAL_FILE)["prior"].numpy()
         assert np.allclose(prior, prior_from_counts(look_up(pooled, tables[silo.name]["keys"])), atol=1e-5)
         ledger = PrivacyLedger.open(silo / ".silorec-state", budget=8.0, delta=1e-3)
         assert [e.what for e in ledger.entries] == ["popularity", "train"]  # one release; pooling is free
-    own = load_file(silos[4] / ".silorec-state" / HEAD_FILE)["prior"].numpy()
+    own = load_file(silos[4] / ".silorec-state" / LOCAL_FILE)["prior"].numpy()
     assert np.allclose(own, prior_from_counts(tables[silos[4].name]["counts"]), atol=1e-5)
 
     # After the last round the prior's weight was scaled by the factor best on validation, and

@@ -23,9 +23,10 @@ from opacus.accountants import create_accountant
 import client.app as merchant_app
 from client.ledger import PrivacyLedger
 from client.merchant import merchant_for_node
-from client.secagg import MerchantClient, SecureAggregationError, secagg_mod_for
+from client.node_config import NodeConfig
+from client.secagg import MerchantClient, secagg_mod_for
 from common import accounting, distributed_dp
-from common.errors import SilorecError
+from common.errors import SecureAggregationError, SilorecError
 from common.messages import SumSpec
 from common.round import RoundConfig
 from server import checkpoint
@@ -90,7 +91,9 @@ class ThriftyClient(MerchantClient):
         cfg, spec = RoundConfig.from_record(config), SumSpec.from_config(config)
         if spec.task == "gradient" and int(self.context.node_config["partition-id"]) == 1:
             ledger = PrivacyLedger.open(
-                merchant_for_node(self.context.node_config, cfg).state_dir, budget=8.0, delta=cfg.delta
+                merchant_for_node(NodeConfig.parse(self.context.node_config), cfg).state_dir,
+                budget=8.0,
+                delta=cfg.delta,
             )
             releases = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries if e.what != "train"]
             budget = accounting.epsilon([*releases, (spec.noise_multiplier, spec.sample_rate, 1)], cfg.delta) + 1e-6
@@ -104,7 +107,7 @@ class ForgetfulClient(MerchantClient):
     def fit(self, parameters, config):
         cfg, spec = RoundConfig.from_record(config), SumSpec.from_config(config)
         if spec.task == "gradient" and cfg.round == 2 and int(self.context.node_config["partition-id"]) == 0:
-            state = merchant_for_node(self.context.node_config, cfg).state_dir
+            state = merchant_for_node(NodeConfig.parse(self.context.node_config), cfg).state_dir
             for name in ("ledger.json", "ledger.seen"):
                 (state / name).unlink()
         return super().fit(parameters, config)

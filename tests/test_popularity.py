@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from client.ledger import PrivacyLedger
-from client.merchant import HEAD_FILE, Merchant, released_table, state_path
+from client.merchant import Merchant, released_table, state_path
 from common.metrics import ranks_of
+from common.model_config import ModelConfig
 from common.popularity import (
     accountant_entry,
     check_table,
@@ -20,15 +21,16 @@ from common.popularity import (
     prior_from_counts,
     read_table,
     release_counts,
-    set_released_prior,
+    release_prior,
     text_keys,
 )
+from common.recommender import build_recommender
 from common.round import RoundConfig
 from common.serve import best_scale, parse_scales, prior_scale_ranks, scorer
 from common.silo import load_silo
 from common.split import leave_one_out
+from common.storage import LOCAL_FILE, load_local
 from common.text import item_texts
-from common.towers import ModelConfig, build_recommender, load_head
 from server.settings import ServerSettings
 from simulations import federated
 from simulations.federated import run_local_only
@@ -77,10 +79,10 @@ def test_prior_enters_the_score_times_the_shared_weight_and_is_saved_locally(tmp
     assert "calibration.prior_weight.weight" in model.shared_state()  # the weight is shared...
     assert not any(v.numel() == len(ids) for v in model.shared_state().values())  # ...no per-item tensor is
 
-    model.save_head(tmp_path / HEAD_FILE)  # no item head, but the prior stays in the silo's state
+    model.save_local(tmp_path / LOCAL_FILE)  # no item head, but the prior stays in the silo's state
     other = build_recommender(ModelConfig(base_model=str(tiny_bert), local_head="none"), ids[::-1], texts[::-1])
     assert not other.has_prior
-    other.restore_head(tmp_path / HEAD_FILE)
+    other.restore_local(tmp_path)
     assert np.allclose(other.prior.numpy(), prior[::-1])  # aligned by item id
     with pytest.raises(ValueError, match="one per catalog item"):
         other.set_prior(np.zeros(3))
@@ -113,16 +115,19 @@ def test_a_merchant_releases_once_and_pays_for_it_in_its_ledger(tmp_path, tiny_b
     assert restarted.model.has_prior and torch.equal(restarted.model.prior, merchant.model.prior)
 
 
-def test_set_released_prior_reports_what_to_account(tiny_bert, synthetic_silo):
+def test_release_prior_is_a_pure_release_the_model_is_then_given(tiny_bert, synthetic_silo):
     silo = load_silo(synthetic_silo)
     model = build_recommender(
         ModelConfig(base_model=str(tiny_bert)), list(silo.items["item_id"]), item_texts(silo.items)
     )
     histories = [np.array([0, 1, 2]), np.array([2, 3])]
-    assert set_released_prior(model, histories, 1.5) == (1.5, 1.0, 1)
+    counts = release_prior(histories, silo.n_items, 1.5, seed=0)
+    assert counts.shape == (silo.n_items,) and not model.has_prior  # the release touches no model
+    assert accountant_entry(1.5) == (1.5, 1.0, 1)
+    model.set_prior(prior_from_counts(counts))
     assert model.has_prior
     with pytest.raises(ValueError, match="needs noise"):
-        set_released_prior(model, histories, 0.0)
+        release_prior(histories, silo.n_items, 0.0)
 
 
 def test_local_only_merchants_pay_for_the_same_prior_from_the_same_budget(tmp_path, tiny_bert):
@@ -159,10 +164,10 @@ def test_local_only_merchants_keep_the_release_they_made_to_federate(tmp_path, t
     )
     federating = Merchant(silos / "a", state_path({}, silos / "a"), cfg.model())
     federating.release_statistics(replace(cfg, prior_noise=2.0), federating.ledger(cfg, None))
-    released, _ = load_head(state_path({}, silos / "a") / HEAD_FILE)
+    released, _ = load_local(state_path({}, silos / "a") / LOCAL_FILE)
     table = released_table(state_path({}, silos / "a"))
     federating.use_pooled_popularity({"keys": table["keys"], "counts": 3 * np.abs(table["counts"]) + 5})
-    assert not torch.equal(load_head(state_path({}, silos / "a") / HEAD_FILE)[0]["prior"], released["prior"])
+    assert not torch.equal(load_local(state_path({}, silos / "a") / LOCAL_FILE)[0]["prior"], released["prior"])
     priors = []
     real_train = federated.train
     monkeypatch.setattr(

@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 
 import client.app as merchant_app
 from client.merchant import merchant_for_node
+from client.node_config import NodeConfig
 from client.secagg import MerchantClient, clip_norm, secagg_mod_for, secure_aggregation_mod
 from common.errors import SilorecError
 from common.messages import SumSpec
@@ -32,7 +33,7 @@ class RecordingClient(MerchantClient):
         folder = Path(cfg.silos_dir).parent / "plaintext"
         folder.mkdir(exist_ok=True)
         names = SumSpec.from_config(config).names
-        merchant = merchant_for_node(self.context.node_config, cfg)
+        merchant = merchant_for_node(NodeConfig.parse(self.context.node_config), cfg)
         start = {n: a for n, a in self._sealed(merchant, parameters, config, cfg).items() if n in names}
         np.savez(
             folder / f"round-{cfg.round}-node-{self.context.node_id}.npz",

@@ -5,9 +5,12 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from common.encoder import load_encoder
+from common.model_config import ModelConfig
+from common.recommender import Recommender, build_recommender
 from common.silo import load_silo
+from common.storage import CALIBRATION_FILE
 from common.text import item_texts
-from common.towers import CALIBRATION_FILE, ModelConfig, Recommender, build_recommender, load_encoder
 
 
 def catalog(path):
@@ -122,7 +125,7 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_scores(tmp_path, tiny_
         peft_model = PeftModel.from_pretrained(enc, str(tmp_path / "adapter")).eval()
         tower = Recommender(peft_model, tok, m.item_vectors, cfg, ids, m.item_tokens)
         u = tower.encode_users(batch["input_ids"], batch["segments"], batch["position_ids"])
-        head = m.head_state()
+        head = m.local_state()
         calibration = load_file(tmp_path / "adapter" / CALIBRATION_FILE)
         scale, offset = (
             calibration["calibration.log_scale.weight"].exp(),
@@ -139,7 +142,7 @@ def test_head_aligns_by_item_id_across_catalogs(tiny_bert, synthetic_silo):
     ids, texts, _ = catalog(synthetic_silo)
     state = {"weight": torch.randn(len(ids), 32), "bias": torch.arange(len(ids), dtype=torch.float32)}
     reordered = build_recommender(ModelConfig(base_model=str(tiny_bert)), ids[::-1] + ["new"], texts[::-1] + ["new"])
-    reordered.load_head_state(state, ids)
+    reordered.load_local_state(state, ids)
     bias = reordered.head.bias.weight[:, 0]
     assert bias[0] == len(ids) - 1 and bias[1] == len(ids) - 2 and bias[-1] == 0
     assert np.allclose(reordered.head.weights.weight[1].detach(), state["weight"][len(ids) - 2])
@@ -149,7 +152,7 @@ def test_many_writers_can_fill_the_same_item_cache_at_once(tmp_path, tiny_bert, 
     # simulation actors of several merchants share one cache; a fixed temporary name raced here
     from concurrent.futures import ThreadPoolExecutor
 
-    from common.towers import cached_item_vectors
+    from common.encoder import cached_item_vectors
 
     _, texts, _ = catalog(synthetic_silo)
     cfg = ModelConfig(base_model=str(tiny_bert))

@@ -7,12 +7,13 @@ from opacus import GradSampleModule
 
 from common import accounting
 from common.metrics import evaluate, most_pop
+from common.model_config import ModelConfig
+from common.recommender import build_recommender
 from common.records import UserRecords
 from common.serve import scorer
 from common.silo import load_silo
 from common.split import leave_one_out
 from common.text import item_texts
-from common.towers import ModelConfig, build_recommender
 from common.train import (
     TrainConfig,
     clip_bounds,
