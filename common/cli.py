@@ -89,89 +89,67 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
 
-def with_defaults(model_cfg, defaults: dict[str, Any]):
-    """`model_cfg` with `defaults` for every option the current command line did not set."""
-    from dataclasses import replace
-
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context()
-    unset = {k: v for k, v in defaults.items() if ctx.get_parameter_source(k) in (ParameterSource.DEFAULT, None)}
-    return replace(model_cfg, **unset)
+MODEL_OPTIONS = (
+    "base_model",
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "ffa",
+    "max_tokens",
+    "recency",
+    "temperature",
+    "local_head",
+)
 
 
 def model_options(f):
-    """--base-model, LoRA, history and head options, gathered into a ModelConfig passed as `model_cfg`."""
-    from common.model_config import BUNDLED, LOCAL_HEADS, ModelConfig
-    from common.presets import DP_MODEL
+    """ModelConfig's settings as options (help and defaults from its fields), passed on as `model_given`.
 
-    d = ModelConfig()
+    `model_given` maps each to its value, None where a preset decides
+    (`model_config` resolves those).
+    """
+    from common.model_config import LOCAL_HEADS, ModelConfig
+    from common.presets import DP_MODEL
+    from common.setting import option
+
+    types = {
+        "lora_r": COUNT,
+        "lora_alpha": COUNT,
+        "max_tokens": COUNT,
+        "recency": Number(float, low=0, high=1, low_open=True),
+        "temperature": POSITIVE,
+        "local_head": click.Choice(LOCAL_HEADS),
+    }
     options = [
-        click.option(
-            "--base-model",
-            default=BUNDLED,
-            show_default=True,
-            help="BERT-family encoder: 'bundled' (all-MiniLM-L6-v2), a local path or a hub name.",
-        ),
-        click.option("--lora-r", type=COUNT, default=d.lora_r, show_default=True, help="LoRA rank."),
-        click.option("--lora-alpha", type=COUNT, default=d.lora_alpha, show_default=True, help="LoRA scaling alpha."),
-        click.option(
-            "--lora-targets",
-            default=",".join(d.lora_targets),
-            show_default=True,
-            help="Comma-separated module names to adapt.",
-        ),
-        click.option("--ffa", is_flag=True, help="FFA-LoRA: freeze A at its seeded init, train and share only B."),
-        click.option(
-            "--max-tokens",
-            type=COUNT,
-            default=d.max_tokens,
-            show_default=True,
-            help=f"Token budget of a user's history: the texts of their most recent items "
-            f"[{DP_MODEL['max_tokens']} with DP].",
-        ),
-        click.option(
-            "--recency",
-            type=Number(float, low=0, high=1, low_open=True),
-            default=d.recency,
-            show_default=True,
-            help="Weight of a history item in the user vector, per step back in time (1: plain mean).",
-        ),
-        click.option(
-            "--temperature",
-            type=POSITIVE,
-            default=d.temperature,
-            show_default=True,
-            help="Initial temperature of the cosine score (the scale is learned).",
-        ),
-        click.option(
-            "--local-head",
-            type=click.Choice(LOCAL_HEADS),
-            default=d.local_head,
-            show_default=True,
-            help="Merchant-local item head: per-item weights and bias, bias only, or none [none with DP: the released "
-            "statistics carry popularity].",
-        ),
+        option(
+            ModelConfig,
+            name,
+            presets={"with DP": DP_MODEL},
+            **({"default": ",".join(ModelConfig().lora_targets)} if name == "lora_targets" else {}),
+            **({"type": types[name]} if name in types else {}),
+        )
+        for name in MODEL_OPTIONS
     ]
 
-    def wrapper(
-        *args, base_model, lora_r, lora_alpha, lora_targets, ffa, max_tokens, recency, temperature, local_head, **kwargs
-    ):
-        targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
-        kwargs["model_cfg"] = ModelConfig(
-            base_model=base_model,
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_targets=targets,
-            ffa=ffa,
-            max_tokens=max_tokens,
-            recency=recency,
-            temperature=temperature,
-            local_head=local_head,
-        )
+    def wrapper(*args, **kwargs):
+        kwargs["model_given"] = {name: kwargs.pop(name) for name in MODEL_OPTIONS}
         return f(*args, **kwargs)
 
     wrapper = functools.wraps(f)(wrapper)
-    for option in reversed(options):
-        wrapper = option(wrapper)
+    for decorate in reversed(options):
+        wrapper = decorate(wrapper)
     return wrapper
+
+
+def model_config(given: dict[str, Any], *presets: dict[str, Any], seed: int = 0):
+    """The ModelConfig of the options `given` (from `model_options`), the `presets` (later ones win) filling what was
+    not given."""
+    from common.model_config import ModelConfig
+
+    values: dict[str, Any] = {}
+    for p in presets:
+        values |= dict(p)
+    values |= {k: v for k, v in given.items() if v is not None}
+    if isinstance(values.get("lora_targets"), str):
+        values["lora_targets"] = tuple(t.strip() for t in values["lora_targets"].split(",") if t.strip())
+    return ModelConfig(**values, seed=seed)

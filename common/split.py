@@ -1,4 +1,4 @@
-"""Leave-one-out split and candidate masking, as EVAL.md defines them.
+"""Leave-one-out split and candidate masking, as docs/eval.md defines them.
 
 Each user's interactions are ordered by timestamp (a stable sort, so ties keep
 file order); the last is the test target, the one before it the validation

@@ -27,6 +27,7 @@ from common import accounting
 from common.presets import CENTRAL_DP
 from common.recommender import Recommender
 from common.records import Cut, UserRecord, UserRecords
+from common.setting import setting
 from common.split import Split
 
 AccountantHistory = list[accounting.Entry]
@@ -34,28 +35,37 @@ AccountantHistory = list[accounting.Entry]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # the non-private defaults; a DP run takes common.presets.CENTRAL_DP over them
-    epochs: int = 15
-    batch_size: int = 64  # expected batch: with DP the sample rate is batch_size / users
-    lr: float = 5e-3  # LoRA adapter
-    head_lr: float = 0.02  # calibration and local item head: small layers that must move far in few steps
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # per-user bound on the whole gradient (DP sensitivity)
+    """One training call's settings: the non-private defaults; a DP run takes common.presets.CENTRAL_DP over them."""
+
+    epochs: int = setting(15, "Passes over the users.")
+    batch_size: int = setting(64, "Expected users per step (with DP the sample rate is batch-size / users).")
+    lr: float = setting(5e-3, "Learning rate of the LoRA adapter.")
+    head_lr: float = setting(
+        0.02,
+        "Learning rate of the calibration and the local item head: small layers that must move far in few steps.",
+    )
+    weight_decay: float = setting(0.0, "AdamW's weight decay.")
+    max_grad_norm: float = setting(1.0, "Per-user clipping bound C of the whole gradient (DP).")
     # How max_grad_norm² is shared between the adapter, the head's per-item weights and the small
     # rest (item bias, calibration) by per-group clipping: the adapter's raw per-user norm is
     # several times the head's, and one global clip would starve the head of signal.
     clip_shares: tuple[float, float, float] = (0.5, 0.25, 0.25)
-    epsilon: float | None = None  # target ε for this call; None and no noise_multiplier: no DP
-    delta: float | None = None  # default: 1 / (10 · users)
+    epsilon: float | None = setting(None, "Target ε of this call; None and no noise multiplier: no DP.")
+    delta: float | None = setting(None, "DP δ, below 1/users (default: 1/(10·users)).")
     noise_multiplier: float | None = None  # set directly (the federated ledger plans it across rounds)
     accountant: str = accounting.DEFAULT
-    next_items: int = 5  # targets per user record: the items that followed the history prefix
-    cut: Cut = "random"  # where a user's record cuts its history (common.records)
-    seed: int = 0  # the adapter's init, the records' cut points and (without DP) the batch order
-    # The DP noise and the Poisson sampling must be unpredictable to whoever sees the result: by
-    # default they are seeded afresh from the OS's entropy. A fixed noise_seed makes an experiment
-    # reproducible, and lets anyone who knows it subtract the noise: never for a released model.
-    noise_seed: int | None = None
+    next_items: int = setting(5, "Targets of a training record: the items that followed the cut.")
+    cut: Cut = setting(
+        "random",
+        "Where a user's training record cuts their history: anywhere (random), within the last items (recent), or at "
+        "the last one.",
+    )
+    seed: int = setting(0, "Seed of the adapter's init, the records and (without DP) the batch order.")
+    noise_seed: int | None = setting(
+        None,
+        "Seed the DP noise and sampling, for a reproducible experiment (default: fresh OS entropy). Whoever knows it "
+        "can subtract the noise: never for a model you release.",
+    )
 
     @property
     def private(self) -> bool:

@@ -1,6 +1,6 @@
 """The coordinator's round loop, one for both privacy modes: start, then each round train, evaluate, checkpoint.
 
-Follows "One round" of DESIGN.md. What a round does to the global adapter is
+Described in docs/research.md ("Federated training"). What a round does to the global adapter is
 the privacy mode's training, picked once by name (`TRAININGS`):
 
 - `federation` (`FederationTraining`): round 0 takes the census and releases

@@ -8,41 +8,56 @@ from typing import Any
 from common.errors import SilorecError
 from common.round import RoundConfig
 from common.serve import PRIOR_SCALES
+from common.setting import setting
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    rounds: int = 80  # federation mode: one DP-SGD step a round; silo mode's preset is 3 (common.presets.SILO)
-    out_dir: str = "runs/flwr"
-    resume: bool = False
-    min_fit_clients: int = 2  # a round's update is applied only if at least this many merchants' updates pass screening
-    min_available_clients: int = 2
-    fraction_train: float = 1.0
-    aggregation: str = "fedavg"  # fedavg | median | trimmed-mean
-    trim: float = 0.1  # trimmed-mean: fraction dropped at each end
-    max_update_norm: float = 25.0  # L2 bound on one merchant's update; larger ones are rejected
-    round_timeout: float = 3600.0
-    secure_aggregation: bool = (
-        False  # SecAgg+: the coordinator sees only the sum of updates (no screening, no robust aggregation)
+    """The coordinator's settings; the defaults are federation mode's, silo mode takes common.presets.SILO over them."""
+
+    rounds: int = setting(80, "Rounds (num-server-rounds in the run config); in federation mode one DP-SGD step each.")
+    out_dir: str = setting("runs/flwr", "Run folder: checkpoint, metrics, adapter, plots.")
+    resume: bool = setting(False, "Continue the run in the run folder from its last complete round.")
+    min_fit_clients: int = setting(2, "Silo mode: fewest accepted updates that change the global adapter.")
+    min_available_clients: int = setting(2, "Fewest merchants online before a round starts.")
+    fraction_train: float = setting(1.0, "Silo mode: share of the online merchants asked to train each round.")
+    aggregation: str = setting("fedavg", "Silo mode: fedavg (users-weighted) or a robust rule.")
+    trim: float = setting(0.1, "Silo mode, trimmed-mean: the share of updates dropped at each end.")
+    max_update_norm: float = setting(25.0, "Silo mode: updates with a larger L2 norm are rejected.")
+    round_timeout: float = setting(3600.0, "Seconds a round waits for the merchants' replies.")
+    secure_aggregation: bool = setting(
+        False,
+        "Silo mode: Flower's SecAgg+, so the server learns only the sum of updates (no per-update screening; fedavg "
+        "only). Federation mode always sums through it.",
     )
-    # before round 1, sum the merchants' released popularity by item text and give each merchant
-    # the pooled counts (server.popularity); DP runs with a prior only, never with SecAgg+
-    pool_popularity: bool = True
-    # after the last round, scale the prior's weight by the factor that scores best on all
-    # merchants' validation users (common.serve); "" keeps the learned weight
-    prior_scales: str = PRIOR_SCALES
-    seal_updates: bool = True  # merchants seal updates to the run's key; off only for debugging
-    signing_keys: str = (
-        ""  # signing.json of `silorec-server enroll`: then every update must be signed by an enrolled merchant
+    pool_popularity: bool = setting(
+        True,
+        "Silo mode: before round 1 the coordinator sums the merchants' released item counts by item text and each "
+        "merchant scores with the pooled ones (no further ε; the coordinator sees each merchant's noisy counts; "
+        "never with secure aggregation).",
     )
-    state_key_file: str = (
-        ""  # a file holding the key that encrypts the run's sealing key at rest (else $SILOREC_STATE_KEY)
+    prior_scales: str = setting(
+        PRIOR_SCALES,
+        "After the last round, scale the prior's weight by whichever of these factors scores best on validation "
+        "users (all merchants' in the federation, its own for a merchant alone); '' keeps the learned weight.",
     )
-    # federation mode: the fewest merchants whose shares a round needs (m_min); each merchant adds
-    # noise of variance σ²C²/m_min, and a round with fewer replies is abandoned. 0: every merchant
-    # of the run's census (exactly the central noise; any dropout abandons a round)
-    min_replies: int = 0
-    eval_every: int = 0  # validation every this many rounds (and after the last); 0: federation mode once per pass over the users, silo mode every round
+    seal_updates: bool = setting(True, "Merchants seal updates to the run's key; off only for debugging.")
+    signing_keys: str = setting(
+        "", "signing.json of `silorec-server enroll`: then every update must be signed by an enrolled merchant."
+    )
+    state_key_file: str = setting(
+        "", "A file holding the key that encrypts the run's sealing key at rest (else $SILOREC_STATE_KEY)."
+    )
+    min_replies: int = setting(
+        0,
+        "Federation mode: the fewest merchants a round needs (m_min); each adds noise of variance σ²C²/m_min and a "
+        "round with fewer is abandoned. 0: every merchant of the run.",
+    )
+    eval_every: int = setting(
+        0,
+        "Validate every this many rounds, and after the last; 0: once per expected pass over the users "
+        "(federation), every round (silo).",
+    )
     round: RoundConfig = field(default_factory=RoundConfig)  # what merchants are told
 
     @property

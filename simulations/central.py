@@ -24,6 +24,7 @@ from common.plots import plot_curves
 from common.popularity import accountant_entry, prior_from_counts, release_prior
 from common.recommender import build_recommender
 from common.serve import scorer
+from common.setting import setting
 from common.silo import load_silo
 from common.split import leave_one_out
 from common.text import item_texts
@@ -34,20 +35,24 @@ from common.train import TrainConfig, TrainResult, train
 class CentralConfig:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
-    # Epochs without a better validation NDCG@10 before stopping; None: train every planned epoch
-    # (a DP run's default: one epoch's validation NDCG is noisy, standard error ≈0.006 at 943
-    # users, and with patience 3 one noise draw stopped at epoch 7 and tested 0.0445 where
-    # another of the same settings ran to epoch 14 and tested 0.0671). The best epoch by
-    # validation is kept either way.
-    patience: int | None = 3
-    # What a DP run releases once before training, in the same accountant (noise multipliers; 0:
-    # none): the popularity prior (common.popularity) and the item co-occurrence among the prior's
-    # top items (common.cooccurrence, which needs the prior). Together σ 2 and 1 cost ε 4.36 at
-    # δ=1e-4 and leave the rest to DP-SGD. Without them the DP model must learn popularity with a
-    # per-item bias and cannot learn which items go together at all: test NDCG@10 0.0445-0.0688
-    # over seven noise draws. A non-private run releases nothing; its head learns both.
-    prior_noise: float = 2.0
-    cooccurrence_noise: float = 1.0
+    # A DP run trains every planned epoch (patience None): one epoch's validation NDCG@10 is too
+    # noisy to stop on. The best epoch by validation is kept either way.
+    patience: int | None = setting(
+        3,
+        "Stop after this many epochs without a better validation NDCG@10 (without DP; with DP every epoch is trained).",
+    )
+    # A DP run releases these once before training, in the same accountant; a non-private run
+    # releases nothing and its head learns both.
+    prior_noise: float = setting(
+        2.0,
+        "Noise multiplier of an item-popularity prior released once before training and counted in ε (DP runs "
+        "only); 0: no prior.",
+    )
+    cooccurrence_noise: float = setting(
+        1.0,
+        "Noise multiplier of the item co-occurrence among the prior's top items, released once after it and counted "
+        "in ε (DP runs only; needs the prior); 0: none.",
+    )
 
 
 def run_central(

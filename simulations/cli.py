@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import click
@@ -20,14 +20,15 @@ from common.cli import (
     PROBABILITY,
     SEED,
     RoleGroup,
+    model_config,
     model_options,
     quiet_libraries,
-    with_defaults,
 )
 from common.metrics import RANKS_FILE
-from common.presets import DP_MODEL, SILO
+from common.presets import CENTRAL_DP, DP_MODEL, SILO
 from common.records import CUTS
-from common.round import PRIVACY_MODES, RoundConfig, preset_of
+from common.round import MODEL_SETTINGS, PRIVACY_MODES, RoundConfig, preset_of
+from common.setting import option
 from common.silo import load_silo
 from common.summary import summarize
 from common.train import TrainConfig, preset
@@ -50,10 +51,15 @@ def warn_no_dp() -> None:
     )
 
 
-def _preset(name: str) -> str:
-    """A setting's default in each privacy mode, for --help: "federation's; silo's"."""
-    fed = getattr(ServerSettings if name == "rounds" else RoundConfig, name)
-    return f"{fed:g}; {SILO[name]:g} in silo mode"
+def train_option(name: str, **click_kwargs):
+    """The option of a TrainConfig setting for `central`: its default, and the DP preset's where that differs."""
+    return option(TrainConfig, name, presets={"with --epsilon": CENTRAL_DP}, **click_kwargs)
+
+
+def round_option(name: str, **click_kwargs):
+    """The option of a RoundConfig or ServerSettings setting for `run`: federation mode's default, silo mode's preset."""
+    cls = ServerSettings if name in {f.name for f in fields(ServerSettings)} else RoundConfig
+    return option(cls, name, presets={"in silo mode": SILO}, **click_kwargs)
 
 
 @click.group(cls=RoleGroup, context_settings=CONTEXT)
@@ -144,16 +150,8 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
 @click.option(
     "--out", type=click.Path(path_type=Path), required=True, help="Run folder: metrics.json, adapter/, training.png."
 )
-@click.option(
-    "--epochs", type=COUNT, default=None, help="At most this many passes over the users [15; 20 with --epsilon]."
-)
-@click.option(
-    "--patience",
-    type=COUNT,
-    default=None,
-    help=f"Stop after this many epochs without a better validation NDCG@10 [{CentralConfig.patience}; with --epsilon "
-    f"every planned epoch is trained].",
-)
+@train_option("epochs", type=COUNT)
+@option(CentralConfig, "patience", type=COUNT, default=None)
 @click.option(
     "--epsilon", type=POSITIVE, default=None, help="Train with user-level DP-SGD to this ε (a finite number > 0)."
 )
@@ -163,69 +161,17 @@ def partition(source: Path, merchants: int, scheme: str, alpha: float, seed: int
     is_flag=True,
     help="Train without differential privacy (the non-private baseline). One of --epsilon and --no-dp is required.",
 )
-@click.option("--delta", type=PROBABILITY, default=None, help="DP δ (default 1/(10·users), below 1/users).")
-@click.option("--batch-size", type=COUNT, default=None, help="Expected users per step [64; 256 with --epsilon].")
-@click.option(
-    "--lr", type=NON_NEGATIVE, default=None, help="Learning rate of the LoRA adapter [5e-3; 1e-3 with --epsilon]."
-)
-@click.option(
-    "--head-lr",
-    type=NON_NEGATIVE,
-    default=None,
-    help="Learning rate of the calibration and the local item head [0.02; 0.01 with --epsilon].",
-)
-@click.option(
-    "--max-grad-norm",
-    type=POSITIVE,
-    default=TrainConfig.max_grad_norm,
-    show_default=True,
-    help="Per-user clipping bound (DP).",
-)
-@click.option(
-    "--seed",
-    type=SEED,
-    default=0,
-    show_default=True,
-    help="Seed of the adapter's init, the records and (without DP) the batch order.",
-)
-@click.option(
-    "--cut",
-    type=click.Choice(CUTS),
-    default=TrainConfig.cut,
-    show_default=True,
-    help="Where a user's training record cuts their history: anywhere (random), within the last items (recent), or at "
-    "the last one.",
-)
-@click.option(
-    "--next-items",
-    type=COUNT,
-    default=TrainConfig.next_items,
-    show_default=True,
-    help="Targets of a training record: the items that followed the cut.",
-)
-@click.option(
-    "--noise-seed",
-    type=SEED,
-    default=None,
-    help="Seed the DP noise and sampling, for a reproducible experiment (default: fresh OS entropy). Whoever knows it "
-    "can subtract the noise: never for a model you release.",
-)
-@click.option(
-    "--prior-noise",
-    type=NON_NEGATIVE,
-    default=CentralConfig.prior_noise,
-    show_default=True,
-    help="Noise multiplier of an item-popularity prior released once before training and counted in ε (DP runs only); "
-    "0: no prior.",
-)
-@click.option(
-    "--cooccurrence-noise",
-    type=NON_NEGATIVE,
-    default=CentralConfig.cooccurrence_noise,
-    show_default=True,
-    help="Noise multiplier of the item co-occurrence among the prior's top items, released once after it and counted "
-    "in ε (DP runs only; needs the prior); 0: none.",
-)
+@train_option("delta", type=PROBABILITY)
+@train_option("batch_size", type=COUNT)
+@train_option("lr", type=NON_NEGATIVE)
+@train_option("head_lr", type=NON_NEGATIVE)
+@train_option("max_grad_norm", type=POSITIVE)
+@train_option("seed", type=SEED)
+@train_option("cut", type=click.Choice(CUTS))
+@train_option("next_items", type=COUNT)
+@train_option("noise_seed", type=SEED)
+@option(CentralConfig, "prior_noise", type=NON_NEGATIVE)
+@option(CentralConfig, "cooccurrence_noise", type=NON_NEGATIVE)
 @model_options
 @click.option(
     "--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors."
@@ -249,7 +195,7 @@ def central(
     noise_seed,
     prior_noise,
     cooccurrence_noise,
-    model_cfg,
+    model_given,
     cache,
     force,
 ):
@@ -294,9 +240,7 @@ def central(
         cut=cut,
         next_items=next_items,
     )
-    model_cfg = replace(model_cfg, seed=seed)
-    if epsilon is not None:
-        model_cfg = with_defaults(model_cfg, DP_MODEL)
+    model_cfg = model_config(model_given, DP_MODEL if epsilon is not None else {}, seed=seed)
     if patience is None and epsilon is None:
         patience = CentralConfig.patience
     cfg = CentralConfig(
@@ -351,138 +295,26 @@ def format_table(m: dict) -> str:
 @click.option(
     "--alpha", type=POSITIVE, default=0.5, show_default=True, help="Dirichlet concentration (dirichlet scheme)."
 )
-@click.option(
-    "--privacy",
-    type=click.Choice(PRIVACY_MODES),
-    default=RoundConfig.privacy,
-    show_default=True,
-    help="federation: each round is one DP-SGD step over every merchant's users, the noise added once and split "
-    "between merchants, summed through SecAgg+ (ε against the coordinator and any merchants that leave "
-    "--min-replies honest ones); silo: every merchant adds the full noise for its own users and trains alone, "
-    "and the coordinator averages their updates (ε against everyone).",
-)
-@click.option("--rounds", type=COUNT, default=None, help=f"Rounds [{_preset('rounds')}].")
-@click.option(
-    "--local-epochs",
-    type=COUNT,
-    default=None,
-    help=f"Silo mode: passes over its users per merchant per round [{SILO['local_epochs']}].",
-)
-@click.option(
-    "--epsilon",
-    type=POSITIVE,
-    default=RoundConfig.epsilon,
-    show_default=True,
-    help="User-level ε over the whole run, a finite number > 0 (federation mode: of the federation and in every "
-    "merchant's ledger; silo mode: each merchant's budget).",
-)
-@click.option(
-    "--no-dp",
-    "no_dp",
-    is_flag=True,
-    help="Train without differential privacy (a non-private baseline; says so at the start and in every output).",
-)
-@click.option(
-    "--delta",
-    type=PROBABILITY,
-    default=None,
-    help="DP δ (default: 1/(10·users) of the federation, or of each merchant in silo mode).",
-)
-@click.option(
-    "--batch-size",
-    type=COUNT,
-    default=None,
-    help=f"Expected users per DP-SGD step: over every merchant in federation mode, per merchant in silo mode "
-    f"[{_preset('batch_size')}].",
-)
-@click.option("--lr", type=NON_NEGATIVE, default=RoundConfig.lr, show_default=True, help="LoRA learning rate.")
-@click.option(
-    "--cut",
-    type=click.Choice(CUTS),
-    default=RoundConfig.cut,
-    show_default=True,
-    help="Where a user's training record cuts their history: anywhere (random), within the last items (recent), or at "
-    "the last one.",
-)
-@click.option(
-    "--head-lr",
-    type=NON_NEGATIVE,
-    default=None,
-    help=f"Learning rate of the shared calibration (temperature, text offset, release weights) and of a local item "
-    f"head where one is trained [{_preset('head_lr')}].",
-)
-@click.option(
-    "--prior-noise",
-    type=NON_NEGATIVE,
-    default=None,
-    help=f"Noise multiplier of the item-popularity release, paid from the ε budget (DP runs only): one release over "
-    f"all merchants in federation mode, one per merchant in silo mode; 0: none [{_preset('prior_noise')}].",
-)
-@click.option(
-    "--cooccurrence-noise",
-    type=NON_NEGATIVE,
-    default=None,
-    help=f"Noise multiplier of the item co-occurrence release after the popularity, paid from the same budget (DP runs "
-    f"only); 0: none [{_preset('cooccurrence_noise')}].",
-)
-@click.option(
-    "--min-replies",
-    type=COUNT_OR_AUTO,
-    default=ServerSettings.min_replies,
-    show_default=True,
-    help="Federation mode: the fewest merchants a round needs (m_min); each adds noise of variance σ²C²/m_min and a "
-    "round with fewer is abandoned. 0: every merchant of the run.",
-)
-@click.option(
-    "--eval-every",
-    type=COUNT_OR_AUTO,
-    default=ServerSettings.eval_every,
-    show_default=True,
-    help="Validate every this many rounds, and after the last; 0: once per expected pass over the users (federation), "
-    "every round (silo).",
-)
-@click.option(
-    "--pool-popularity/--no-pool-popularity",
-    default=ServerSettings.pool_popularity,
-    show_default=True,
-    help="Silo mode: before round 1 the coordinator sums the merchants' released item counts by item text and each "
-    "merchant scores with the pooled ones (no further ε; the coordinator sees each merchant's noisy counts; never "
-    "with --secure-aggregation).",
-)
-@click.option(
-    "--prior-scales",
-    default=ServerSettings.prior_scales,
-    show_default=True,
-    help="After the last round, scale the prior's weight by whichever of these factors scores best on validation users "
-    "(all merchants' in the federation, its own for a merchant alone); '' keeps the learned weight.",
-)
-@click.option(
-    "--aggregation",
-    type=click.Choice(AGGREGATIONS),
-    default="fedavg",
-    show_default=True,
-    help="Silo mode: fedavg (users-weighted) or a robust rule.",
-)
-@click.option(
-    "--secure-aggregation",
-    is_flag=True,
-    help="Silo mode: Flower's SecAgg+, so the server learns only the sum of updates (no per-update screening; fedavg "
-    "only). Federation mode always sums through it.",
-)
-@click.option(
-    "--max-update-norm",
-    type=POSITIVE,
-    default=ServerSettings.max_update_norm,
-    show_default=True,
-    help="Silo mode: updates with a larger L2 norm are rejected.",
-)
-@click.option(
-    "--min-fit-clients",
-    type=COUNT,
-    default=ServerSettings.min_fit_clients,
-    show_default=True,
-    help="Silo mode: fewest accepted updates that change the global adapter.",
-)
+@round_option("privacy", type=click.Choice(PRIVACY_MODES))
+@round_option("rounds", type=COUNT)
+@round_option("local_epochs", type=COUNT)
+@round_option("epsilon", type=POSITIVE)
+@round_option("no_dp")
+@round_option("delta", type=PROBABILITY, default=None)
+@round_option("batch_size", type=COUNT)
+@round_option("lr", type=NON_NEGATIVE)
+@round_option("cut", type=click.Choice(CUTS))
+@round_option("head_lr", type=NON_NEGATIVE)
+@round_option("prior_noise", type=NON_NEGATIVE)
+@round_option("cooccurrence_noise", type=NON_NEGATIVE)
+@round_option("min_replies", type=COUNT_OR_AUTO)
+@round_option("eval_every", type=COUNT_OR_AUTO)
+@round_option("pool_popularity")
+@round_option("prior_scales")
+@round_option("aggregation", type=click.Choice(AGGREGATIONS))
+@round_option("secure_aggregation")
+@round_option("max_update_norm", type=POSITIVE)
+@round_option("min_fit_clients", type=COUNT)
 @click.option(
     "--gpu-fraction",
     type=FRACTION,
@@ -504,7 +336,7 @@ def format_table(m: dict) -> str:
 )
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last complete round.")
 @click.option("--force", is_flag=True, help="Delete an earlier run in OUT first.")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@round_option("seed", type=SEED)
 @click.option("-v", "--verbose", is_flag=True, help="Flower's debug logging.")
 @model_options
 def run(
@@ -513,34 +345,14 @@ def run(
     merchants,
     scheme,
     alpha,
-    privacy,
-    rounds,
-    local_epochs,
-    epsilon,
-    no_dp,
-    delta,
-    batch_size,
-    lr,
-    cut,
-    head_lr,
-    prior_noise,
-    cooccurrence_noise,
-    min_replies,
-    eval_every,
-    pool_popularity,
-    prior_scales,
-    aggregation,
-    secure_aggregation,
-    max_update_norm,
-    min_fit_clients,
     gpu_fraction,
     local_only,
     central_path,
     resume,
     force,
-    seed,
     verbose,
-    model_cfg,
+    model_given,
+    **given,
 ):
     """Simulate a federation of merchants on one machine and report its test metrics.
 
@@ -587,51 +399,26 @@ def run(
         )
     out.mkdir(parents=True, exist_ok=True)
     atomic.mark(out, "silorec-sim run")
+    privacy, no_dp = given["privacy"], given["no_dp"]
     if no_dp:
         warn_no_dp()
-    else:
-        model_cfg = with_defaults(model_cfg, DP_MODEL)
-    if privacy == "federation":  # the coordinator steps only what is shared: no merchant-local item head
-        model_cfg = with_defaults(model_cfg, {"local_head": "none"})
-    given = {
-        "rounds": rounds,
-        "local_epochs": local_epochs,
-        "batch_size": batch_size,
-        "head_lr": head_lr,
-        "prior_noise": prior_noise,
-        "cooccurrence_noise": cooccurrence_noise,
-    }
+    # a federation steps only what is shared: no merchant-local item head unless one is asked for (and refused)
+    model_cfg = model_config(
+        model_given, {} if no_dp else DP_MODEL, {"local_head": "none"} if privacy == "federation" else {}
+    )
+    model_values = asdict(model_cfg) | {"lora_targets": ",".join(model_cfg.lora_targets)}
+    round_names = {f.name for f in fields(RoundConfig)} - {"rounds"}
     round_cfg = RoundConfig.for_mode(
         privacy,
-        **{k: v for k, v in given.items() if v is not None and k != "rounds"},
-        lr=lr,
-        cut=cut,
-        epsilon=epsilon,
-        no_dp=no_dp,
-        delta=delta or 0.0,
-        seed=seed,
-        base_model=model_cfg.base_model,
-        lora_r=model_cfg.lora_r,
-        lora_alpha=model_cfg.lora_alpha,
-        lora_targets=",".join(model_cfg.lora_targets),
-        ffa=model_cfg.ffa,
-        max_tokens=model_cfg.max_tokens,
-        recency=model_cfg.recency,
-        temperature=model_cfg.temperature,
-        local_head=model_cfg.local_head,
+        **{k: v for k, v in given.items() if k in round_names and v is not None},
+        **{k: model_values[k] for k in MODEL_SETTINGS},
     )
+    server_names = {f.name for f in fields(ServerSettings)} - {"round", "rounds"}
     settings = ServerSettings(
-        rounds=rounds or preset_of(privacy).get("rounds", ServerSettings.rounds),
+        **{k: v for k, v in given.items() if k in server_names and v is not None},
+        rounds=given["rounds"] or preset_of(privacy).get("rounds", ServerSettings.rounds),
         out_dir=str(out),
         resume=resume,
-        min_fit_clients=min_fit_clients,
-        aggregation=aggregation,
-        secure_aggregation=secure_aggregation,
-        pool_popularity=pool_popularity,
-        prior_scales=prior_scales,
-        max_update_norm=max_update_norm,
-        min_replies=min_replies,
-        eval_every=eval_every,
         round=round_cfg,
     )
     spec = SimulationSpec(

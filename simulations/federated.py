@@ -250,8 +250,7 @@ def reuse_releases(model: Recommender, folder: Path, ledger: PrivacyLedger, item
     then federates or trains alone, so the baseline reuses the federation's
     draw of the noise: the two arms of the comparison then differ only in how
     they trained (common random numbers), not also in a second draw of the
-    release's noise. On MovieLens this narrowed the paired 95% interval of
-    federated − local-only NDCG@10 from about ±0.009 to about ±0.005.
+    release's noise, which narrows their paired interval.
     The prior comes from the merchant's own released counts (`item_keys`
     name its items in them), not from the pooled counts its federated self
     may score with: pooling is what federating adds.

@@ -38,7 +38,7 @@ def test_valid_silo_loads_with_exact_integer_timestamps(tmp_path):
 
 
 def test_nearby_large_epochs_stay_distinct(tmp_path):
-    # float32 would merge these; EVAL.md requires exact comparison
+    # float32 would merge these; docs/eval.md requires exact comparison
     s = load_silo(silo(tmp_path, inter="user_id,item_id,timestamp\nu,1,881250949\nu,2,881250950\n"))
     a, b = s.interactions["timestamp"]
     assert b - a == 10**9
