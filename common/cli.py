@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from common.errors import SilorecError
+from common.model_config import MODEL_SETTINGS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -89,19 +90,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
 
-MODEL_OPTIONS = (
-    "base_model",
-    "lora_r",
-    "lora_alpha",
-    "lora_targets",
-    "ffa",
-    "max_tokens",
-    "recency",
-    "temperature",
-    "local_head",
-)
-
-
 def model_options(f):
     """ModelConfig's settings as options (help and defaults from its fields), passed on as `model_given`.
 
@@ -128,11 +116,11 @@ def model_options(f):
             **({"default": ",".join(ModelConfig().lora_targets)} if name == "lora_targets" else {}),
             **({"type": types[name]} if name in types else {}),
         )
-        for name in MODEL_OPTIONS
+        for name in MODEL_SETTINGS
     ]
 
     def wrapper(*args, **kwargs):
-        kwargs["model_given"] = {name: kwargs.pop(name) for name in MODEL_OPTIONS}
+        kwargs["model_given"] = {name: kwargs.pop(name) for name in MODEL_SETTINGS}
         return f(*args, **kwargs)
 
     wrapper = functools.wraps(f)(wrapper)

@@ -10,6 +10,18 @@ from common.setting import setting
 BUNDLED = "bundled"
 LOCAL_HEADS = ("full", "bias", "none")
 LocalHead = Literal["full", "bias", "none"]
+# What a user chooses, as options and in the run config (item_max_tokens is fixed; the seed is the run's).
+MODEL_SETTINGS = (
+    "base_model",
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "ffa",
+    "max_tokens",
+    "recency",
+    "temperature",
+    "local_head",
+)
 
 
 @dataclass(frozen=True)

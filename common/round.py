@@ -15,23 +15,11 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
-from common.model_config import ModelConfig
+from common.model_config import MODEL_SETTINGS, ModelConfig
 from common.modes import PRIVACY_MODES
 from common.presets import CENTRAL_DP, DP_MODEL, SILO
 from common.setting import help_of, setting
 from common.train import TrainConfig
-
-MODEL_SETTINGS = (
-    "base_model",
-    "lora_r",
-    "lora_alpha",
-    "lora_targets",
-    "ffa",
-    "max_tokens",
-    "recency",
-    "temperature",
-    "local_head",
-)
 
 
 def _model_setting(name: str):

@@ -25,9 +25,10 @@ from common.cli import (
     quiet_libraries,
 )
 from common.metrics import RANKS_FILE
+from common.model_config import MODEL_SETTINGS
 from common.presets import CENTRAL_DP, DP_MODEL, SILO
 from common.records import CUTS
-from common.round import MODEL_SETTINGS, PRIVACY_MODES, RoundConfig, preset_of
+from common.round import PRIVACY_MODES, RoundConfig, preset_of
 from common.setting import option
 from common.silo import load_silo
 from common.summary import summarize

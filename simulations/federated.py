@@ -29,6 +29,7 @@ from common.metrics import (
     ranks_of,
     save_ranks,
 )
+from common.model_config import MODEL_SETTINGS
 from common.popularity import prior_of, text_keys
 from common.presets import SILO
 from common.recommender import Recommender, build_recommender
@@ -143,15 +144,7 @@ def local_only_settings(settings: ServerSettings) -> ServerSettings:
         "max_grad_norm",
         "next_items",
         "cut",
-        "base_model",
-        "lora_r",
-        "lora_alpha",
-        "lora_targets",
-        "ffa",
-        "max_tokens",
-        "recency",
-        "temperature",
-        "local_head",
+        *MODEL_SETTINGS,
         "threads",
         "silos_dir",
     )
