@@ -27,6 +27,18 @@ def main() -> None:
     """
 
 
+@main.command("run-config")
+def run_config_command() -> None:
+    """Print the run config table of pyproject.toml, derived from the settings' declarations.
+
+    Each key with its help and its default (federation mode's); set any of them
+    with `silorec-server start --run-config K=V` or `flwr run . --run-config`.
+    """
+    from server.settings import run_config_toml
+
+    click.echo(run_config_toml(), nl=False)
+
+
 @main.command("certs")
 @click.option(
     "--out",

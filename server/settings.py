@@ -20,7 +20,7 @@ class ServerSettings:
     resume: bool = setting(False, "Continue the run in the run folder from its last complete round.")
     min_fit_clients: int = setting(2, "Silo mode: fewest accepted updates that change the global adapter.")
     min_available_clients: int = setting(2, "Fewest merchants online before a round starts.")
-    fraction_train: float = setting(1.0, "Silo mode: share of the online merchants asked to train each round.")
+    fraction_train: float = setting(1.0, "Share of the online merchants asked to take part in each round.")
     aggregation: str = setting("fedavg", "Silo mode: fedavg (users-weighted) or a robust rule.")
     trim: float = setting(0.1, "Silo mode, trimmed-mean: the share of updates dropped at each end.")
     max_update_norm: float = setting(25.0, "Silo mode: updates with a larger L2 norm are rejected.")
@@ -82,3 +82,65 @@ class ServerSettings:
         except (TypeError, ValueError) as e:
             raise SilorecError(f"run config: {e}") from None
         return replace(settings, round=replace(round_cfg, rounds=settings.rounds))
+
+
+# What the coordinator sets in each message, never the operator: no run config key.
+PER_MESSAGE = ("run_id", "round", "rounds", "split", "score_scales")
+# Where `make demo` writes its silos, and one torch thread per simulated merchant: the project's run config places
+# the run on this machine's layout, every other value is the settings' default.
+PLACED = {"silos_dir": "data/silos", "threads": 1}
+
+
+def run_config_entries(placed: dict[str, Any] | None = None) -> list[tuple[str, Any, str]]:
+    """(run config key, value, help) of every setting an operator may set, in the order pyproject.toml lists them."""
+    placed = PLACED if placed is None else placed
+    out = []
+    for cls, skip in ((ServerSettings, {"round"}), (RoundConfig, set(PER_MESSAGE))):
+        for f in fields(cls):
+            if f.name in skip:
+                continue
+            key = "num-server-rounds" if cls is ServerSettings and f.name == "rounds" else f.name.replace("_", "-")
+            out.append((key, placed.get(f.name, f.default), f.metadata.get("help", "")))
+    return sorted(out, key=lambda entry: entry[0] != "privacy")  # the mode first: it decides what the rest mean
+
+
+def run_config_toml(placed: dict[str, Any] | None = None) -> str:
+    """The `[tool.flwr.app.config]` table, each key with its help as a comment: what pyproject.toml holds."""
+    import textwrap
+
+    lines = [
+        "[tool.flwr.app.config]",
+        "# Written by `silorec-server run-config` from the settings' declarations (server/settings.py,",
+        "# common/round.py, common/model_config.py); tests/test_settings.py keeps the two the same.",
+        "# Read by the ServerApp only: everything a merchant needs travels in each round's message.",
+    ]
+    preset = ", ".join(f"{k.replace('_', '-')} = {_toml(v)}" for k, v in _silo_preset().items())
+    lines += textwrap.wrap(
+        f'The values are federation mode\'s; silo mode (privacy = "silo") wants its preset too: {preset}.',
+        100,
+        initial_indent="# ",
+        subsequent_indent="# ",
+        break_on_hyphens=False,
+    )
+    for key, value, help in run_config_entries(placed):
+        lines += (
+            textwrap.wrap(help, 100, initial_indent="# ", subsequent_indent="# ", break_on_hyphens=False)
+            if help
+            else []
+        )
+        lines.append(f"{key} = {_toml(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _silo_preset() -> dict[str, Any]:
+    from common.presets import SILO
+
+    return {("num_server_rounds" if k == "rounds" else k): v for k, v in SILO.items()}
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

@@ -6,7 +6,7 @@ from pathlib import Path
 import tomllib
 
 from common.round import RoundConfig
-from server.settings import ServerSettings
+from server.settings import ServerSettings, run_config_toml
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -28,14 +28,8 @@ def test_run_config_reaches_server_and_merchants():
     assert back == s.round
 
 
-def test_the_run_config_states_the_settings_defaults():
-    # federation mode's defaults, stated once in the dataclasses; pyproject.toml may only place the run
-    defaults = {f.name: f.default for cls in (ServerSettings, RoundConfig) for f in fields(cls) if f.name != "round"}
-    defaults["num_server_rounds"] = ServerSettings.rounds
-    placed = {"silos_dir", "threads"}  # where `make demo` writes silos; one torch thread per simulated merchant
-    differ = {
-        k: v
-        for k, v in run_config().items()
-        if k.replace("-", "_") not in placed and defaults[k.replace("-", "_")] != v
-    }
-    assert not differ, f"pyproject.toml run config values that are not the settings' defaults: {differ}"
+def test_the_run_config_is_the_one_run_config_toml_derives_from_the_settings():
+    text = PYPROJECT.read_text()
+    start = text.index("[tool.flwr.app.config]\n")
+    block = text[start : text.index("\n\n", start) + 1]
+    assert block == run_config_toml(), "pyproject.toml's run config differs: paste `silorec-server run-config` there"
