@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.node_config import NodeConfig
+from client.outgoing import record_outgoing_mod
 from client.sealing import global_arrays, key_record, merchant_key, seal_update, signing_key
 from client.secagg import secure_aggregation_mod
 from common import seal
@@ -32,9 +33,9 @@ if TYPE_CHECKING:
     from client.merchant import Merchant, TrainOutcome
     from common.round import RoundConfig
 
-app = ClientApp(
-    mods=[secure_aggregation_mod]
-)  # SecAgg+ messages go to Flower's secaggplus_mod, all others pass through
+# SecAgg+ messages go to Flower's secaggplus_mod, all others pass through; outermost, what leaves is
+# recorded as sent where the merchant asks for it (client.outgoing)
+app = ClientApp(mods=[record_outgoing_mod, secure_aggregation_mod])
 
 
 @app.train()

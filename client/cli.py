@@ -143,6 +143,13 @@ def evaluate_cmd(adapter: Path, data: Path, cache: Path) -> None:
     is_flag=True,
     help="Take part in a run without differential privacy (no budget, no noise). Says so loudly.",
 )
+@click.option(
+    "--record-outgoing",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep every message this node sends, byte for byte as sent, in this folder (check it with "
+    "`silorec-client scan-outgoing`).",
+)
 @click.option("--insecure", is_flag=True, help="Local development only: no TLS and no node authentication.")
 def start(
     data: Path,
@@ -154,6 +161,7 @@ def start(
     signing_key: Path | None,
     budget: float,
     no_dp: bool,
+    record_outgoing: Path | None,
     insecure: bool,
 ) -> None:
     """Join the federation: run a Flower SuperNode that trains on the silo in DATA.
@@ -194,6 +202,7 @@ def start(
         port,
         signing_key,
         budget=None if no_dp else budget,
+        record_outgoing=record_outgoing,
     )
     check_files(spec)
     click.echo(
@@ -202,3 +211,33 @@ def start(
     code = run_supernode(spec)
     if code:
         raise SystemExit(code)
+
+
+@main.command("scan-outgoing")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--data",
+    "silos",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    multiple=True,
+    required=True,
+    help="A silo whose users and interactions to search for (repeatable).",
+)
+def scan_outgoing(folder: Path, silos: tuple[Path, ...]) -> None:
+    """Search the messages a node recorded (`start --record-outgoing FOLDER`) for the silo's data.
+
+    Looks for every user id and every interaction (as the silo's file stores
+    it) in the bytes as sent, and for any tensor that travelled in the clear.
+    Exits 1 if it finds one.
+    """
+    from client.outgoing import recorded, scan
+
+    files = recorded(folder)
+    if not files:
+        raise click.UsageError(f"{folder} holds no recorded messages (*.msg)")
+    result = scan(files, list(silos))
+    click.echo(result.line())
+    for line in (result.found + result.tensors)[:20]:
+        click.echo("  " + line)
+    if not result.clean:
+        raise SystemExit(1)

@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.outgoing import RECORD_ENV
 from common.errors import SilorecError
 from common.flower_env import flower_env, tool
 
@@ -28,6 +29,7 @@ class NodeSpec:
     port: int = 9094  # the SuperNode's local Runtime API, used by its ClientApp processes
     signing_key: Path | None = None  # the merchant's Ed25519 key: its ClientApp signs every sealed update
     budget: float | None = None  # the silo's ε ceiling; None: a node that takes part without DP (`--no-dp`)
+    record_outgoing: Path | None = None  # where its ClientApp writes every message it sends (client.outgoing)
 
     @property
     def secure(self) -> bool:
@@ -61,7 +63,8 @@ def supernode_command(spec: NodeSpec) -> list[str]:
 def run_supernode(spec: NodeSpec) -> int:
     """Run the SuperNode in the foreground until it exits or this process is stopped; return its exit code."""
     spec.state.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(supernode_command(spec), env=flower_env((spec.state / "flwr-home").resolve()))
+    extra = {RECORD_ENV: str(spec.record_outgoing.resolve())} if spec.record_outgoing is not None else {}
+    proc = subprocess.Popen(supernode_command(spec), env=flower_env((spec.state / "flwr-home").resolve(), extra))
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.terminate())  # pass a stop on to the node
     try:
         return proc.wait()

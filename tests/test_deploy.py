@@ -21,9 +21,11 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 
 from client.cli import main as client_main
+from client.outgoing import needles, recorded, scan
 from common.encoder import load_encoder
 from server.cli import main as server_main
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
+from tests.helpers import distinctive_user_ids
 
 BIN = Path(sys.executable).parent
 ROUNDS = 2
@@ -120,6 +122,9 @@ def _wait_for(predicate, timeout: float, what: str, procs: Processes) -> None:
     raise AssertionError(f"timed out waiting for {what}:\n" + procs.log("server")[-3000:])
 
 
+NODES = (("shop-a", "silo-a"), ("shop-b", "silo-b"), ("shop-c", "silo-c"))  # the enrolled merchants and their silos
+
+
 def test_enrolled_merchants_train_in_federation_mode_over_tls_past_one_killed_mid_run_and_a_rogue_is_refused(
     tmp_path, tiny_bert, processes
 ):
@@ -131,7 +136,7 @@ def test_enrolled_merchants_train_in_federation_mode_over_tls_past_one_killed_mi
     # a key made the same way but never enrolled with this federation
     assert runner.invoke(server_main, ["enroll", "--out", str(rogue_dir), "--merchant", "rogue"]).exit_code == 0
     silos = {
-        name: make_synthetic_silo(tmp_path / name, SyntheticSpec(users=40, seed=i))
+        name: distinctive_user_ids(make_synthetic_silo(tmp_path / name, SyntheticSpec(users=40, seed=i)))
         for i, name in enumerate(("silo-a", "silo-b", "silo-c", "silo-rogue"), start=1)
     }
 
@@ -196,13 +201,14 @@ def test_enrolled_merchants_train_in_federation_mode_over_tls_past_one_killed_mi
                 str(key),
                 "--port",
                 str(_free_port()),
+                "--record-outgoing",
+                str(tmp_path / "sent" / name),
             ],
         )
 
     rogue = node("rogue", "silo-rogue", rogue_dir / "rogue.key")
-    node("shop-a", "silo-a", enrolled / "shop-a.key")
-    node("shop-b", "silo-b", enrolled / "shop-b.key")
-    node("shop-c", "silo-c", enrolled / "shop-c.key")
+    for name, silo in NODES:
+        node(name, silo, enrolled / f"{name}.key")
 
     rogue_code = rogue.wait(timeout=60)
     assert rogue_code != 0, processes.log("rogue")
@@ -247,6 +253,19 @@ def test_enrolled_merchants_train_in_federation_mode_over_tls_past_one_killed_mi
     assert stored, "the SuperLink wrote no database"
     leaked = [name for name, t in final.items() if t.tobytes()[:64] in stored]
     assert not leaked, f"the SuperLink database holds raw bytes of LoRA tensors: {leaked}"
+    # nothing a merchant sent, and nothing the relay stored, holds a user id, an interaction or a clear tensor
+    sent = [(silos[silo], recorded(tmp_path / "sent" / name)) for name, silo in NODES]
+    for silo, files in sent:
+        result = scan(files, [silo])
+        print(f"{silo.name} sent {result.line()}")
+        assert files and result.clean, result.found[:3] + result.tensors[:3]
+    users, interactions = (sum(x, []) for x in zip(*(needles(silos[s]) for _, s in NODES)))
+    in_db = [n.decode() for n in users + interactions if n in stored]
+    print(
+        f"SuperLink database: {len(stored):,} bytes; searched for {len(users)} user ids and {len(interactions)} "
+        f"interactions: {len(in_db)} found"
+    )
+    assert not in_db, in_db[:3]
 
 
 def test_a_merchant_with_an_invalid_silo_is_refused_before_any_process_starts(tmp_path):
