@@ -1,0 +1,39 @@
+"""The one-run audit's arithmetic, against values worked by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from common.audit import epsilon_lower_bound, p_value
+
+
+def test_at_epsilon_zero_without_delta_the_p_value_is_a_fair_coins_tail():
+    # 10 right out of 10 fair coins: 1/1024; 9 or more: 11/1024
+    assert p_value(10, 10, 10, 0.0, 0.0) == pytest.approx(1 / 1024)
+    assert p_value(10, 10, 9, 0.0, 0.0) == pytest.approx(11 / 1024)
+    assert p_value(100, 10, 0, 3.0, 0.0) == pytest.approx(1.0)  # zero right is always possible
+
+
+def test_the_delta_term_is_twice_m_delta_times_the_largest_averaged_tail():
+    # m = r = v = 10, ε = 0: max over i of P[10 > X ≥ 10 − i]/i is at i = 6, (10+45+120+210+252+210)/1024/6
+    alpha = (10 + 45 + 120 + 210 + 252 + 210) / 1024 / 6
+    assert p_value(10, 10, 10, 0.0, 1e-3) == pytest.approx(1 / 1024 + 2 * 10 * 1e-3 * alpha)
+
+
+def test_the_lower_bound_is_where_the_p_value_reaches_the_level():
+    # 10 right out of 10 with δ = 0: q^10 < 0.05, so q < 0.05^0.1 and ε < log(q / (1 − q)) = 1.0517…
+    q = 0.05**0.1
+    assert epsilon_lower_bound(10, 10, 10, 0.0) == pytest.approx(math.log(q / (1 - q)), abs=1e-5)
+    assert epsilon_lower_bound(1000, 10, 5, 0.0) == 0.0  # chance-level guesses prove nothing
+    # more guesses right, a higher bound; δ only lowers it
+    assert epsilon_lower_bound(1000, 100, 90, 0.0) > epsilon_lower_bound(1000, 100, 80, 0.0) > 0
+    assert epsilon_lower_bound(1000, 100, 90, 1e-5) <= epsilon_lower_bound(1000, 100, 90, 0.0)
+    bound = epsilon_lower_bound(1000, 100, 90, 1e-5)
+    assert p_value(1000, 100, 90, bound, 1e-5) < 0.05 <= p_value(1000, 100, 90, bound + 1e-4, 1e-5)
+
+
+def test_impossible_counts_are_refused():
+    with pytest.raises(ValueError, match="correct"):
+        p_value(10, 5, 6, 1.0, 0.0)
