@@ -408,7 +408,7 @@ def run(
         model_given, {} if no_dp else DP_MODEL, {"local_head": "none"} if privacy == "federation" else {}
     )
     model_values = asdict(model_cfg) | {"lora_targets": ",".join(model_cfg.lora_targets)}
-    round_names = {f.name for f in fields(RoundConfig)} - {"rounds"}
+    round_names = {f.name for f in fields(RoundConfig)} - {"rounds", "privacy"}
     round_cfg = RoundConfig.for_mode(
         privacy,
         **{k: v for k, v in given.items() if k in round_names and v is not None},
@@ -631,3 +631,57 @@ def comparison_table(rows: dict[str, dict], *, users: int) -> str:
 
 if __name__ == "__main__":
     main()
+
+
+@main.command("audit")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder to plant canaries in.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Audit folder: data/ (planted), run/ (the training's), audit.json, training.log.",
+)
+@click.option("--merchants", type=COUNT, default=10, show_default=True, help="Region merchants of the federation.")
+@click.option("--privacy", type=click.Choice(PRIVACY_MODES), default="federation", show_default=True)
+@click.option("--epsilon", type=POSITIVE, default=None, help="The run's ε (one of --epsilon and --no-dp).")
+@click.option("--no-dp", "no_dp", is_flag=True, help="Audit a run without DP: the audit's power check.")
+@click.option("--delta", type=PROBABILITY, default=None, help="The run's δ (default: the command's).")
+@click.option("--canaries", type=COUNT, default=200, show_default=True, help="Canary users, each planted with p=½.")
+@click.option(
+    "--guesses", type=COUNT_OR_AUTO, default=0, show_default=True, help="Guesses on each side; 0: a tenth of canaries."
+)
+@click.option("--central", "central_model", is_flag=True, help="Audit `silorec-sim central` instead of a federation.")
+@click.option("--force", is_flag=True, help="Replace an earlier audit in OUT.")
+@click.argument("options", nargs=-1, type=click.UNPROCESSED, metavar="[-- TRAINING_OPTIONS]")
+def audit(data, out, merchants, privacy, epsilon, no_dp, delta, canaries, guesses, central_model, force, options):
+    """Audit a run's privacy: plant canary users, train, and bound ε from what the released model gives away.
+
+    Trains with the real command, `run` (or with --central, `central`), and any
+    further options after `--`, e.g. `silorec-sim audit --data D --out A
+    --epsilon 8 -- --rounds 40`. Then scores every canary from the released
+    adapter and calibration alone, guesses "in" for the highest scores and
+    "out" for the lowest, and prints the claimed ε beside the empirical lower
+    bound the correct guesses prove (one-run audit, Steinke, Nasr and Jagielski
+    2023; 95% confidence). Writes OUT/audit.json and adds the result to the
+    adapter's model card.
+    """
+    from simulations.audit import AuditSpec, run_audit, summary_line
+
+    if (epsilon is None) == (not no_dp):
+        raise click.UsageError("give --epsilon E to audit a DP run, or --no-dp for the power check")
+    dp = ["--no-dp"] if no_dp else ["--epsilon", f"{epsilon:g}"]
+    dp += ["--delta", f"{delta:g}"] if delta is not None else []
+    federation = ["--merchants", str(merchants), "--scheme", "region", "--privacy", privacy]
+    if force and out.exists():
+        atomic.remove_ours(out)  # refuses a folder silorec did not make
+    spec = AuditSpec(
+        data=data,
+        out=out,
+        canaries=canaries,
+        guesses=guesses,
+        central=central_model,
+        options=(*dp, *([] if central_model else federation), *options),
+    )
+    report = run_audit(spec, log=click.echo)
+    click.echo(summary_line(report))
+    click.echo(f"wrote {out / 'audit.json'}")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
+from click.testing import CliRunner
 
 from common.audit import epsilon_lower_bound, p_value
+from simulations.cli import main
+from simulations.synthetic import SyntheticSpec, make_synthetic_silo
 
 
 def test_at_epsilon_zero_without_delta_the_p_value_is_a_fair_coins_tail():
@@ -37,3 +43,33 @@ def test_the_lower_bound_is_where_the_p_value_reaches_the_level():
 def test_impossible_counts_are_refused():
     with pytest.raises(ValueError, match="correct"):
         p_value(10, 5, 6, 1.0, 0.0)
+
+
+def test_a_tiny_audit_plants_trains_scores_and_bounds_from_the_released_model(tmp_path, tiny_bert):
+    data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=60, seed=2))
+    out = tmp_path / "audit"
+    result = CliRunner().invoke(
+        main,
+        ["audit", "--data", str(data), "--out", str(out), "--merchants", "3", "--epsilon", "8", "--delta", "1e-3"]
+        + ["--canaries", "20", "--guesses", "4", "--", "--rounds", "2", "--batch-size", "16"]
+        + ["--base-model", str(tiny_bert), "--eval-every", "2"],
+    )
+    assert result.exit_code == 0, result.output + (out / "training.log").read_text()[-3000:]
+    report = json.loads((out / "audit.json").read_text())
+    canaries = report["per_canary"]
+    planted = set(pd.read_csv(out / "data" / "interactions.csv", dtype=str)["user_id"])
+    # exactly the canaries whose coin said so were trained on
+    assert {c["user_id"] for c in canaries if c["included"]} == {u for u in planted if u.startswith("canary-")}
+    assert report["included"] == sum(c["included"] for c in canaries) and report["canaries"] == 20
+    guessed = [c for c in canaries if c["guess"] is not None]
+    assert len(guessed) == report["guesses"] == 8 and all(np.isfinite(c["score"]) for c in canaries)
+    ins = min(c["score"] for c in guessed if c["guess"] == "in")
+    assert all(c["score"] <= ins for c in canaries if c["guess"] != "in")  # "in" for the highest scores
+    right = sum((c["guess"] == "in") == c["included"] for c in guessed)
+    assert report["correct"] == right
+    assert report["empirical_epsilon_lower_bound"] == pytest.approx(epsilon_lower_bound(20, 8, right, 1e-3))
+    assert (
+        7.0 < report["claimed_epsilon"] <= 8.0 and report["empirical_epsilon_lower_bound"] <= report["claimed_epsilon"]
+    )
+    assert "## Privacy audit" in (out / "run" / "adapter" / "README.md").read_text()
+    assert "empirical lower bound" in result.output

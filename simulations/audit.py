@@ -1,0 +1,234 @@
+"""A one-run privacy audit (Steinke, Nasr and Jagielski, 2023) of a federation, in either privacy mode, or of the
+centralised model.
+
+- Canaries: m extra users, each a random history of `HISTORY` catalog items
+  followed `REPEATS` times by its own target, drawn from the less popular half
+  of the catalog, then two items the split keeps for validation and test. Each
+  is planted with probability ½ by a coin the auditor draws from the OS and
+  reveals only in OUT/audit.json, after training. A canary is a whole user: the
+  unit of privacy.
+- Training: the real command (`silorec-sim run`, or `central`) on the planted
+  data, in a subprocess, with the settings it is given.
+- Scoring: from the released adapter and calibration alone, which the
+  coordinator and every other merchant hold, without the local statistics: the
+  log-probability the shared model gives a canary's target after its history,
+  minus the same under the untrained model (the public, seeded start). Training
+  on a canary lowers exactly that loss, and subtracting the start removes how
+  likely its target was anyway, so it is the strongest signal an attacker who
+  sees the released model has about one user.
+- Guesses: "in" for the `guesses` highest scores, "out" for the `guesses`
+  lowest; the number right gives the empirical lower bound on ε
+  (`common.audit.epsilon_lower_bound`, 95% confidence, with the run's δ).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from common import atomic
+from common.audit import LEVEL, epsilon_lower_bound
+from common.errors import SilorecError
+from common.silo import Silo, load_silo, write_silo
+
+HISTORY = 8  # random catalog items a canary has seen before its target
+REPEATS = 3  # times its target follows them: every training record that cuts before it has it among its next items
+AUDIT_FILE = "audit.json"
+
+
+@dataclass(frozen=True)
+class AuditSpec:
+    data: Path
+    out: Path
+    canaries: int = 200
+    guesses: int = 0  # each side; 0: a tenth of the canaries
+    central: bool = False  # audit `silorec-sim central` instead of a federation
+    options: Sequence[str] = field(default_factory=tuple)  # the training command's own options
+
+    @property
+    def per_side(self) -> int:
+        return self.guesses or max(1, self.canaries // 10)
+
+
+@dataclass(frozen=True)
+class Canary:
+    user_id: str
+    history: tuple[int, ...]  # catalog indices, oldest first
+    target: int
+    included: bool
+
+
+def draw_canaries(silo: Silo, m: int, rng: np.random.Generator) -> list[Canary]:
+    """m canaries over `silo`'s catalog, each included by a fair coin of `rng`."""
+    counts = np.bincount(silo.interactions["item"].to_numpy(), minlength=silo.n_items)
+    rare = np.argsort(counts, kind="stable")[: max(1, silo.n_items // 2)]
+    taken = set(silo.interactions["user_id"].astype(str))
+    out = []
+    for i in range(m):
+        user = f"canary-{i:05d}-{secrets.token_hex(3)}"
+        if user in taken:
+            raise SilorecError(f"{silo.root}: a user is already named {user}; rename it to audit this silo")
+        history = rng.choice(silo.n_items, size=min(HISTORY, silo.n_items), replace=False)
+        out.append(Canary(user, tuple(int(x) for x in history), int(rng.choice(rare)), bool(rng.random() < 0.5)))
+    return out
+
+
+def plant(silo: Silo, canaries: Sequence[Canary], folder: Path, rng: np.random.Generator) -> None:
+    """Write `silo` with the included canaries added as users (each at a random existing user's ZIP code)."""
+    items = silo.items["item_id"].astype(str).to_numpy()
+    start = int(np.median(silo.interactions["timestamp"].to_numpy()))
+    rows = []
+    for c in canaries:
+        if not c.included:
+            continue
+        tail = rng.choice(silo.n_items, size=2)  # what the split keeps for validation and test
+        sequence = [*c.history, *([c.target] * REPEATS), *(int(x) for x in tail)]
+        for k, item in enumerate(sequence):
+            rows.append({"user_id": c.user_id, "item_id": items[item], "timestamp": start + k * 3_600_000_000_000})
+    interactions = pd.concat([silo.interactions[["user_id", "item_id", "timestamp"]], pd.DataFrame(rows)])
+    users = silo.users
+    if users is not None and "zip_code" in users.columns and len(users):
+        zips = users["zip_code"].to_numpy()
+        planted = pd.DataFrame({"user_id": [c.user_id for c in canaries if c.included]})
+        planted["zip_code"] = zips[rng.integers(0, len(zips), size=len(planted))]
+        users = pd.concat([users[["user_id", "zip_code"]], planted], ignore_index=True)
+    write_silo(folder, silo.items, interactions.reset_index(drop=True), users)
+
+
+def training_command(spec: AuditSpec, data: Path, out: Path) -> list[str]:
+    sim = [sys.executable, "-m", "simulations.cli"]
+    verb = ["central"] if spec.central else ["run"]
+    return sim + verb + ["--data", str(data), "--out", str(out), *spec.options]
+
+
+def canary_scores(adapter_dir: Path, silo: Silo, canaries: Sequence[Canary]) -> np.ndarray:
+    """Each canary's log-probability of its target after its history, released model minus untrained start."""
+    import torch
+
+    from common.recommender import build_recommender
+    from common.serve import score_histories
+    from common.storage import load_model_config
+    from common.text import item_texts
+
+    cfg = load_model_config(adapter_dir)
+    ids, texts = list(silo.items["item_id"]), item_texts(silo.items)
+    released = build_recommender(cfg, ids, texts, adapter_dir=adapter_dir)
+    released.set_prior(np.zeros(len(ids)))  # the shared model alone: a merchant's own statistics never leave it
+    released.set_neighbours(np.zeros(0, dtype=np.int64), np.zeros((0, 0)))
+    start = build_recommender(cfg, ids, texts)
+    histories = [np.array(c.history) for c in canaries]
+    targets = torch.as_tensor([c.target for c in canaries])
+    rows = torch.arange(len(canaries))
+    scores = []
+    for model in (released, start):
+        logits = torch.cat([score_histories(model, histories[i : i + 64]) for i in range(0, len(histories), 64)])
+        scores.append(torch.log_softmax(logits, dim=1)[rows, targets].numpy())
+    return scores[0] - scores[1]
+
+
+def guess(scores: np.ndarray, per_side: int) -> dict[int, bool]:
+    """Canary index → guess ("in": True) for the `per_side` highest and lowest scores; the rest abstain."""
+    order = np.argsort(-scores, kind="stable")
+    per_side = min(per_side, len(scores) // 2)
+    return {int(i): True for i in order[:per_side]} | {int(i): False for i in order[len(order) - per_side :]}
+
+
+def claimed(metrics: dict[str, Any]) -> tuple[float, float]:
+    """(ε, δ) the trained run claims: the federation's, the largest silo's, or the central model's; ∞ without DP."""
+    privacy = metrics.get("privacy") or {}
+    epsilon = privacy.get("epsilon", metrics.get("epsilon_max", metrics.get("epsilon")))
+    delta = privacy.get("delta", metrics.get("delta"))
+    if privacy.get("mode") == "silo":
+        epsilon = metrics.get("epsilon_max", epsilon)
+    return (math.inf if epsilon is None else float(epsilon)), (0.0 if delta is None else float(delta))
+
+
+def run_audit(spec: AuditSpec, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Plant, train, score and bound; writes OUT/audit.json and the audit into the adapter's model card."""
+    atomic.check_apart(spec.out, {"--data": spec.data})
+    if spec.out.exists() and any(spec.out.iterdir()):
+        raise FileExistsError(f"{spec.out} is not empty; choose another --out or pass --force to replace an audit")
+    silo = load_silo(spec.data)
+    if spec.canaries < 2:
+        raise SilorecError(f"an audit needs at least 2 canaries, not {spec.canaries}")
+    rng = np.random.default_rng(secrets.randbits(64))  # the coins stay the auditor's until training is done
+    canaries = draw_canaries(silo, spec.canaries, rng)
+    spec.out.mkdir(parents=True, exist_ok=True)
+    atomic.mark(spec.out, "silorec-sim audit")
+    planted, run = spec.out / "data", spec.out / "run"
+    plant(silo, canaries, planted, rng)
+    log(f"planted {sum(c.included for c in canaries)} of {len(canaries)} canaries in {planted}")
+    cmd = training_command(spec, planted, run)
+    log("training: " + " ".join(cmd[2:]))
+    started = time.perf_counter()
+    with open(spec.out / "training.log", "wb") as sink:
+        done = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SilorecError(f"training failed (exit {done.returncode}); see {spec.out / 'training.log'}")
+    metrics = json.loads((run / "metrics.json").read_text())
+    epsilon, delta = claimed(metrics)
+    scores = canary_scores(run / "adapter", load_silo(planted), canaries)
+    guesses = guess(scores, spec.per_side)
+    right = sum(canaries[i].included == g for i, g in guesses.items())
+    bound = epsilon_lower_bound(len(canaries), len(guesses), right, delta)
+    report = {
+        "claimed_epsilon": None if math.isinf(epsilon) else epsilon,
+        "delta": delta,
+        "empirical_epsilon_lower_bound": bound,
+        "confidence": 1 - LEVEL,
+        "canaries": len(canaries),
+        "included": sum(c.included for c in canaries),
+        "guesses": len(guesses),
+        "correct": right,
+        "score": "log p(target | history) under the released adapter and calibration, minus under the untrained start",
+        "training_command": cmd[2:],
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "per_canary": [
+            {
+                "user_id": c.user_id,
+                "history": list(c.history),
+                "target": c.target,
+                "included": c.included,
+                "score": float(s),
+                "guess": None if i not in guesses else ("in" if guesses[i] else "out"),
+            }
+            for i, (c, s) in enumerate(zip(canaries, scores))
+        ],
+    }
+    atomic.write_json(spec.out / AUDIT_FILE, report)
+    card = run / "adapter" / "README.md"
+    if card.is_file():
+        atomic.write_bytes(card, (card.read_text() + card_section(report)).encode())
+    return report
+
+
+def card_section(report: dict[str, Any]) -> str:
+    claimed_text = "none (no DP)" if report["claimed_epsilon"] is None else f"{report['claimed_epsilon']:.2f}"
+    return (
+        "\n## Privacy audit\n\n"
+        f"A one-run audit (Steinke, Nasr and Jagielski, 2023) planted {report['canaries']} canary users, each with "
+        f"probability ½, and guessed {report['guesses']} of them from this adapter and its calibration alone: "
+        f"{report['correct']} right. Claimed ε {claimed_text} at δ={report['delta']:.0e}; empirical lower bound "
+        f"{report['empirical_epsilon_lower_bound']:.2f} (95% confidence). A lower bound at or below the claim is "
+        "consistent with it; one above it would show the claim wrong.\n"
+    )
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    claimed_text = "∞ (no DP)" if report["claimed_epsilon"] is None else f"{report['claimed_epsilon']:.2f}"
+    return (
+        f"claimed ε {claimed_text}, empirical lower bound {report['empirical_epsilon_lower_bound']:.2f} "
+        f"(95% confidence): {report['correct']} of {report['guesses']} guesses right about {report['canaries']} "
+        f"canaries ({report['included']} planted)"
+    )
