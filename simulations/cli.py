@@ -629,10 +629,6 @@ def comparison_table(rows: dict[str, dict], *, users: int) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    main()
-
-
 @main.command("audit")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder to plant canaries in.")
 @click.option(
@@ -685,3 +681,7 @@ def audit(data, out, merchants, privacy, epsilon, no_dp, delta, canaries, guesse
     report = run_audit(spec, log=click.echo)
     click.echo(summary_line(report))
     click.echo(f"wrote {out / 'audit.json'}")
+
+
+if __name__ == "__main__":
+    main()
