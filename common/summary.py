@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 
-from common.silo import Silo
+from common.silo import ITEM_TEXT_FIELDS, Silo
 from common.split import MIN_EVAL_INTERACTIONS
 
 
@@ -24,6 +25,9 @@ class SiloSummary:
     duplicates: int = 0  # interactions that repeat an earlier one exactly (user, item, time): kept, each counts
     before_1970: int = 0
     in_future: int = 0  # dated after the summary was made
+    # item text that looks like personal data: item text feeds the shared model and the pooled keys
+    personal_data: int = 0
+    personal_examples: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,7 +56,32 @@ class SiloSummary:
                 f"{self.in_future:,} interaction(s) dated in the future: milliseconds read as seconds, or a wrong "
                 f"clock?"
             )
+        if self.personal_data:
+            out.append(
+                f"{self.personal_data:,} item text value(s) look like personal data ("
+                + "; ".join(self.personal_examples)
+                + "): item text is read by the shared model and keys the pooled releases, so it must describe "
+                "items, never people; remove it"
+            )
         return out
+
+
+EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# an international number, or digits right after a word that announces a phone (not ISBNs, years, model numbers)
+PHONE = re.compile(r"\+\d[\d\s().-]{7,}\d|(?i:\b(?:tel|phone|call|mobile|fax)\b)\W{0,3}\d[\d\s().-]{6,}\d")
+
+
+def personal_data(items: pd.DataFrame) -> tuple[int, tuple[str, ...]]:
+    """How many item text values hold an e-mail address or a phone number, and up to three of them, located."""
+    found, examples = 0, []
+    for column in (c for c in ITEM_TEXT_FIELDS if c in items.columns):
+        for item, text in zip(items["item_id"], items[column].fillna("").astype(str)):
+            kind = "an e-mail address" if EMAIL.search(text) else "a phone number" if PHONE.search(text) else None
+            if kind:
+                found += 1
+                if len(examples) < 3:
+                    examples.append(f"field '{column}' of item {item!r} holds {kind}")
+    return found, tuple(examples)
 
 
 def summarize(silo: Silo) -> SiloSummary:
@@ -73,4 +102,6 @@ def summarize(silo: Silo) -> SiloSummary:
         duplicates=int(silo.interactions.duplicated(["user_id", "item_id", "timestamp"]).sum()),
         before_1970=int((ts < 0).sum()),
         in_future=int((ts > now).sum()),
+        personal_data=personal_data(silo.items)[0],
+        personal_examples=personal_data(silo.items)[1],
     )

@@ -13,6 +13,18 @@ def test_check_data_prints_summary(synthetic_silo):
     assert "users            60" in result.output and "evaluated users" in result.output
 
 
+def test_check_data_warns_of_item_text_that_looks_like_personal_data(tmp_path):
+    items = (
+        "item_id,title,description\n1,Kettle,\n2,Lamp,ask jane.doe@example.com\n3,Mug (2001),ISBN 978-0-306-40615-7\n"
+    )
+    write(tmp_path / "s" / "items.csv", items)
+    write(tmp_path / "s" / "interactions.csv", "user_id,item_id,timestamp\nu,1,1\nu,2,2\nu,3,3\n")
+    result = CliRunner().invoke(client, ["check-data", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output  # valid: a warning, not an error
+    assert "1 item text value(s) look like personal data" in result.output
+    assert "field 'description' of item '2' holds an e-mail address" in result.output
+
+
 def test_check_data_bad_silo_is_one_line_and_exit_2(tmp_path):
     write(tmp_path / "s" / "items.csv", "item_id,title\n1,a\n")
     write(tmp_path / "s" / "interactions.csv", "user_id,item_id,timestamp\nu,2,1\n")
