@@ -51,8 +51,8 @@ def test_a_tiny_audit_plants_trains_scores_and_bounds_from_the_released_model(tm
     result = CliRunner().invoke(
         main,
         ["audit", "--data", str(data), "--out", str(out), "--merchants", "3", "--epsilon", "8", "--delta", "1e-3"]
-        + ["--canaries", "20", "--guesses", "4", "--", "--rounds", "2", "--batch-size", "16"]
-        + ["--base-model", str(tiny_bert), "--eval-every", "2"],
+        + ["--canaries", "20", "--guesses", "4", "--", "--rounds", "1", "--batch-size", "16"]
+        + ["--base-model", str(tiny_bert), "--eval-every", "1"],
     )
     assert result.exit_code == 0, result.output + (out / "training.log").read_text()[-3000:]
     report = json.loads((out / "audit.json").read_text())

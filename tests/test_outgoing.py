@@ -52,7 +52,7 @@ def test_no_user_interaction_or_clear_tensor_leaves_a_silo(tmp_path, tiny_bert, 
     out, sent = tmp_path / "run", tmp_path / "sent"
     monkeypatch.setenv(RECORD_ENV, str(sent))  # read by the merchants' ClientApps (simulation actors inherit it)
     cfg = RoundConfig.for_mode(privacy, base_model=str(tiny_bert), batch_size=16, epsilon=8.0, delta=1e-3, threads=1)
-    settings = ServerSettings(rounds=2, out_dir=str(out), min_fit_clients=2, min_available_clients=3, round=cfg)
+    settings = ServerSettings(rounds=1, out_dir=str(out), min_fit_clients=2, min_available_clients=3, round=cfg)
     run_simulation(SimulationSpec(data=data, out=out, merchants=3), settings)
     silos = sorted(p for p in (out / "silos").iterdir() if p.is_dir())
     assert len(silos) == 3
