@@ -146,7 +146,6 @@ def evaluate_cmd(adapter: Path, data: Path, cache: Path) -> None:
 @click.option(
     "--record-outgoing",
     type=click.Path(file_okay=False, path_type=Path),
-    default=None,
     help="Keep every message this node sends, byte for byte as sent, in this folder (check it with "
     "`silorec-client scan-outgoing`).",
 )

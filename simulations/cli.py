@@ -631,12 +631,7 @@ def comparison_table(rows: dict[str, dict], *, users: int) -> str:
 
 @main.command("audit")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder to plant canaries in.")
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Audit folder: data/ (planted), run/ (the training's), audit.json, training.log.",
-)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Audit folder: data/, run/, audit.json.")
 @click.option("--merchants", type=COUNT, default=10, show_default=True, help="Region merchants of the federation.")
 @click.option("--privacy", type=click.Choice(PRIVACY_MODES), default="federation", show_default=True)
 @click.option("--epsilon", type=POSITIVE, default=None, help="The run's ε (one of --epsilon and --no-dp).")
