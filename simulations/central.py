@@ -22,6 +22,7 @@ from common.metrics import evaluate, metrics_from_ranks, most_pop, ranks_of, sav
 from common.model_config import ModelConfig
 from common.plots import plot_curves
 from common.popularity import accountant_entry, prior_from_counts, release_prior
+from common.pseudonym import key_for, pseudonyms
 from common.recommender import build_recommender
 from common.serve import scorer
 from common.setting import setting
@@ -135,12 +136,16 @@ def run_central(
         "train": asdict(cfg.train),
         "history": history,
     }
+    key = key_for(data)  # ranks name users by pseudonym; the silo's runs pair up under its key
     with atomic.directory(out, replace=force, made_by="silorec-sim central") as scratch:
         model.save(scratch / "adapter")
         atomic.write_json(scratch / "metrics.json", metrics)
         save_ranks(
             scratch,
-            {name: dict(zip((c.user_id for c in getattr(split, name)), r.tolist())) for name, r in ranks.items()},
+            {
+                name: dict(zip(pseudonyms(key, (c.user_id for c in getattr(split, name))), r.tolist()))
+                for name, r in ranks.items()
+            },
             model="centralised" + ("" if result.epsilon is None else " DP"),
         )
         plot_curves(

@@ -27,6 +27,7 @@ from common.cli import (
 from common.metrics import RANKS_FILE
 from common.model_config import MODEL_SETTINGS
 from common.presets import CENTRAL_DP, DP_MODEL, SILO
+from common.pseudonym import key_for
 from common.records import CUTS
 from common.round import PRIVACY_MODES, RoundConfig, preset_of
 from common.setting import option
@@ -438,7 +439,7 @@ def run(
         click.echo("training every merchant alone (no federation, silo mode's settings)...")
         alone = run_local_only(out / "silos", local_only_settings(settings), out, log=click.echo)
         rows["local-only"] = alone["test"]
-    paired = paired_comparisons(out / "silos", settings, out, alone)
+    paired = paired_comparisons(out / "silos", settings, out, alone, key=key_for(data))
     central_dir = None
     if central_path:
         central_dir = central_path if central_path.is_dir() else central_path.parent

@@ -32,6 +32,7 @@ from common.metrics import (
 from common.model_config import MODEL_SETTINGS
 from common.popularity import prior_of, text_keys
 from common.presets import SILO
+from common.pseudonym import pseudonyms
 from common.recommender import Recommender, build_recommender
 from common.round import RoundConfig
 from common.serve import best_scale, prior_scale_ranks, scale_prior_weight, scorer
@@ -302,19 +303,20 @@ def merchant_ranks(silos: Path, settings: ServerSettings, out: Path) -> dict[str
 
 
 def paired_comparisons(
-    silos: Path, settings: ServerSettings, out: Path, local_only: dict[str, Any] | None = None
+    silos: Path, settings: ServerSettings, out: Path, local_only: dict[str, Any] | None = None, *, key: bytes
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Federated NDCG@10 minus each merchant's MostPop (and local-only model), paired by user, by split.
 
     Each with its paired bootstrap interval (common.metrics); written to
     OUT/comparison.json. The validation differences are the ones to choose
-    settings by; the test differences are the ones to report.
+    settings by; the test differences are the ones to report. OUT/ranks.json
+    names users by their pseudonym under `key` (common.pseudonym).
     """
     joined = _joined_ranks(silos, settings, out, local_only)
     ids = user_ids(silos)
     save_ranks(
         out,
-        {split: dict(zip(ids[split], joined[split]["federated"].tolist())) for split in SPLITS},
+        {split: dict(zip(pseudonyms(key, ids[split]), joined[split]["federated"].tolist())) for split in SPLITS},
         model=f"federated ({settings.privacy} privacy)",
     )
     report = {split: _differences(by_model) for split, by_model in joined.items()}

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from flwr.app import ConfigRecord
 from flwr.clientapp import ClientApp
@@ -30,6 +31,7 @@ from common.errors import SilorecError
 from common.messages import ASK_TABLE, POOL_RECORD, TABLE_KIND
 from common.metrics import metrics_from_ranks
 from common.popularity import look_up, pool_tables, prior_from_counts
+from common.pseudonym import key_for, pseudonyms
 from common.round import RoundConfig
 from common.serve import best_scale
 from common.storage import CALIBRATION_FILE, LOCAL_FILE
@@ -99,8 +101,12 @@ def test_two_dp_rounds_beat_round_zero_and_write_every_output(tmp_path, tiny_ber
         lines[-1]["valid"]["ndcg@10"]
     )
     alone = run_local_only(out / "silos", run, out, log=lambda *_: None)
-    paired = paired_comparisons(out / "silos", run, out, alone)
+    paired = paired_comparisons(out / "silos", run, out, alone, key=key_for(data))
     assert list(paired) == ["valid", "test"]
+    # the ranks kept at rest name users by pseudonym under the data's key, never by id
+    kept = json.loads((out / "ranks.json").read_text())["test"]
+    ids = set(pd.read_csv(data / "interactions.csv", dtype=str)["user_id"])
+    assert len(kept) > 100 and not set(kept) & ids and set(kept) <= set(pseudonyms(key_for(data), ids))
     for split, federated in (("valid", lines[-1]["valid"]), ("test", m["test"])):
         differences = paired[split]
         assert list(differences) == ["federated − MostPop (each merchant)", "federated − local-only"]
