@@ -96,6 +96,11 @@ def clear_tensors(message: Message) -> list[str]:
     return out
 
 
+def hits(data: bytes, needles: Iterable[bytes]) -> list[bytes]:
+    """The `needles` that occur in `data`."""
+    return [needle for needle in needles if needle in data]
+
+
 def scan(files: Iterable[Path], silos: Sequence[Path]) -> Scan:
     """Search the recorded messages `files` for the users and interactions of `silos`, and for clear tensors."""
     users, interactions = [], []
@@ -104,13 +109,12 @@ def scan(files: Iterable[Path], silos: Sequence[Path]) -> Scan:
         users += u
         interactions += i
     result = Scan(users=len(users), interactions=len(interactions))
+    searched = users + interactions
     for path in sorted(files):
         data = Path(path).read_bytes()
         result.messages += 1
         result.bytes += len(data)
-        for needle in users + interactions:
-            if needle in data:
-                result.found.append(f"{Path(path).name}: {needle.decode(errors='replace')!r}")
+        result.found += [f"{Path(path).name}: {n.decode(errors='replace')!r}" for n in hits(data, searched)]
         proto = ProtoMessage()
         proto.ParseFromString(data)
         result.tensors += [f"{Path(path).name}: {t}" for t in clear_tensors(message_from_proto(proto))]

@@ -90,6 +90,7 @@ def summarize(silo: Silo) -> SiloSummary:
     ts = silo.interactions["timestamp"].to_numpy(dtype=np.int64)
     day = lambda ns: pd.Timestamp(int(ns), unit="ns", tz="UTC").strftime("%Y-%m-%d")  # noqa: E731
     now = pd.Timestamp.now(tz="UTC").value
+    personal, examples = personal_data(silo.items)
     return SiloSummary(
         name=silo.name,
         users=len(per_user),
@@ -102,6 +103,6 @@ def summarize(silo: Silo) -> SiloSummary:
         duplicates=int(silo.interactions.duplicated(["user_id", "item_id", "timestamp"]).sum()),
         before_1970=int((ts < 0).sum()),
         in_future=int((ts > now).sum()),
-        personal_data=personal_data(silo.items)[0],
-        personal_examples=personal_data(silo.items)[1],
+        personal_data=personal,
+        personal_examples=examples,
     )

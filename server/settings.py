@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from common.errors import SilorecError
+from common.presets import SILO
 from common.round import RoundConfig
 from common.serve import PRIOR_SCALES
 from common.setting import setting
@@ -99,9 +100,13 @@ def run_config_entries(placed: dict[str, Any] | None = None) -> list[tuple[str, 
         for f in fields(cls):
             if f.name in skip:
                 continue
-            key = "num-server-rounds" if cls is ServerSettings and f.name == "rounds" else f.name.replace("_", "-")
-            out.append((key, placed.get(f.name, f.default), f.metadata.get("help", "")))
+            out.append((run_config_key(f.name), placed.get(f.name, f.default), f.metadata.get("help", "")))
     return sorted(out, key=lambda entry: entry[0] != "privacy")  # the mode first: it decides what the rest mean
+
+
+def run_config_key(name: str) -> str:
+    """A coordinator setting's run config key: kebab-case, and Flower's own name for the rounds."""
+    return "num-server-rounds" if name == "rounds" else name.replace("_", "-")
 
 
 def run_config_toml(placed: dict[str, Any] | None = None) -> str:
@@ -114,7 +119,7 @@ def run_config_toml(placed: dict[str, Any] | None = None) -> str:
         "# common/round.py, common/model_config.py); tests/test_settings.py keeps the two the same.",
         "# Read by the ServerApp only: everything a merchant needs travels in each round's message.",
     ]
-    preset = ", ".join(f"{k.replace('_', '-')} = {_toml(v)}" for k, v in _silo_preset().items())
+    preset = ", ".join(f"{run_config_key(k)} = {_toml(v)}" for k, v in SILO.items())
     lines += textwrap.wrap(
         f'The values are federation mode\'s; silo mode (privacy = "silo") wants its preset too: {preset}.',
         100,
@@ -130,12 +135,6 @@ def run_config_toml(placed: dict[str, Any] | None = None) -> str:
         )
         lines.append(f"{key} = {_toml(value)}")
     return "\n".join(lines) + "\n"
-
-
-def _silo_preset() -> dict[str, Any]:
-    from common.presets import SILO
-
-    return {("num_server_rounds" if k == "rounds" else k): v for k, v in SILO.items()}
 
 
 def _toml(value: Any) -> str:

@@ -113,7 +113,10 @@ def training_command(spec: AuditSpec, data: Path, out: Path) -> list[str]:
 
 
 def canary_scores(adapter_dir: Path, silo: Silo, canaries: Sequence[Canary]) -> np.ndarray:
-    """Each canary's log-probability of its target after its history, released model minus untrained start."""
+    """Each canary's log-probability of its target after its history, released model minus untrained start.
+
+    `silo` gives the catalog, which planting leaves as it was.
+    """
     import torch
 
     from common.recommender import build_recommender
@@ -146,11 +149,12 @@ def guess(scores: np.ndarray, per_side: int) -> dict[int, bool]:
 
 def claimed(metrics: dict[str, Any]) -> tuple[float, float]:
     """(ε, δ) the trained run claims: the federation's, the largest silo's, or the central model's; ∞ without DP."""
-    privacy = metrics.get("privacy") or {}
-    epsilon = privacy.get("epsilon", metrics.get("epsilon_max", metrics.get("epsilon")))
-    delta = privacy.get("delta", metrics.get("delta"))
+    privacy = metrics.get("privacy") or {}  # a federated run's; a central run reports ε and δ at the top
     if privacy.get("mode") == "silo":
-        epsilon = metrics.get("epsilon_max", epsilon)
+        epsilon = metrics.get("epsilon_max")
+    else:
+        epsilon = privacy.get("epsilon", metrics.get("epsilon"))
+    delta = privacy.get("delta", metrics.get("delta"))
     return (math.inf if epsilon is None else float(epsilon)), (0.0 if delta is None else float(delta))
 
 
@@ -178,7 +182,7 @@ def run_audit(spec: AuditSpec, *, log: Callable[[str], None] = print) -> dict[st
         raise SilorecError(f"training failed (exit {done.returncode}); see {spec.out / 'training.log'}")
     metrics = json.loads((run / "metrics.json").read_text())
     epsilon, delta = claimed(metrics)
-    scores = canary_scores(run / "adapter", load_silo(planted), canaries)
+    scores = canary_scores(run / "adapter", silo, canaries)  # planting adds users, never items
     guesses = guess(scores, spec.per_side)
     right = sum(canaries[i].included == g for i, g in guesses.items())
     bound = epsilon_lower_bound(len(canaries), len(guesses), right, delta)

@@ -21,7 +21,7 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 
 from client.cli import main as client_main
-from client.outgoing import needles, recorded, scan
+from client.outgoing import hits, needles, recorded, scan
 from common.encoder import load_encoder
 from server.cli import main as server_main
 from simulations.synthetic import SyntheticSpec, make_synthetic_silo
@@ -260,7 +260,7 @@ def test_enrolled_merchants_train_in_federation_mode_over_tls_past_one_killed_mi
         print(f"{silo.name} sent {result.line()}")
         assert files and result.clean, result.found[:3] + result.tensors[:3]
     users, interactions = (sum(x, []) for x in zip(*(needles(silos[s]) for _, s in NODES)))
-    in_db = [n.decode() for n in users + interactions if n in stored]
+    in_db = [n.decode() for n in hits(stored, users + interactions)]
     print(
         f"SuperLink database: {len(stored):,} bytes; searched for {len(users)} user ids and {len(interactions)} "
         f"interactions: {len(in_db)} found"
