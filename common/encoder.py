@@ -3,7 +3,8 @@ and the user tower (the same encoder with a LoRA adapter).
 
 v_item is the frozen base encoder over an item's text, mean-pooled and
 L2-normalised; it is computed in batches before any adapter is attached and
-cached on disk, keyed by the model's files and the catalog's texts.
+cached on disk, one vector per distinct text and model, so a new item costs one
+encoding.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def encode_items(
     return torch.cat(out) if out else torch.zeros(0, encoder.config.hidden_size)
 
 
-def item_cache_key(base_model: str, texts: list[str], max_tokens: int) -> str:
-    """Cache key over the model's identity (config and weight files) and the catalog's content."""
+def model_cache_key(base_model: str, max_tokens: int) -> str:
+    """Cache key over the model's identity (its config and weight files) and how many tokens of a text it reads."""
     h = hashlib.sha256()
     path = Path(resolve_base_model(base_model))
     if path.is_dir():
@@ -114,11 +115,28 @@ def item_cache_key(base_model: str, texts: list[str], max_tokens: int) -> str:
             if f.suffix in (".json", ".safetensors", ".bin", ".txt"):
                 stat = f.stat()
                 h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    h.update(f"model={base_model}|tokens={max_tokens}|n={len(texts)}".encode())
-    for t in texts:
-        h.update(t.encode())
-        h.update(b"\0")
+    h.update(f"model={base_model}|tokens={max_tokens}".encode())
     return h.hexdigest()[:32]
+
+
+def text_key(text: str) -> bytes:
+    """An item text's key in the vector cache (16 bytes of its SHA-256)."""
+    return hashlib.sha256(text.encode()).digest()[:16]
+
+
+def cache_path(cache_dir: Path, cfg: ModelConfig) -> Path:
+    """The file holding every item vector this model has computed, keyed by item text."""
+    return Path(cache_dir) / f"items-{model_cache_key(cfg.base_model, cfg.item_max_tokens)}.safetensors"
+
+
+def read_cache(path: Path) -> dict[bytes, torch.Tensor]:
+    """The cached vectors by text key; an absent or unreadable cache is empty (it is only a cache)."""
+    try:
+        tensors = load_file(path)
+        keys, vectors = tensors["keys"], tensors["vectors"]
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return {}
+    return {bytes(k.tolist()): v for k, v in zip(keys, vectors)}
 
 
 def cached_item_vectors(
@@ -130,18 +148,37 @@ def cached_item_vectors(
     device: torch.device,
     cache_dir: Path | None,
 ) -> torch.Tensor:
-    """Item vectors, read from `cache_dir` when this model has already encoded this catalog."""
-    path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / f"items-{item_cache_key(cfg.base_model, texts, cfg.item_max_tokens)}.safetensors"
-        if path.is_file():
-            return load_file(path)["vectors"]
-    vectors = encode_items(encoder, tokenizer, texts, max_tokens=cfg.item_max_tokens, device=device)
-    if path is not None:
-        # Several merchants (processes) may fill the same cache at once: serialise in memory and
-        # let the atomic writer pick a unique temporary name.
-        atomic.write_bytes(path, tensors_to_bytes({"vectors": vectors.contiguous()}))
-    return vectors
+    """Item vectors of `texts`; with a cache, only the texts this model has never encoded are encoded.
+
+    A catalog that gains a product costs one encoding, not the catalog's: the
+    cache holds one vector per distinct text, whichever catalog it came from.
+    """
+    if cache_dir is None:
+        return encode_items(encoder, tokenizer, texts, max_tokens=cfg.item_max_tokens, device=device)
+    path = cache_path(cache_dir, cfg)
+    known = read_cache(path)
+    keys = [text_key(t) for t in texts]
+    missing = {k: t for k, t in zip(keys, texts) if k not in known}
+    if missing:
+        fresh = encode_items(encoder, tokenizer, list(missing.values()), max_tokens=cfg.item_max_tokens, device=device)
+        # Several merchants (processes) may fill the same cache at once: merge with what is there
+        # now, serialise in memory and let the atomic writer pick a unique temporary name. A
+        # write that races another may drop the other's new vectors, which are then recomputed.
+        merged = read_cache(path) | dict(zip(missing, fresh))
+        known |= merged
+        order = list(merged)
+        atomic.write_bytes(
+            path,
+            tensors_to_bytes(
+                {
+                    "keys": torch.tensor([list(k) for k in order], dtype=torch.uint8),
+                    "vectors": torch.stack([merged[k] for k in order]).contiguous(),
+                }
+            ),
+        )
+    if not keys:
+        return torch.zeros(0, encoder.config.hidden_size)
+    return torch.stack([known[k] for k in keys])
 
 
 def attach_adapter(encoder: nn.Module, cfg: ModelConfig) -> PeftModel:

@@ -22,7 +22,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from common import storage
-from common.encoder import attach_adapter, cached_item_vectors, default_device, item_tokens, load_encoder
+from common.encoder import (
+    attach_adapter,
+    cached_item_vectors,
+    default_device,
+    item_tokens,
+    load_encoder,
+)
 from common.history import pack_histories, pool_segments, segment_mask
 from common.model_config import ModelConfig
 from common.score import (
@@ -264,6 +270,51 @@ class Recommender(nn.Module):
         path = storage.local_file(folder)
         if path is not None:
             self.load_local_state(*storage.load_local(path))
+
+    # --- the item tower on new text: search queries and new products ----------
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], *, cache_dir: Path | None = None) -> torch.Tensor:
+        """The item tower's vectors of `texts` (n × dim, on the model's device): the frozen encoder, adapter off."""
+        with self.user_tower.disable_adapter():
+            vectors = cached_item_vectors(
+                self.user_tower, self.tokenizer, list(texts), self.cfg, device=self.device, cache_dir=cache_dir
+            )
+        return vectors.to(self.device)
+
+    @torch.no_grad()
+    def add_items(self, item_ids: Sequence[str], texts: Sequence[str], vectors: torch.Tensor | None = None) -> None:
+        """Append new catalog items, scorable at once: `vectors` are the item tower's on `texts` (computed if not given).
+
+        A new item has no popularity in the release (prior log(1 + 0) = 0), no
+        co-occurrence row and a zero head: it is ranked by its text alone,
+        which is all anyone knows of it.
+        """
+        new = list(item_ids)
+        clash = set(new) & set(self.item_ids)
+        if clash or len(set(new)) != len(new):
+            raise ValueError(f"item ids already in the catalog or given twice: {sorted(clash)[:3] or new}")
+        if len(texts) != len(new):
+            raise ValueError(f"{len(new)} new items need {len(new)} texts, not {len(texts)}")
+        vectors = self.encode_texts(texts) if vectors is None else vectors
+        if vectors.shape != (len(new), self.item_vectors.shape[1]):
+            raise ValueError(f"{len(new)} new items need {len(new)}×{self.item_vectors.shape[1]} vectors")
+        if not new:
+            return
+        self.item_ids += new
+        self.item_tokens += item_tokens(self.tokenizer, list(texts), self.cfg.item_max_tokens)
+        self.item_vectors = torch.cat([self.item_vectors, vectors.to(self.device).float()])
+        self.prior = torch.cat([self.prior, self.prior.new_zeros(len(new))])
+        self.neighbour_slot = torch.cat([self.neighbour_slot, self.neighbour_slot.new_full((len(new),), -1)])
+        if self.head is not None:
+            for layer in (self.head.bias, self.head.weights):
+                if layer is not None:
+                    grown = nn.Linear(layer.in_features, layer.out_features + len(new), bias=False).to(self.device)
+                    grown.weight.zero_()
+                    grown.weight[: layer.out_features] = layer.weight
+                    grown.weight.requires_grad_(layer.weight.requires_grad)
+                    layer.weight = grown.weight
+                    layer.out_features += len(new)
 
     # --- saving -----------------------------------------------------------------
 

@@ -1,18 +1,23 @@
-"""Scoring histories with a trained recommender: for evaluation and for a merchant's top-k."""
+"""Scoring with a trained recommender: for evaluation, and what a merchant serves (`SiloRecommender`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
+from common.errors import SilorecError
 from common.metrics import ScoreFn, target_ranks
 from common.recommender import Recommender, build_recommender
 from common.score import PRIOR_WEIGHT
-from common.silo import Silo
-from common.split import EvalCase
+from common.silo import Silo, load_silo
+from common.split import EvalCase, user_sequences
 from common.storage import load_model_config
 from common.text import item_texts
 
@@ -107,3 +112,174 @@ def load_for_silo(adapter_dir: Path, silo: Silo, *, cache_dir: Path | None = Non
     return build_recommender(
         cfg, list(silo.items["item_id"]), item_texts(silo.items), cache_dir=cache_dir, adapter_dir=adapter_dir
     )
+
+
+# --- what a merchant serves -------------------------------------------------------------
+
+
+class UnknownError(SilorecError, KeyError):
+    """A user or item id the silo does not hold; `field` names the request field it came from."""
+
+    def __init__(self, field: str, value: str, what: str) -> None:
+        super().__init__(f"{what} {value!r} is not in this silo")
+        self.field = field
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One recommended or found item."""
+
+    item_id: str
+    title: str
+    score: float
+
+
+class SiloRecommender:
+    """A trained recommender over one silo's catalog and users: what a merchant's shop calls.
+
+    - `recommend_user(user)`: top-k from the user's whole history in the silo;
+    - `recommend(items)`: top-k for a live session's recent item ids (the user tower runs on them);
+    - `export(k)`: top-k for every user, batched;
+    - `search(text)`: the catalog ranked for a text query by the item tower (cosine);
+    - `similar(item)`: the items whose text the item tower places nearest;
+    - `refresh()`: re-read the silo: new products are scorable at once (only their vectors are computed,
+      through the item-vector cache), removed ones are no longer served, new events join the histories.
+
+    Items a user already has are never recommended unless `repeats`. Every method holds one lock, so
+    threads may share an instance.
+    """
+
+    def __init__(self, model: Recommender, silo: Silo, *, cache_dir: Path | None = None) -> None:
+        self.model = model.eval()
+        self._cache_dir = cache_dir
+        self._lock = threading.RLock()
+        self._use(silo)
+
+    @classmethod
+    def load(cls, adapter_dir: Path, data: Path, *, cache_dir: Path | None = None) -> SiloRecommender:
+        """The adapter saved in `adapter_dir`, over the silo in folder `data`."""
+        silo = load_silo(data)
+        return cls(load_for_silo(adapter_dir, silo, cache_dir=cache_dir), silo, cache_dir=cache_dir)
+
+    @property
+    def users(self) -> list[str]:
+        return list(self._histories)
+
+    @property
+    def n_items(self) -> int:
+        """Items served now (the silo's catalog)."""
+        return int(self._active.sum())
+
+    def _use(self, silo: Silo) -> None:
+        """Serve `silo`: the model's catalog gains its new items; histories and titles are the silo's."""
+        ids = list(silo.items["item_id"])
+        known = set(self.model.item_ids)
+        new = [i for i, item in enumerate(ids) if item not in known]
+        if new:
+            texts = item_texts(silo.items.iloc[new])
+            vectors = self.model.encode_texts(texts, cache_dir=self._cache_dir)
+            self.model.add_items([ids[i] for i in new], texts, vectors)
+        index = {item: i for i, item in enumerate(self.model.item_ids)}
+        to_model = np.array([index[item] for item in ids], dtype=np.int64)
+        self._index = {item: int(to_model[i]) for i, item in enumerate(ids)}
+        self._titles = dict(zip(ids, silo.items["title"]))
+        self._active = torch.zeros(len(self.model.item_ids), dtype=torch.bool)
+        self._active[torch.as_tensor(to_model)] = True
+        users, sequences = user_sequences(silo.interactions)
+        self._histories = {user: to_model[seq] for user, seq in zip(users, sequences)}
+        self.silo = silo
+        self._stamp = _stamp(silo.root)
+        self.added = len(new)
+
+    def refresh(self) -> int:
+        """Re-read the silo if one of its files changed since; how many new items became scorable (0 if none)."""
+        with self._lock:
+            if _stamp(self.silo.root) == self._stamp:
+                return 0
+            self._use(load_silo(self.silo.root))
+            return self.added
+
+    # --- recommendations ----------------------------------------------------------
+
+    def history(self, user_id: str, *, field: str = "user") -> np.ndarray:
+        """The user's catalog indices (the model's), oldest first."""
+        try:
+            return self._histories[str(user_id)]
+        except KeyError:
+            raise UnknownError(field, str(user_id), "user") from None
+
+    def session(self, item_ids: Sequence[str], *, field: str = "items") -> np.ndarray:
+        """A live session's item ids (oldest first) as catalog indices."""
+        try:
+            return np.array([self._index[str(i)] for i in item_ids], dtype=np.int64)
+        except KeyError as e:
+            raise UnknownError(field, str(e.args[0]), "item") from None
+
+    def recommend_user(self, user_id: str, k: int = 10, *, repeats: bool = False) -> list[Pick]:
+        return self.recommend_histories([self.history(user_id)], k, repeats=repeats)[0]
+
+    def recommend(self, item_ids: Sequence[str], k: int = 10, *, repeats: bool = False) -> list[Pick]:
+        return self.recommend_histories([self.session(item_ids)], k, repeats=repeats)[0]
+
+    def recommend_histories(
+        self, histories: Sequence[np.ndarray], k: int, *, repeats: bool = False
+    ) -> list[list[Pick]]:
+        """Top-k for each history (catalog indices), in one pass of the user tower."""
+        with self._lock:
+            scores = score_histories(self.model, histories)
+            return self._picks(scores, [() if repeats else h for h in histories], k)
+
+    def export(self, k: int, *, repeats: bool = False, batch_size: int = 256, progress: bool = True) -> pd.DataFrame:
+        """Top-k for every user of the silo: user_id, rank (1…k), item_id, title, score."""
+        rows: list[tuple[str, int, str, str, float]] = []
+        users = self.users
+        for user, picks in zip(users, self._batched(users, k, repeats, batch_size, progress)):
+            rows += [(user, rank, p.item_id, p.title, p.score) for rank, p in enumerate(picks, start=1)]
+        frame = pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "title", "score"])
+        return frame.astype({"rank": "int32", "score": "float32"})
+
+    def _batched(
+        self, users: list[str], k: int, repeats: bool, batch_size: int, progress: bool
+    ) -> Iterator[list[Pick]]:
+        starts = range(0, len(users), batch_size)
+        for start in tqdm(starts, desc="users", unit="batch", disable=not progress, leave=False):
+            batch = [self.history(u) for u in users[start : start + batch_size]]
+            yield from self.recommend_histories(batch, k, repeats=repeats)
+
+    # --- the item tower: search and similar items ---------------------------------
+
+    def search(self, text: str, k: int = 10) -> list[Pick]:
+        """The catalog ranked for `text` by the item tower: cosine of the query's vector and each item's."""
+        if not text.strip():
+            raise ValueError("a search needs some text")
+        with self._lock:
+            query = self.model.encode_texts([text])[0]
+            return self._picks((self.model.item_vectors @ query)[None], [()], k)[0]
+
+    def similar(self, item_id: str, k: int = 10) -> list[Pick]:
+        """The items nearest `item_id` in the item tower's space, the item itself left out."""
+        with self._lock:
+            index = self.session([item_id], field="id")
+            vectors = self.model.item_vectors
+            return self._picks((vectors @ vectors[int(index[0])])[None], [index], k)[0]
+
+    def _picks(self, scores: torch.Tensor, excluded: Sequence[Sequence[int]], k: int) -> list[list[Pick]]:
+        scores = scores.float().cpu().masked_fill(~self._active, float("-inf"))
+        for row, items in enumerate(excluded):
+            if len(items):
+                scores[row, torch.as_tensor(np.asarray(items, dtype=np.int64))] = float("-inf")
+        values, idx = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        ids = self.model.item_ids
+        return [
+            [Pick(ids[i], self._titles[ids[i]], v) for i, v in zip(r.tolist(), s.tolist()) if v != float("-inf")]
+            for r, s in zip(idx, values)
+        ]
+
+
+def _stamp(root: Path) -> tuple[tuple[str, int, int], ...]:
+    """What changes when a file of the silo folder is written: names, sizes, modification times."""
+    files = sorted(p for p in Path(root).iterdir() if p.is_file())
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)

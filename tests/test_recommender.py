@@ -18,23 +18,27 @@ def catalog(path):
     return list(s.items["item_id"]), item_texts(s.items), list(s.items["title"])
 
 
-def test_item_vectors_are_unit_and_cached(tmp_path, tiny_bert, synthetic_silo):
+def test_item_vectors_are_unit_and_cached_one_per_text(tmp_path, tiny_bert, synthetic_silo):
+    from common.encoder import read_cache
+
     ids, texts, _ = catalog(synthetic_silo)
     cfg = ModelConfig(base_model=str(tiny_bert))
     m = build_recommender(cfg, ids, texts, cache_dir=tmp_path / "cache")
     norms = m.item_vectors.norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     files = list((tmp_path / "cache").iterdir())
-    assert len(files) == 1
+    assert len(files) == 1 and len(read_cache(files[0])) == len(set(texts))
     # poison the cache file: a rebuild over the same catalog must read it, not recompute
     from safetensors.torch import save_file
 
-    save_file({"vectors": torch.zeros_like(m.item_vectors)}, str(files[0]))
+    tensors = load_file(files[0])
+    save_file({"keys": tensors["keys"], "vectors": torch.zeros_like(tensors["vectors"])}, str(files[0]))
     again = build_recommender(cfg, ids, texts, cache_dir=tmp_path / "cache")
     assert again.item_vectors.abs().sum() == 0
-    # a changed catalog text is a different key
+    # a new text is encoded alone and joins the same file; the others are still read from it
     changed = build_recommender(cfg, ids, texts[:-1] + ["something else"], cache_dir=tmp_path / "cache")
-    assert changed.item_vectors.abs().sum() > 0 and len(list((tmp_path / "cache").iterdir())) == 2
+    assert changed.item_vectors[:-1].abs().sum() == 0 and changed.item_vectors[-1].norm() > 0.99
+    assert len(list((tmp_path / "cache").iterdir())) == 1 and len(read_cache(files[0])) == len(set(texts)) + 1
 
 
 def test_history_keeps_the_most_recent_items_that_fit_the_budget(tiny_bert, synthetic_silo):
