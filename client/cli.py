@@ -8,8 +8,7 @@ from pathlib import Path
 import click
 
 from common.cli import CONTEXT, COUNT, RoleGroup, quiet_libraries
-from common.errors import SilorecError
-from common.silo import load_silo
+from common.silo import STATE_DIR, load_silo
 from common.summary import summarize
 
 DEFAULT_CACHE = Path("~/.cache/silorec/items").expanduser()
@@ -20,6 +19,13 @@ adapter_option = click.option(
     help="Adapter folder written by silorec (peft format, with silorec_model.json).",
 )
 data_option = click.option("--data", type=click.Path(path_type=Path), required=True, help="The merchant's silo folder.")
+state_option = click.option(
+    "--state",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The merchant's state folder, whose local releases and item head complete a federation's adapter. "
+    f"[default: SILO/{STATE_DIR}]",
+)
 cache_option = click.option(
     "--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors."
 )
@@ -56,35 +62,167 @@ def check_data(silo: Path) -> None:
 @main.command("recommend")
 @adapter_option
 @data_option
-@click.option("--user", "user_id", required=True, help="A user id of the silo.")
+@click.option("--user", "user_id", help="A user id of the silo (or --all).")
+@click.option("--all", "every_user", is_flag=True, help="Every user of the silo, written to --out.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --all: the file to write (.parquet or .csv): user_id, rank, item_id, title, score.",
+)
+@click.option("-k", "k", type=COUNT, default=10, show_default=True, help="How many items per user.")
+@click.option("--repeats", is_flag=True, help="Also recommend items the user already has.")
+@click.option("--batch-size", type=COUNT, default=256, show_default=True, help="Users scored in one pass (--all).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@state_option
+@cache_option
+def recommend(
+    adapter: Path,
+    data: Path,
+    user_id: str | None,
+    every_user: bool,
+    out: Path | None,
+    k: int,
+    repeats: bool,
+    batch_size: int,
+    force: bool,
+    state: Path | None,
+    cache: Path,
+) -> None:
+    """Print the top-k items for one user of the silo, or write them for every user (--all --out FILE).
+
+    Scores from each user's whole history. Items the user already interacted
+    with are never recommended, unless --repeats.
+    """
+    import time
+
+    from common.serve import SiloRecommender
+
+    if every_user == (user_id is not None):
+        raise click.UsageError("give one of --user ID and --all")
+    if every_user and out is None:
+        raise click.UsageError("--all writes a file: give --out recs.parquet (or .csv)")
+    if out is not None and not every_user:
+        raise click.UsageError("--out goes with --all; --user prints its answer")
+    if out is not None and out.suffix not in (".parquet", ".csv"):
+        raise click.UsageError(f"--out {out}: name a .parquet or .csv file")
+    if out is not None and out.exists() and not force:
+        raise click.UsageError(f"--out {out} exists: pass --force to replace it")
+    served = SiloRecommender.load(adapter, data, cache_dir=cache, state_dir=state)
+    if user_id is not None:
+        history = served.history(user_id)
+        last = served.model.item_ids[history[-1]]
+        click.echo(
+            f"user {user_id}: {len(history)} interactions, most recent: {served.silo.items.set_index('item_id').at[last, 'title']}"
+        )
+        for rank, pick in enumerate(served.recommend_user(user_id, k, repeats=repeats), start=1):
+            click.echo(f"{rank:>3}. {pick.score:8.3f}  {pick.title}  [{pick.item_id}]")
+        return
+    assert out is not None
+    start = time.perf_counter()
+    frame = served.export(k, repeats=repeats, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    write_table(frame, out)
+    users = frame["user_id"].nunique()
+    click.echo(
+        f"wrote top-{k} of {users:,} users to {out} in {seconds:.1f} s ({users / max(seconds, 1e-9):,.1f} users/s, "
+        f"{served.model.device.type})"
+    )
+
+
+def write_table(frame, out: Path) -> None:
+    """`frame` as `out` (.parquet or .csv), all or nothing."""
+    import io
+
+    from common import atomic
+
+    buffer = io.BytesIO()
+    if out.suffix == ".parquet":
+        frame.to_parquet(buffer, index=False)
+    else:
+        buffer.write(frame.to_csv(index=False).encode())
+    atomic.write_bytes(out, buffer.getvalue())
+
+
+@main.command("search")
+@adapter_option
+@data_option
+@click.argument("query")
 @click.option("-k", "k", type=COUNT, default=10, show_default=True, help="How many items.")
 @cache_option
-def recommend(adapter: Path, data: Path, user_id: str, k: int, cache: Path) -> None:
-    """Print the top-k items for one user of the silo, from their whole history.
+def search(adapter: Path, data: Path, query: str, k: int, cache: Path) -> None:
+    """Print the silo's catalog ranked for a text QUERY (the item tower's cosine)."""
+    from common.serve import SiloRecommender
 
-    Items the user already interacted with are never recommended.
+    served = SiloRecommender.load(adapter, data, cache_dir=cache)
+    for rank, pick in enumerate(served.search(query, k), start=1):
+        click.echo(f"{rank:>3}. {pick.score:6.3f}  {pick.title}  [{pick.item_id}]")
+
+
+@main.command("serve")
+@adapter_option
+@data_option
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (127.0.0.1: this machine only)."
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
+@click.option(
+    "--api-key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A file holding the API key every request but /health must carry. [default: $SILOREC_API_KEY, else none]",
+)
+@click.option(
+    "--refresh-seconds",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="How often to look for changed silo files (new products, new events); 0: never.",
+)
+@state_option
+@cache_option
+def serve(
+    adapter: Path,
+    data: Path,
+    host: str,
+    port: int,
+    api_key_file: Path | None,
+    refresh_seconds: float,
+    state: Path | None,
+    cache: Path,
+) -> None:
+    """Serve recommendations, search and similar items over HTTP as JSON (see `client/service.py` for the routes).
+
+    Loads the model once. Listens on 127.0.0.1 unless --host says otherwise;
+    put it behind your TLS proxy before exposing it.
     """
-    from common.serve import load_for_silo, score_histories, top_k
-    from common.split import user_sequences
+    import os
 
-    silo = load_silo(data)
-    users, sequences = user_sequences(silo.interactions)
-    if user_id not in users:
-        raise SilorecError(f"{data}: user '{user_id}' has no interactions in this silo")
-    history = sequences[users.index(user_id)]
-    model = load_for_silo(adapter, silo, cache_dir=cache)
-    titles = list(silo.items["title"])
-    scores = score_histories(model, [history])[0]
-    click.echo(f"user {user_id}: {len(history)} interactions, most recent: {titles[history[-1]]}")
-    for rank, (item, score) in enumerate(top_k(scores, history, k), start=1):
-        click.echo(f"{rank:>3}. {score:8.3f}  {titles[item]}  [{silo.items['item_id'][item]}]")
+    import uvicorn
+
+    from client.service import create_app
+    from common.serve import SiloRecommender
+
+    api_key = api_key_file.read_text().strip() if api_key_file else os.environ.get("SILOREC_API_KEY") or None
+    if api_key_file and not api_key:
+        raise click.UsageError(f"--api-key-file {api_key_file} is empty")
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        click.secho(
+            f"WARNING: serving on {host} without an API key: anyone who can reach it can query it.", fg="red", err=True
+        )
+    served = SiloRecommender.load(adapter, data, cache_dir=cache, state_dir=state)
+    app = create_app(served, api_key=api_key, refresh_seconds=refresh_seconds)
+    click.echo(
+        f"silo {served.silo.name}: {len(served.users):,} users, {served.n_items:,} items; "
+        f"serving on http://{host}:{port} (API key {'required' if api_key else 'off'}); Ctrl+C stops"
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
 @main.command("evaluate")
 @adapter_option
 @data_option
+@state_option
 @cache_option
-def evaluate_cmd(adapter: Path, data: Path, cache: Path) -> None:
+def evaluate_cmd(adapter: Path, data: Path, state: Path | None, cache: Path) -> None:
     """Print full-ranking validation and test metrics of an adapter on a silo, as JSON (with MostPop)."""
     from common.metrics import evaluate, most_pop
     from common.serve import load_for_silo, scorer
@@ -92,7 +230,7 @@ def evaluate_cmd(adapter: Path, data: Path, cache: Path) -> None:
 
     silo = load_silo(data)
     split = leave_one_out(silo.interactions, silo.n_items)
-    model = load_for_silo(adapter, silo, cache_dir=cache)
+    model = load_for_silo(adapter, silo, cache_dir=cache, state_dir=state)
     score = scorer(model)
     report = {
         "silo": silo.name,
@@ -195,7 +333,7 @@ def start(
     spec = NodeSpec(
         server,
         data,
-        state or data / ".silorec-state",
+        state or data / STATE_DIR,
         None if insecure else ca,
         None if insecure else key,
         port,
@@ -240,3 +378,7 @@ def scan_outgoing(folder: Path, silos: tuple[Path, ...]) -> None:
         click.echo("  " + line)
     if not result.clean:
         raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import SilorecError
+from common.silo import STATE_DIR
 
 
 class NodeConfigError(SilorecError):
@@ -90,7 +91,7 @@ class NodeConfig:
 
     def state(self, silos_dir: str = "") -> Path:
         """Where the node keeps its ledger, key and released statistics."""
-        return self.state_path or self.silo(silos_dir) / ".silorec-state"
+        return self.state_path or self.silo(silos_dir) / STATE_DIR
 
     def cache(self, silos_dir: str = "") -> Path:
         """The item-vector cache: cache-path, one shared by a simulation's silos, or the state folder's."""

@@ -15,8 +15,9 @@ import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
+from common.silo import STATE_DIR
+
 KEY_FILE = "pseudonym.key"
-STATE_DIR = ".silorec-state"
 
 
 def key_for(silo_dir: Path) -> bytes:

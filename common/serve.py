@@ -16,7 +16,7 @@ from common.errors import SilorecError
 from common.metrics import ScoreFn, target_ranks
 from common.recommender import Recommender, build_recommender
 from common.score import PRIOR_WEIGHT
-from common.silo import Silo, load_silo
+from common.silo import STATE_DIR, Silo, load_silo
 from common.split import EvalCase, user_sequences
 from common.storage import load_model_config
 from common.text import item_texts
@@ -106,12 +106,21 @@ def top_k(scores: torch.Tensor, exclude: np.ndarray, k: int) -> list[tuple[int, 
     return [(int(i), float(v)) for i, v in zip(idx, values)]
 
 
-def load_for_silo(adapter_dir: Path, silo: Silo, *, cache_dir: Path | None = None) -> Recommender:
-    """The recommender saved in `adapter_dir`, set up over `silo`'s catalog."""
+def load_for_silo(
+    adapter_dir: Path, silo: Silo, *, cache_dir: Path | None = None, state_dir: Path | None = None
+) -> Recommender:
+    """The recommender saved in `adapter_dir`, set up over `silo`'s catalog, with the merchant's local state.
+
+    A federation's adapter is the shared part only: each merchant's releases
+    and item head stay in its state folder (`state_dir`, by default
+    SILO/.silorec-state), and are loaded from there when it holds them.
+    """
     cfg = load_model_config(adapter_dir)
-    return build_recommender(
+    model = build_recommender(
         cfg, list(silo.items["item_id"]), item_texts(silo.items), cache_dir=cache_dir, adapter_dir=adapter_dir
     )
+    model.restore_local(Path(state_dir) if state_dir is not None else silo.root / STATE_DIR)
+    return model
 
 
 # --- what a merchant serves -------------------------------------------------------------
@@ -159,10 +168,13 @@ class SiloRecommender:
         self._use(silo)
 
     @classmethod
-    def load(cls, adapter_dir: Path, data: Path, *, cache_dir: Path | None = None) -> SiloRecommender:
-        """The adapter saved in `adapter_dir`, over the silo in folder `data`."""
+    def load(
+        cls, adapter_dir: Path, data: Path, *, cache_dir: Path | None = None, state_dir: Path | None = None
+    ) -> SiloRecommender:
+        """The adapter saved in `adapter_dir`, over the silo in folder `data` (`load_for_silo`)."""
         silo = load_silo(data)
-        return cls(load_for_silo(adapter_dir, silo, cache_dir=cache_dir), silo, cache_dir=cache_dir)
+        model = load_for_silo(adapter_dir, silo, cache_dir=cache_dir, state_dir=state_dir)
+        return cls(model, silo, cache_dir=cache_dir)
 
     @property
     def users(self) -> list[str]:

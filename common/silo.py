@@ -47,6 +47,7 @@ _ATOMIC_ALIASES = {
     "genre": "category",
 }
 _INT = re.compile(r"^[+-]?\d+$")
+STATE_DIR = ".silorec-state"  # inside a silo: what silorec keeps for it (ledger, keys, local state)
 _YEAR = re.compile(r"^\s*[+-]?(\d{4,})-")
 _FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)$")
 _NS_PER_S = 1_000_000_000

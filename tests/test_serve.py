@@ -43,7 +43,9 @@ def test_a_user_gets_k_items_never_from_their_history_unless_repeats(served):
     assert len(picks) == 7 and not {p.item_id for p in picks} & seen
     assert [p.score for p in picks] == sorted((p.score for p in picks), reverse=True)
     scores = score_histories(served.model, [served.history(user)])[0]
-    assert np.isclose(picks[0].score, max(float(scores[i]) for i in range(len(scores)) if served.model.item_ids[i] not in seen))
+    assert np.isclose(
+        picks[0].score, max(float(scores[i]) for i in range(len(scores)) if served.model.item_ids[i] not in seen)
+    )
     everything = served.recommend_user(user, k=served.n_items, repeats=True)
     assert len(everything) == served.n_items and seen <= {p.item_id for p in everything}
 
@@ -124,3 +126,48 @@ def test_a_new_product_is_served_at_once_and_only_its_vector_is_computed(served,
     assert "brand-new" in everything and removed not in everything
     assert served.model.item_ids[served.history(user)[-1]] == "brand-new"  # the new event joined the history
     assert len(served.recommend_user(user, k=3)) == 3
+
+
+def test_recommend_all_writes_every_users_top_k_once(tmp_path, tiny_bert, synthetic_silo):
+    from click.testing import CliRunner
+
+    from client.cli import main as client
+
+    adapter = saved_adapter(tmp_path / "adapter", tiny_bert, synthetic_silo)
+    args = ["recommend", "--adapter", str(adapter), "--data", str(synthetic_silo), "--cache", str(tmp_path / "c")]
+    out = tmp_path / "recs.parquet"
+    done = CliRunner().invoke(client, [*args, "--all", "-k", "3", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "users/s" in done.output
+    frame = pd.read_parquet(out)
+    served = SiloRecommender.load(adapter, synthetic_silo)
+    assert len(frame) == 3 * len(served.users)
+    user = served.users[-1]
+    assert list(frame[frame["user_id"] == user]["item_id"]) == [p.item_id for p in served.recommend_user(user, 3)]
+    again = CliRunner().invoke(client, [*args, "--all", "--out", str(out)])
+    assert again.exit_code == 2 and "--force" in again.output
+    assert pd.read_parquet(out).equals(frame)  # untouched
+    for wrong in (["--all"], ["--user", user, "--all", "--out", str(out)], ["--all", "--out", str(tmp_path / "r.txt")]):
+        assert CliRunner().invoke(client, [*args, *wrong]).exit_code == 2
+    csv = CliRunner().invoke(client, [*args, "--all", "--repeats", "-k", "48", "--out", str(tmp_path / "r.csv")])
+    assert csv.exit_code == 0, csv.output
+    assert len(pd.read_csv(tmp_path / "r.csv")) == 48 * len(served.users)  # with repeats, the whole catalog
+
+
+def test_a_federation_adapter_is_served_with_the_merchants_local_state(tmp_path, tiny_bert, synthetic_silo):
+    # a federation's adapter folder holds the shared part only; the merchant's prior is in its state folder
+    from common.silo import STATE_DIR
+    from common.storage import LOCAL_FILE
+
+    adapter = saved_adapter(tmp_path / "adapter", tiny_bert, synthetic_silo)
+    (adapter / LOCAL_FILE).unlink()
+    local = SiloRecommender.load(adapter, synthetic_silo).model
+    assert not local.has_prior
+    prior = np.linspace(0, 3, len(local.item_ids), dtype=np.float32)
+    local.set_prior(prior)
+    (synthetic_silo / STATE_DIR).mkdir()
+    local.save_local(synthetic_silo / STATE_DIR / LOCAL_FILE)
+    served = SiloRecommender.load(adapter, synthetic_silo)
+    assert np.allclose(served.model.prior.numpy(), prior)
+    (tmp_path / "elsewhere").mkdir()
+    assert not SiloRecommender.load(adapter, synthetic_silo, state_dir=tmp_path / "elsewhere").model.has_prior
