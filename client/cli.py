@@ -217,6 +217,54 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
+@main.command("load-test")
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The running service's address.")
+@data_option
+@click.option(
+    "--seconds", type=click.FloatRange(min=0.5), default=10.0, show_default=True, help="Length of each phase."
+)
+@click.option(
+    "--clients", type=COUNT, default=8, show_default=True, help="Concurrent clients of the throughput phases."
+)
+@click.option("-k", "k", type=COUNT, default=10, show_default=True, help="Items per answer.")
+@click.option(
+    "--api-key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The service's API key. [default: $SILOREC_API_KEY, else none]",
+)
+def load_test(url: str, data: Path, seconds: float, clients: int, k: int, api_key_file: Path | None) -> None:
+    """Measure a running `serve`: latency of one client, then requests/s of --clients at once, for its users.
+
+    Phases of --seconds each: GET /recommend for the silo's users (1 client,
+    then --clients), POST /recommend with each user's 5 most recent items
+    (--clients) and GET /search with each item's title (1 client).
+    """
+    import os
+    import random
+    from urllib.parse import quote
+
+    from client.loadtest import Request, run_load
+    from common.split import user_sequences
+
+    api_key = api_key_file.read_text().strip() if api_key_file else os.environ.get("SILOREC_API_KEY") or None
+    silo = load_silo(data)
+    users, sequences = user_sequences(silo.interactions)
+    ids = list(silo.items["item_id"])
+    rng = random.Random(0)
+    order = rng.sample(range(len(users)), len(users))
+    by_user = [Request("GET", f"/recommend?user={quote(users[u])}&k={k}") for u in order]
+    sessions = [Request("POST", "/recommend", {"items": [ids[i] for i in sequences[u][-5:]], "k": k}) for u in order]
+    searches = [Request("GET", f"/search?q={quote(str(t))}&k={k}") for t in silo.items["title"]]
+    phases = [
+        ("GET /recommend?user", by_user, 1),
+        ("GET /recommend?user", by_user, clients),
+        ("POST /recommend (session)", sessions, clients),
+        ("GET /search", searches, 1),
+    ]
+    for what, requests, n in phases:
+        click.echo(run_load(url, requests, clients=n, seconds=seconds, api_key=api_key).line(what))
+
+
 @main.command("evaluate")
 @adapter_option
 @data_option

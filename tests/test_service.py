@@ -141,6 +141,23 @@ def test_concurrent_clients_get_the_answers_one_client_gets(service):
         assert all(pool.map(ask, range(80)))
 
 
+def test_load_test_measures_the_running_service(service):
+    from click.testing import CliRunner
+
+    from client.cli import main as client_cli
+
+    client, _, _, silo = service
+    key = silo.parent / "key"
+    args = ["load-test", "--url", f"http://127.0.0.1:{client.port}", "--data", str(silo), "--seconds", "1"]
+    done = CliRunner().invoke(client_cli, [*args, "--clients", "3", "--api-key-file", str(key)])
+    assert done.exit_code == 0, done.output
+    lines = done.output.splitlines()
+    assert len(lines) == 4 and all(", 0 errors" in line for line in lines), done.output
+    assert "3 clients" in lines[1] and "p95" in lines[1]
+    refused = CliRunner().invoke(client_cli, [*args, "--clients", "2"])  # no key: every request refused, and said
+    assert refused.exit_code == 0 and " 0 requests in" in refused.output and "0 errors" not in refused.output
+
+
 def test_a_product_added_to_the_items_file_is_served_without_a_restart(service):
     client, _, proc, silo = service
     items = pd.read_csv(silo / "items.csv", dtype=str, keep_default_na=False)
