@@ -25,7 +25,7 @@ from common.cli import (
     quiet_libraries,
 )
 from common.metrics import RANKS_FILE
-from common.model_config import MODEL_SETTINGS
+from common.model_config import MODEL_SETTINGS, ModelConfig
 from common.presets import CENTRAL_DP, DP_MODEL, SILO
 from common.pseudonym import key_for
 from common.records import CUTS
@@ -628,6 +628,51 @@ def comparison_table(rows: dict[str, dict], *, users: int) -> str:
     for name, m in rows.items():
         lines.append(f"{name:<26}" + "".join(f"{m.get(k, float('nan')):>10.4f}" for k in keys))
     return "\n".join(lines)
+
+
+@main.command("search-eval")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder whose catalog to search.")
+@click.option(
+    "--base-model",
+    default=ModelConfig().base_model,
+    show_default=True,
+    help="The item tower's encoder (a path or a hub name in the local cache; search reads no adapter).",
+)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Which word each title query drops.")
+@click.option(
+    "--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors."
+)
+def search_eval(data: Path, base_model: str, seed: int, cache: Path) -> None:
+    """Measure text search against BM25 on queries whose answer the catalog gives (recall@10).
+
+    Queries: each title with one word dropped (answer: that item), and every
+    category + year pair (answers: its items). See simulations/search_eval.py.
+    """
+    import time
+
+    from common.encoder import cached_item_vectors, default_device, encode_items, load_encoder
+    from common.silo import load_silo
+    from common.text import item_texts
+    from simulations.search_eval import BM25, dropped_word_queries, genre_year_queries, recall_at, search_scores
+
+    silo = load_silo(data)
+    cfg = ModelConfig(base_model=base_model)
+    device = default_device()
+    tokenizer, encoder = load_encoder(base_model)
+    encoder.to(device)
+    texts = item_texts(silo.items)
+    items = cached_item_vectors(encoder, tokenizer, texts, cfg, device=device, cache_dir=cache / "items")
+    bm25 = BM25(texts)
+    click.echo(f"search over {len(texts):,} items of {silo.name}        queries  silorec R@10   BM25 R@10")
+    for queries in (dropped_word_queries(list(silo.items["title"]), seed=seed), genre_year_queries(silo.items)):
+        start = time.perf_counter()
+        vectors = encode_items(encoder, tokenizer, queries.texts, max_tokens=cfg.item_max_tokens, device=device)
+        ours = recall_at(search_scores(vectors, items), queries.answers, seed=seed)
+        per_query = (time.perf_counter() - start) / max(len(queries.texts), 1) * 1000
+        theirs = recall_at([bm25.scores(q) for q in queries.texts], queries.answers, seed=seed)
+        click.echo(
+            f"{queries.name:<40} {len(queries.texts):>8,}  {ours:12.3f}  {theirs:10.3f}   ({per_query:.1f} ms/query)"
+        )
 
 
 @main.command("audit")
