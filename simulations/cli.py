@@ -724,5 +724,38 @@ def audit(data, out, merchants, privacy, epsilon, no_dp, delta, canaries, guesse
     click.echo(f"wrote {out / 'audit.json'}")
 
 
+@main.command("cold-start")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder (all users pooled).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder: before/, run/, cold_start.json.")
+@click.option(
+    "--share",
+    type=PROBABILITY,  # a share strictly between 0 and 1
+    default=0.1,
+    show_default=True,
+    help="Items first seen in this last share of the timeline are the new products.",
+)
+@click.option(
+    "--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors."
+)
+@click.option("--force", is_flag=True, help="Replace an earlier cold-start run in OUT.")
+@click.argument("options", nargs=-1, type=click.UNPROCESSED, metavar="[-- CENTRAL_OPTIONS]")
+def cold_start(data, out, share, cache, force, options):
+    """Recommend products the model never trained on: hold out the newest items, train, then add them back.
+
+    Trains `silorec-sim central` (with any options after `--`, e.g. `--
+    --epsilon 8`) on the silo without the items first seen in the last
+    --share of the timeline, then serves the adapter over the whole catalog
+    and scores the test targets that are new items, beside MostPop and
+    ItemKNN (which cannot score them). Writes OUT/cold_start.json.
+    """
+    from simulations.cold_start import run_cold_start, table
+
+    if force and out.exists():
+        atomic.remove_ours(out)  # refuses a folder silorec did not make
+    report = run_cold_start(data, out, share=share, options=options, cache_dir=cache / "items", log=click.echo)
+    click.echo(table(report))
+    click.echo(f"wrote {out / 'cold_start.json'}")
+
+
 if __name__ == "__main__":
     main()
