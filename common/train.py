@@ -297,8 +297,8 @@ def batch_loss(net: torch.nn.Module, model: Recommender, batch: Sequence[UserRec
     return next_items_loss(mask_history(logits.float(), batch), batch)
 
 
-def next_items_loss(logits: torch.Tensor, batch: Sequence[UserRecord]) -> torch.Tensor:
-    """Cross-entropy over the catalog, averaged over each record's targets, then over records."""
+def next_items_loss(logits: torch.Tensor, batch: Sequence[UserRecord], *, per_record: bool = False) -> torch.Tensor:
+    """Cross-entropy over the catalog, averaged over each record's targets, then over records (or one per record)."""
     k = max(len(r.targets) for r in batch)
     targets = torch.zeros(len(batch), k, dtype=torch.long)
     weights = torch.zeros(len(batch), k)
@@ -308,7 +308,8 @@ def next_items_loss(logits: torch.Tensor, batch: Sequence[UserRecord]) -> torch.
     targets, weights = targets.to(logits.device), weights.to(logits.device)
     log_p = torch.log_softmax(logits, dim=-1).gather(1, targets)
     log_p = torch.where(weights > 0, log_p, torch.zeros_like(log_p))  # padding may sit on a masked item
-    return -(log_p * weights).sum(1).mean()
+    losses = -(log_p * weights).sum(1)
+    return losses if per_record else losses.mean()
 
 
 def mask_history(logits: torch.Tensor, batch: Sequence[UserRecord]) -> torch.Tensor:

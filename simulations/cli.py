@@ -757,5 +757,70 @@ def cold_start(data, out, share, cache, force, options):
     click.echo(f"wrote {out / 'cold_start.json'}")
 
 
+@main.command("bench")
+@click.option(
+    "--data", type=click.Path(path_type=Path), required=True, help="Silo folder whose users and catalog to train on."
+)
+@click.option(
+    "--base-model",
+    default=ModelConfig().base_model,
+    show_default=True,
+    help="The encoder (a path or a hub name in the local cache).",
+)
+@click.option("--batch-sizes", default="16,32,64", show_default=True, help="Users per step, comma-separated.")
+@click.option("--modes", default="non-dp,dp,ghost", show_default=True, help="Steps to measure, comma-separated.")
+@click.option(
+    "--steps", type=COUNT, default=3, show_default=True, help="Timed steps per measurement (after two warm-up steps)."
+)
+@click.option("--max-tokens", type=COUNT, default=64, show_default=True, help="Token budget of a history (DP default).")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where to train; auto: CUDA when present, else the CPU.",
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures as JSON.")
+def bench(data, base_model, batch_sizes, modes, steps, max_tokens, device, out):
+    """Measure the training step: users/s and peak memory without DP, with silorec's DP step and with ghost clipping.
+
+    Each measurement runs in a fresh process. Ends with the DP/non-DP
+    throughput ratio at the largest batch size. See simulations/bench.py.
+    """
+
+    import torch
+
+    from simulations.bench import MODES, BenchSpec, measure_apart, ratio, table
+
+    try:
+        sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{batch_sizes!r}: give batch sizes as 16,32,64", param_hint="--batch-sizes") from None
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    if not sizes or min(sizes) < 1 or not set(chosen) <= set(MODES) or "non-dp" not in chosen:
+        raise click.BadParameter(f"choose from {', '.join(MODES)}, non-dp included", param_hint="--modes")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda: this machine has no CUDA device")
+    click.echo(
+        f"training step on {device} ({torch.get_num_threads()} threads), {base_model}, history {max_tokens} tokens"
+    )
+    measures = []
+    for size in sizes:
+        for mode in chosen:
+            spec = BenchSpec(data, base_model, size, mode, steps, device, max_tokens)
+            measures.append(measure_apart(spec))
+            click.echo(f"  measured {mode} at batch {size}: {measures[-1].users_per_second:.1f} users/s", err=True)
+    click.echo(table(measures))
+    if out is not None:
+        atomic.write_json(out, {"device": device, "base_model": base_model, "measures": [vars(m) for m in measures]})
+    largest = max(sizes)
+    if "ghost" in chosen:
+        click.echo(f"ghost/non-DP throughput ratio: {ratio(measures, largest, 'ghost'):.2f} (batch {largest})")
+    if "dp" in chosen:
+        click.echo(f"DP/non-DP throughput ratio: {ratio(measures, largest):.2f} (batch {largest})")
+
+
 if __name__ == "__main__":
     main()
