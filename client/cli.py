@@ -194,16 +194,13 @@ def serve(
     Loads the model once. Listens on 127.0.0.1 unless --host says otherwise;
     put it behind your TLS proxy before exposing it.
     """
-    import os
 
     import uvicorn
 
-    from client.service import create_app
+    from client.service import create_app, read_api_key
     from common.serve import SiloRecommender
 
-    api_key = api_key_file.read_text().strip() if api_key_file else os.environ.get("SILOREC_API_KEY") or None
-    if api_key_file and not api_key:
-        raise click.UsageError(f"--api-key-file {api_key_file} is empty")
+    api_key = read_api_key(api_key_file)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         click.secho(
             f"WARNING: serving on {host} without an API key: anyone who can reach it can query it.", fg="red", err=True
@@ -239,14 +236,14 @@ def load_test(url: str, data: Path, seconds: float, clients: int, k: int, api_ke
     then --clients), POST /recommend with each user's 5 most recent items
     (--clients) and GET /search with each item's title (1 client).
     """
-    import os
     import random
     from urllib.parse import quote
 
     from client.loadtest import Request, run_load
+    from client.service import read_api_key
     from common.split import user_sequences
 
-    api_key = api_key_file.read_text().strip() if api_key_file else os.environ.get("SILOREC_API_KEY") or None
+    api_key = read_api_key(api_key_file)
     silo = load_silo(data)
     users, sequences = user_sequences(silo.interactions)
     ids = list(silo.items["item_id"])

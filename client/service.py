@@ -20,18 +20,21 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.errors import SilorecError
 from common.serve import Pick, SiloRecommender, UnknownError
@@ -67,21 +70,32 @@ class Batcher:
         score: Callable[[Sequence[np.ndarray], int, Sequence[bool]], list[list[Pick]]],
         *,
         max_batch: int = 32,
+        timeout: float = 60.0,
     ) -> None:
         self._score = score
         self._max_batch = max_batch
+        self._timeout = timeout
         self._queue: queue.Queue[_Ask | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="silorec-batcher", daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     def ask(self, history: np.ndarray, k: int, repeats: bool) -> list[Pick]:
+        """The top-k for `history`; Unavailable if no answer comes within the timeout (stopped, or overloaded)."""
+        if not self._thread.is_alive():
+            raise Unavailable("the service is not scoring: it is starting or stopping")
         answer: Future = Future()
         self._queue.put(_Ask(history, k, repeats, answer))
-        return answer.result()
+        try:
+            return answer.result(timeout=self._timeout)
+        except TimeoutError:
+            raise Unavailable(f"no answer within {self._timeout:g} s") from None
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
     def _run(self) -> None:
         while (first := self._queue.get()) is not None:
@@ -137,15 +151,19 @@ def create_app(recommender: SiloRecommender, *, api_key: str | None = None, refr
     def watch() -> None:
         while not stop.wait(refresh_seconds):
             try:
-                added = recommender.refresh()
+                changed = recommender.refresh()
             except SilorecError as e:  # a half-edited silo: keep serving the last good one
                 log.warning("silo not reloaded, still serving the previous one: %s", e)
                 continue
-            if added:
-                log.warning("silo reloaded: %d new item(s) now served", added)
+            except Exception:  # never let the watcher die: new products would silently stop being served
+                log.exception("silo not reloaded, still serving the previous one")
+                continue
+            if changed:
+                log.warning("silo reloaded: %d new or edited item(s) now served", changed)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
         if refresh_seconds > 0:
             threading.Thread(target=watch, name="silorec-refresh", daemon=True).start()
         yield
@@ -157,7 +175,10 @@ def create_app(recommender: SiloRecommender, *, api_key: str | None = None, refr
     def authorised(request: Request) -> None:
         if api_key is None:
             return
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        given = request.headers.get("x-api-key")
+        if given is None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            given = token.strip() if scheme.lower() == "bearer" else ""
         if not hmac.compare_digest(given.encode(), api_key.encode()):
             raise _Unauthorised()
 
@@ -173,7 +194,24 @@ def create_app(recommender: SiloRecommender, *, api_key: str | None = None, refr
 
     @app.exception_handler(_Unauthorised)
     async def unauthorised(_request: Request, _exc: _Unauthorised) -> JSONResponse:
-        return error(401, "a valid API key is needed (Authorization: Bearer KEY, or X-API-Key: KEY)")
+        answer = error(401, "a valid API key is needed (Authorization: Bearer KEY, or X-API-Key: KEY)")
+        answer.headers["WWW-Authenticate"] = "Bearer"
+        return answer
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(_request: Request, exc: Unavailable) -> JSONResponse:
+        return error(503, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        answer = error(exc.status_code, str(exc.detail))  # unknown route, wrong method, …
+        answer.headers.update(exc.headers or {})
+        return answer
+
+    @app.exception_handler(Exception)
+    async def failed(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed", exc_info=exc)
+        return error(500, "internal error (see the service's log)")
 
     @app.get("/health")
     def health() -> dict:
@@ -195,7 +233,7 @@ def create_app(recommender: SiloRecommender, *, api_key: str | None = None, refr
             return error(422, "a search needs some text", "q")
         return listing(recommender.search(q, k))
 
-    @app.get("/items/{item_id}/similar", dependencies=[Depends(authorised)])
+    @app.get("/items/{item_id:path}/similar", dependencies=[Depends(authorised)])
     def similar(item_id: str, k: int = Query(10, ge=1, le=MAX_K)) -> dict:
         return listing(recommender.similar(item_id, k))
 
@@ -204,3 +242,17 @@ def create_app(recommender: SiloRecommender, *, api_key: str | None = None, refr
 
 class _Unauthorised(Exception):
     pass
+
+
+class Unavailable(Exception):
+    """No answer can be given now (503)."""
+
+
+def read_api_key(path: Path | None) -> str | None:
+    """The API key in `path` (stripped), else $SILOREC_API_KEY, else None; an empty file is an error."""
+    if path is not None:
+        key = path.read_text().strip()
+        if not key:
+            raise SilorecError(f"{path}: the API key file is empty")
+        return key
+    return os.environ.get("SILOREC_API_KEY") or None

@@ -316,6 +316,19 @@ class Recommender(nn.Module):
                     layer.weight = grown.weight
                     layer.out_features += len(new)
 
+    @torch.no_grad()
+    def update_items(self, indices: Sequence[int], texts: Sequence[str], vectors: torch.Tensor) -> None:
+        """Give the catalog items at `indices` new texts (a product's description was edited): their vectors and
+        the tokens the user tower reads. What was learned or released for them stays."""
+        if not (len(indices) == len(texts) == len(vectors)):
+            raise ValueError(
+                f"{len(indices)} items need as many texts and vectors, not {len(texts)} and {len(vectors)}"
+            )
+        tokens = item_tokens(self.tokenizer, list(texts), self.cfg.item_max_tokens)
+        for row, (i, t) in enumerate(zip(indices, tokens)):
+            self.item_tokens[i] = t
+            self.item_vectors[i] = vectors[row].to(self.device).float()
+
     # --- saving -----------------------------------------------------------------
 
     def save(self, folder: Path) -> None:

@@ -18,7 +18,7 @@ from common.recommender import Recommender, build_recommender
 from common.score import PRIOR_WEIGHT
 from common.silo import STATE_DIR, Silo, load_silo
 from common.split import EvalCase, user_sequences
-from common.storage import load_model_config
+from common.storage import load_model_config, local_file
 from common.text import item_texts
 
 
@@ -96,30 +96,24 @@ def scale_prior_weight(arrays: Mapping[str, np.ndarray], scale: float) -> dict[s
     return {**arrays, PRIOR_WEIGHT: (weight * scale).astype(weight.dtype)}
 
 
-def top_k(scores: torch.Tensor, exclude: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """The k best (item index, score) pairs of one score row, never an excluded item."""
-    scores = scores.clone().float()
-    if len(exclude):
-        scores[torch.as_tensor(exclude)] = float("-inf")
-    k = min(k, int(torch.isfinite(scores).sum()))
-    values, idx = torch.topk(scores, k)
-    return [(int(i), float(v)) for i, v in zip(idx, values)]
-
-
 def load_for_silo(
     adapter_dir: Path, silo: Silo, *, cache_dir: Path | None = None, state_dir: Path | None = None
 ) -> Recommender:
     """The recommender saved in `adapter_dir`, set up over `silo`'s catalog, with the merchant's local state.
 
     A federation's adapter is the shared part only: each merchant's releases
-    and item head stay in its state folder (`state_dir`, by default
-    SILO/.silorec-state), and are loaded from there when it holds them.
+    and item head stay in its state folder. They are loaded from `state_dir`
+    when it is given, else from SILO/.silorec-state when the adapter folder
+    holds no local state of its own (a central run's does).
     """
     cfg = load_model_config(adapter_dir)
     model = build_recommender(
         cfg, list(silo.items["item_id"]), item_texts(silo.items), cache_dir=cache_dir, adapter_dir=adapter_dir
     )
-    model.restore_local(Path(state_dir) if state_dir is not None else silo.root / STATE_DIR)
+    if state_dir is not None:
+        model.restore_local(Path(state_dir))
+    elif local_file(Path(adapter_dir)) is None:
+        model.restore_local(silo.root / STATE_DIR)
     return model
 
 
@@ -165,7 +159,10 @@ class SiloRecommender:
         self.model = model.eval()
         self._cache_dir = cache_dir
         self._lock = threading.RLock()
-        self._use(silo)
+        texts = dict(zip(silo.items["item_id"], item_texts(silo.items)))
+        self._texts = {item: texts[item] for item in model.item_ids if item in texts}  # what the model encoded
+        self._state = _Catalog.empty()
+        self._use(_Reading.of(silo, _stamp(silo.root)))
 
     @classmethod
     def load(
@@ -177,56 +174,83 @@ class SiloRecommender:
         return cls(model, silo, cache_dir=cache_dir)
 
     @property
+    def silo(self) -> Silo:
+        return self._state.silo
+
+    @property
     def users(self) -> list[str]:
-        return list(self._histories)
+        return list(self._state.histories)
 
     @property
     def n_items(self) -> int:
         """Items served now (the silo's catalog)."""
-        return int(self._active.sum())
-
-    def _use(self, silo: Silo) -> None:
-        """Serve `silo`: the model's catalog gains its new items; histories and titles are the silo's."""
-        ids = list(silo.items["item_id"])
-        known = set(self.model.item_ids)
-        new = [i for i, item in enumerate(ids) if item not in known]
-        if new:
-            texts = item_texts(silo.items.iloc[new])
-            vectors = self.model.encode_texts(texts, cache_dir=self._cache_dir)
-            self.model.add_items([ids[i] for i in new], texts, vectors)
-        index = {item: i for i, item in enumerate(self.model.item_ids)}
-        to_model = np.array([index[item] for item in ids], dtype=np.int64)
-        self._index = {item: int(to_model[i]) for i, item in enumerate(ids)}
-        self._titles = dict(zip(ids, silo.items["title"]))
-        self._active = torch.zeros(len(self.model.item_ids), dtype=torch.bool)
-        self._active[torch.as_tensor(to_model)] = True
-        users, sequences = user_sequences(silo.interactions)
-        self._histories = {user: to_model[seq] for user, seq in zip(users, sequences)}
-        self.silo = silo
-        self._stamp = _stamp(silo.root)
-        self.added = len(new)
+        return int(self._state.active.sum())
 
     def refresh(self) -> int:
-        """Re-read the silo if one of its files changed since; how many new items became scorable (0 if none)."""
+        """Re-read the silo if one of its data files changed since: how many items were added or re-encoded.
+
+        The files are read and validated before the lock is taken, so
+        requests are answered meanwhile; a silo that does not validate raises
+        and the last good one stays served.
+        """
+        root = self._state.silo.root
+        stamp = _stamp(root)  # before reading: a write that lands during the read shows at the next look
+        if stamp == self._state.stamp:
+            return 0
+        reading = _Reading.of(load_silo(root), stamp)
         with self._lock:
-            if _stamp(self.silo.root) == self._stamp:
-                return 0
-            self._use(load_silo(self.silo.root))
-            return self.added
+            return self._use(reading)
+
+    def _use(self, reading: _Reading) -> int:
+        """Serve `reading`: new items join the model, items whose text changed are re-encoded; then one swap."""
+        silo, ids = reading.silo, reading.ids
+        changed = [i for i, item in enumerate(ids) if self._texts.get(item) != reading.texts[i]]
+        known = set(self.model.item_ids)
+        new = [i for i in changed if ids[i] not in known]
+        edited = [i for i in changed if ids[i] in known]
+        if changed:
+            texts = [reading.texts[i] for i in changed]
+            vectors = dict(zip(changed, self.model.encode_texts(texts, cache_dir=self._cache_dir)))
+            if new:
+                self.model.add_items(
+                    [ids[i] for i in new], [reading.texts[i] for i in new], torch.stack([vectors[i] for i in new])
+                )
+            if edited:
+                where = {item: j for j, item in enumerate(self.model.item_ids)}
+                self.model.update_items(
+                    [where[ids[i]] for i in edited],
+                    [reading.texts[i] for i in edited],
+                    torch.stack([vectors[i] for i in edited]),
+                )
+            self._texts |= {ids[i]: reading.texts[i] for i in changed}
+        where = {item: j for j, item in enumerate(self.model.item_ids)}
+        to_model = np.array([where[item] for item in ids], dtype=np.int64)
+        active = torch.zeros(len(self.model.item_ids), dtype=torch.bool)
+        active[torch.as_tensor(to_model)] = True
+        self._state = _Catalog(
+            silo=silo,
+            stamp=reading.stamp,
+            index={item: int(j) for item, j in zip(ids, to_model)},
+            titles=dict(zip(ids, silo.items["title"])),
+            active=active,
+            histories={user: to_model[seq] for user, seq in zip(reading.users, reading.sequences)},
+        )
+        return len(changed)
 
     # --- recommendations ----------------------------------------------------------
 
     def history(self, user_id: str, *, field: str = "user") -> np.ndarray:
         """The user's catalog indices (the model's), oldest first."""
         try:
-            return self._histories[str(user_id)]
+            return self._state.histories[str(user_id)]
         except KeyError:
             raise UnknownError(field, str(user_id), "user") from None
 
     def session(self, item_ids: Sequence[str], *, field: str = "items") -> np.ndarray:
         """A live session's item ids (oldest first) as catalog indices."""
+        index = self._state.index
         try:
-            return np.array([self._index[str(i)] for i in item_ids], dtype=np.int64)
+            return np.array([index[str(i)] for i in item_ids], dtype=np.int64)
         except KeyError as e:
             raise UnknownError(field, str(e.args[0]), "item") from None
 
@@ -247,9 +271,10 @@ class SiloRecommender:
     def export(self, k: int, *, repeats: bool = False, batch_size: int = 256, progress: bool = True) -> pd.DataFrame:
         """Top-k for every user of the silo: user_id, rank (1…k), item_id, title, score."""
         rows: list[tuple[str, int, str, str, float]] = []
-        users = self.users
-        for user, picks in zip(users, self._batched(users, k, repeats, batch_size, progress)):
-            rows += [(user, rank, p.item_id, p.title, p.score) for rank, p in enumerate(picks, start=1)]
+        with self._lock:  # one catalog and one set of histories throughout, even if the silo changes meanwhile
+            users = self.users
+            for user, picks in zip(users, self._batched(users, k, repeats, batch_size, progress)):
+                rows += [(user, rank, p.item_id, p.title, p.score) for rank, p in enumerate(picks, start=1)]
         frame = pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "title", "score"])
         return frame.astype({"rank": "int32", "score": "float32"})
 
@@ -274,24 +299,68 @@ class SiloRecommender:
     def similar(self, item_id: str, k: int = 10) -> list[Pick]:
         """The items nearest `item_id` in the item tower's space, the item itself left out."""
         with self._lock:
-            index = self.session([item_id], field="id")
+            index = self.session([item_id], field="item_id")
             vectors = self.model.item_vectors
             return self._picks((vectors @ vectors[int(index[0])])[None], [index], k)[0]
 
     def _picks(self, scores: torch.Tensor, excluded: Sequence[Sequence[int]], k: int) -> list[list[Pick]]:
-        scores = scores.float().cpu().masked_fill(~self._active, float("-inf"))
+        state = self._state
+        scores = scores.float().cpu().masked_fill(~state.active, float("-inf"))
         for row, items in enumerate(excluded):
             if len(items):
                 scores[row, torch.as_tensor(np.asarray(items, dtype=np.int64))] = float("-inf")
         values, idx = torch.topk(scores, min(k, scores.shape[1]), dim=1)
         ids = self.model.item_ids
         return [
-            [Pick(ids[i], self._titles[ids[i]], v) for i, v in zip(r.tolist(), s.tolist()) if v != float("-inf")]
+            [Pick(ids[i], state.titles[ids[i]], v) for i, v in zip(r.tolist(), s.tolist()) if v != float("-inf")]
             for r, s in zip(idx, values)
         ]
 
 
+@dataclass(frozen=True)
+class _Reading:
+    """A silo as read from its files, and what serving it needs that takes no lock to compute."""
+
+    silo: Silo
+    stamp: tuple
+    ids: list[str]
+    texts: list[str]
+    users: list[str]
+    sequences: list[np.ndarray]
+
+    @classmethod
+    def of(cls, silo: Silo, stamp: tuple) -> _Reading:
+        users, sequences = user_sequences(silo.interactions)
+        return cls(silo, stamp, list(silo.items["item_id"]), item_texts(silo.items), users, sequences)
+
+
+@dataclass(frozen=True)
+class _Catalog:
+    """What is served now, swapped whole on a refresh: a request reads one or the other, never half of each."""
+
+    silo: Silo
+    stamp: tuple
+    index: dict[str, int]  # item id → the model's catalog index
+    titles: dict[str, str]
+    active: torch.Tensor  # the model's items that the silo holds now
+    histories: dict[str, np.ndarray]  # user → the model's catalog indices, oldest first
+
+    @classmethod
+    def empty(cls) -> _Catalog:
+        return cls(None, (), {}, {}, torch.zeros(0, dtype=torch.bool), {})  # type: ignore[arg-type]
+
+
+_DATA_FILES = ("items", "interactions", "users")
+
+
 def _stamp(root: Path) -> tuple[tuple[str, int, int], ...]:
-    """What changes when a file of the silo folder is written: names, sizes, modification times."""
-    files = sorted(p for p in Path(root).iterdir() if p.is_file())
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    """What changes when a data file of the silo is written: names, sizes, modification times (others ignored)."""
+    stamp = []
+    for p in sorted(Path(root).iterdir()):
+        if p.stem in _DATA_FILES or p.suffix in (".inter", ".item", ".user"):
+            try:
+                info = p.stat()
+            except FileNotFoundError:  # replaced while we looked: the next look sees the new one
+                continue
+            stamp.append((p.name, info.st_size, info.st_mtime_ns))
+    return tuple(stamp)

@@ -4,7 +4,9 @@ Opacus's ghost clipping, at a few batch sizes.
 Every (mode, batch size) runs in a fresh process, so its peak memory is its
 own: the model is built, two steps warm up, then `steps` steps are timed on
 fixed batches of `batch` user records (a DP run samples batches of that
-expected size). Throughput is users (records) per second.
+expected size). Throughput is users (records) per second. The model is
+silorec's DP model (common.presets.DP_MODEL) without releases, so the
+prior and co-occurrence terms, constants in every step, are not timed.
 
 - **non-DP**: the model's forward, backward and AdamW step.
 - **DP**: `common.train`'s step: Opacus's per-sample gradients (hooks), per-group
@@ -22,6 +24,7 @@ what compare.
 from __future__ import annotations
 
 import multiprocessing
+import queue
 import resource
 import time
 from collections.abc import Sequence
@@ -42,6 +45,7 @@ class BenchSpec:
     steps: int
     device: str
     max_tokens: int
+    cache_dir: Path | None = None  # of item vectors, so each process need not encode the catalog
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,17 @@ class Measure:
     users_per_second: float
     seconds_per_step: float
     peak_mb: float  # CPU: the process's peak RSS; CUDA: peak allocated device memory
-    setup_mb: float  # the same after building the model, before the first step
+    setup_mb: float  # CPU: resident memory once the model is built; CUDA: allocated then
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """The process's resident memory now (Linux), not its peak."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def measure(spec: BenchSpec) -> Measure:
@@ -76,7 +86,9 @@ def measure(spec: BenchSpec) -> Measure:
     silo = load_silo(spec.data)
     split = leave_one_out(silo.interactions, silo.n_items)
     cfg = ModelConfig(**{**DP_MODEL, "base_model": spec.base_model, "max_tokens": spec.max_tokens})
-    model = build_recommender(cfg, list(silo.items["item_id"]), item_texts(silo.items), device=device)
+    model = build_recommender(
+        cfg, list(silo.items["item_id"]), item_texts(silo.items), device=device, cache_dir=spec.cache_dir
+    )
     train_cfg = TrainConfig()
     records = UserRecords(split, seed=0, next_items=train_cfg.next_items)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -132,7 +144,7 @@ def measure(spec: BenchSpec) -> Measure:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    setup = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb()
+    setup = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb()
     for batch in batches[:WARMUP]:  # allocations, kernels, Opacus's hooks
         step(batch)
     if device.type == "cuda":
@@ -143,7 +155,7 @@ def measure(spec: BenchSpec) -> Measure:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / spec.steps
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
     return Measure(spec.mode, spec.batch, device.type, spec.batch / seconds, seconds, peak, setup)
 
 
@@ -164,7 +176,16 @@ def measure_apart(spec: BenchSpec) -> Measure:
     answers = context.Queue()
     process = context.Process(target=_worker, args=(spec, answers))
     process.start()
-    answer = answers.get()
+    while True:
+        try:
+            answer = answers.get(timeout=5)
+            break
+        except queue.Empty:
+            if not process.is_alive():  # killed (out of memory, say) before it could answer
+                raise RuntimeError(
+                    f"{LABELS.get(spec.mode, spec.mode)} at batch {spec.batch}: the process died "
+                    f"(exit code {process.exitcode})"
+                ) from None
     process.join()
     if "error" in answer:
         raise RuntimeError(f"{LABELS.get(spec.mode, spec.mode)} at batch {spec.batch}: {answer['error']}")

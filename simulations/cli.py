@@ -781,7 +781,10 @@ def cold_start(data, out, share, cache, force, options):
     help="Where to train; auto: CUDA when present, else the CPU.",
 )
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures as JSON.")
-def bench(data, base_model, batch_sizes, modes, steps, max_tokens, device, out):
+@click.option(
+    "--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors."
+)
+def bench(data, base_model, batch_sizes, modes, steps, max_tokens, device, out, cache):
     """Measure the training step: users/s and peak memory without DP, with silorec's DP step and with ghost clipping.
 
     Each measurement runs in a fresh process. Ends with the DP/non-DP
@@ -796,8 +799,10 @@ def bench(data, base_model, batch_sizes, modes, steps, max_tokens, device, out):
         sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
     except ValueError:
         raise click.BadParameter(f"{batch_sizes!r}: give batch sizes as 16,32,64", param_hint="--batch-sizes") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{batch_sizes!r}: give positive batch sizes as 16,32,64", param_hint="--batch-sizes")
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
-    if not sizes or min(sizes) < 1 or not set(chosen) <= set(MODES) or "non-dp" not in chosen:
+    if not set(chosen) <= set(MODES) or "non-dp" not in chosen:
         raise click.BadParameter(f"choose from {', '.join(MODES)}, non-dp included", param_hint="--modes")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -809,7 +814,7 @@ def bench(data, base_model, batch_sizes, modes, steps, max_tokens, device, out):
     measures = []
     for size in sizes:
         for mode in chosen:
-            spec = BenchSpec(data, base_model, size, mode, steps, device, max_tokens)
+            spec = BenchSpec(data, base_model, size, mode, steps, device, max_tokens, cache_dir=cache / "items")
             measures.append(measure_apart(spec))
             click.echo(f"  measured {mode} at batch {size}: {measures[-1].users_per_second:.1f} users/s", err=True)
     click.echo(table(measures))

@@ -9,6 +9,10 @@ bought (0) and its head is zero. It is scored on the test cases (each user's
 last interaction, docs/eval.md) whose target is a new item, against MostPop and
 ItemKNN fitted on the same training interactions, which give a never-seen item
 no score (ties count against a model, so both rank it last: 0 by construction).
+
+It is not a time cut: the old items' interactions after the cutoff stay in
+training, as a shop's do when it adds a product to a running catalog. Only
+the new products are unknown to training.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 
 from common import atomic
 from common.errors import SilorecError
-from common.metrics import ScoreFn, evaluate
+from common.metrics import ScoreFn, metrics_from_ranks, ranks_of
 from common.silo import Silo, load_silo, write_silo
 from common.split import EvalCase, leave_one_out
 
@@ -74,22 +78,28 @@ def item_knn_scorer(train: Sequence[np.ndarray], n_items: int) -> ScoreFn:
 
 
 def cold_start_report(
-    adapter_dir: Path, silo: Silo, new: np.ndarray, *, cache_dir: Path | None = None
+    adapter_dir: Path, silo: Silo, before: Silo, new: np.ndarray, *, cache_dir: Path | None = None
 ) -> dict[str, Any]:
-    """silorec, MostPop and ItemKNN on the test cases of `silo` whose target is new, and on the others."""
+    """silorec, MostPop and ItemKNN on the test cases of `silo` whose target is new, and on the others.
+
+    The baselines are fitted on exactly what the model trained on: the
+    training histories of `before`, the silo without the new items.
+    """
     from common.serve import load_for_silo, scorer
 
     split = leave_one_out(silo.interactions, silo.n_items)
     is_new = np.zeros(silo.n_items, dtype=bool)
     is_new[new] = True
-    train = [h[~is_new[h]] for h in split.train]  # what the baselines may know: interactions with old items
+    where = {item: i for i, item in enumerate(silo.items["item_id"])}
+    to_full = np.array([where[item] for item in before.items["item_id"]], dtype=np.int64)
+    train = [to_full[h] for h in leave_one_out(before.interactions, before.n_items).train]
     counts = np.zeros(silo.n_items)
     for h in train:
         np.add.at(counts, h, 1.0)
     popularity = torch.as_tensor(counts)
-    model = load_for_silo(adapter_dir, silo, cache_dir=cache_dir, state_dir=Path(adapter_dir))
-    ours = scorer(model)
-    baselines: dict[str, ScoreFn] = {
+    model = load_for_silo(adapter_dir, silo, cache_dir=cache_dir)
+    scorers: dict[str, ScoreFn] = {
+        "silorec": scorer(model),
         "MostPop": lambda batch: popularity.expand(len(batch), -1),
         "ItemKNN": item_knn_scorer(train, silo.n_items),
     }
@@ -104,7 +114,12 @@ def cold_start_report(
         "random_hr@10": 10 / silo.n_items,
     }
     for which, group in cases.items():
-        report[which] = {"silorec": evaluate(ours, group)} | {n: evaluate(s, group) for n, s in baselines.items()}
+        report[which] = {}
+        for name, score in scorers.items():
+            ranks = ranks_of(score, group)
+            report[which][name] = metrics_from_ranks(ranks) | {
+                "median_rank": float(np.median(ranks)) if len(ranks) else None
+            }
     return report
 
 
@@ -137,7 +152,7 @@ def run_cold_start(
         done = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise SilorecError(f"training failed (exit {done.returncode}); see {out / 'training.log'}")
-    report = cold_start_report(run / "adapter", silo, new, cache_dir=cache_dir)
+    report = cold_start_report(run / "adapter", silo, load_silo(before), new, cache_dir=cache_dir)
     metrics = json.loads((run / "metrics.json").read_text())
     report |= {
         "share": share,
@@ -152,11 +167,12 @@ def run_cold_start(
 def table(report: dict[str, Any]) -> str:
     """The report as the command prints it."""
     lines = [
-        f"{'test targets':<28}{'users':>7}  {'model':<9}{'HR@10':>8}{'NDCG@10':>9}",
+        f"{'test targets':<28}{'users':>7}  {'model':<9}{'HR@10':>8}{'NDCG@10':>9}{'median rank':>13}",
     ]
     for which, label in (("new", "new items (never trained on)"), ("old", "items seen in training")):
         for model, m in report[which].items():
-            lines.append(f"{label:<28}{m['users']:>7,}  {model:<9}{m['hr@10']:>8.4f}{m['ndcg@10']:>9.4f}")
+            median = "" if m["median_rank"] is None else f"{m['median_rank']:,.0f}"
+            lines.append(f"{label:<28}{m['users']:>7,}  {model:<9}{m['hr@10']:>8.4f}{m['ndcg@10']:>9.4f}{median:>13}")
             label = ""
     eps = report.get("epsilon")
     lines.append(

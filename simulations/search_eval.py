@@ -14,6 +14,12 @@ Both rankers read the same item text (`common.text.item_texts`). silorec's is
 the item tower (the frozen base encoder, mean-pooled, cosine), which federated
 training does not change: the adapter is the user tower's. BM25 is Okapi BM25
 (k1 = 1.2, b = 0.75) over lower-cased word tokens.
+
+Both query sets are lexical: their words are the indexed text's own, which
+is BM25's home ground. Queries in other words (a synonym, a description of
+what the shopper wants) are where an encoder would be expected to lead; this
+data has no such queries with known answers. A title shared by several
+items counts only its own item as the answer.
 """
 
 from __future__ import annotations
@@ -102,7 +108,7 @@ def recall_at(scores: np.ndarray, answers: Sequence[np.ndarray], k: int = 10, *,
     total = 0.0
     for row, answer in zip(scores, answers):
         jitter = rng.random(len(row)) * 1e-9  # BM25 gives many exact ties (0 for every item sharing no word)
-        top = np.argpartition(-(row + jitter), k)[:k]
+        top = np.argsort(-(row + jitter))[:k] if k >= len(row) else np.argpartition(-(row + jitter), k)[:k]
         total += len(np.intersect1d(top, answer)) / min(k, len(answer))
     return total / max(len(answers), 1)
 

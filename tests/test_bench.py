@@ -24,7 +24,9 @@ def test_bench_measures_every_step_in_its_own_process(tiny_bert, synthetic_silo,
 
     out = tmp_path / "bench.json"
     args = ["bench", "--data", str(synthetic_silo), "--base-model", str(tiny_bert), "--batch-sizes", "4"]
-    done = CliRunner().invoke(sim, [*args, "--steps", "1", "--device", "cpu", "--out", str(out)])
+    done = CliRunner().invoke(
+        sim, [*args, "--steps", "1", "--device", "cpu", "--out", str(out), "--cache", str(tmp_path)]
+    )
     assert done.exit_code == 0, done.output
     assert done.output.strip().splitlines()[-1].startswith("DP/non-DP throughput ratio: ")
     measures = json.loads(out.read_text())["measures"]

@@ -67,7 +67,7 @@ def test_unknown_ids_name_the_field(served):
     assert e.value.field == "items"
     with pytest.raises(UnknownError) as e:
         served.similar("no-such-item")
-    assert e.value.field == "id"
+    assert e.value.field == "item_id"
 
 
 def test_export_is_every_users_top_k_as_served_one_by_one(served):
@@ -128,6 +128,23 @@ def test_a_new_product_is_served_at_once_and_only_its_vector_is_computed(served,
     assert len(served.recommend_user(user, k=3)) == 3
 
 
+def test_an_edited_product_is_re_encoded_and_an_unreadable_silo_leaves_the_last_good_one(served, synthetic_silo):
+    items = pd.read_csv(synthetic_silo / "items.csv", dtype=str, keep_default_na=False)
+    item = items["item_id"].iloc[4]
+    before = served.model.item_vectors[4].clone()
+    items.loc[4, "title"] = "sturdy orbit kettle 3"
+    items.to_csv(synthetic_silo / "items.csv", index=False)
+    assert served.refresh() == 1
+    assert not torch.allclose(served.model.item_vectors[4], before)
+    assert served.search(item_texts(items)[4], k=1)[0].item_id == item
+    (synthetic_silo / "items.csv").write_text("item_id,title\nx\n")  # half written
+    from common.errors import SilorecError
+
+    with pytest.raises(SilorecError):
+        served.refresh()
+    assert served.n_items == len(items) and served.search("sturdy orbit kettle 3", k=1)[0].item_id == item
+
+
 def test_recommend_all_writes_every_users_top_k_once(tmp_path, tiny_bert, synthetic_silo):
     from click.testing import CliRunner
 
@@ -171,3 +188,8 @@ def test_a_federation_adapter_is_served_with_the_merchants_local_state(tmp_path,
     assert np.allclose(served.model.prior.numpy(), prior)
     (tmp_path / "elsewhere").mkdir()
     assert not SiloRecommender.load(adapter, synthetic_silo, state_dir=tmp_path / "elsewhere").model.has_prior
+    # an adapter with local state of its own (a central run's) keeps it, whatever an old state folder holds
+    own = np.linspace(3, 0, len(local.item_ids), dtype=np.float32)
+    local.set_prior(own)
+    local.save_local(adapter / LOCAL_FILE)
+    assert np.allclose(SiloRecommender.load(adapter, synthetic_silo).model.prior.numpy(), own)

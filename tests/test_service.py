@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -112,6 +113,14 @@ def test_bad_requests_are_4xx_naming_the_field(service):
     assert Client(client.port, key=None).get(f"/recommend?user={user}")[0] == 401
     assert Client(client.port, key="wrong").get(f"/recommend?user={user}")[0] == 401
     assert Client(client.port, key=None).get("/health")[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
+    conn.request("GET", f"/recommend?user={user}", headers={"authorization": f"bearer {KEY}"})  # any case
+    response = conn.getresponse()
+    assert response.status == 200 and response.read()
+    conn.request("GET", f"/recommend?user={user}")
+    response = conn.getresponse()
+    assert response.status == 401 and response.getheader("WWW-Authenticate") == "Bearer"
+    conn.close()
     cases = [
         ("GET", f"/recommend?user={user}&k=0", None, 422, "k"),
         ("GET", "/recommend?user=nobody", None, 404, "user"),
@@ -119,8 +128,9 @@ def test_bad_requests_are_4xx_naming_the_field(service):
         ("POST", "/recommend", {"items": "not a list"}, 422, "items"),
         ("POST", "/recommend", {"items": ["no-such-item"]}, 404, "items"),
         ("GET", "/search?q=", None, 422, "q"),
-        ("GET", "/items/no-such-item/similar", None, 404, "id"),
+        ("GET", "/items/no-such-item/similar", None, 404, "item_id"),
     ]
+    cases += [("GET", "/no-such-route", None, 404, None), ("DELETE", "/health", None, 405, None)]
     for method, path, body, status, field in cases:
         got, answer = client.call(method, path, body)
         assert (got, answer.get("field")) == (status, field), (path, answer)
@@ -155,7 +165,10 @@ def test_load_test_measures_the_running_service(service):
     assert len(lines) == 4 and all(", 0 errors" in line for line in lines), done.output
     assert "3 clients" in lines[1] and "p95" in lines[1]
     refused = CliRunner().invoke(client_cli, [*args, "--clients", "2"])  # no key: every request refused, and said
-    assert refused.exit_code == 0 and " 0 requests in" in refused.output and "0 errors" not in refused.output
+    assert refused.exit_code == 0, refused.output
+    for line in refused.output.splitlines():
+        answered, errors = re.search(r" ([\d,]+) requests in .*, ([\d,]+) errors?$", line).groups()
+        assert answered == "0" and int(errors.replace(",", "")) > 0, line
 
 
 def test_a_product_added_to_the_items_file_is_served_without_a_restart(service):
@@ -173,3 +186,40 @@ def test_a_product_added_to_the_items_file_is_served_without_a_restart(service):
     (silo / "items.csv").write_text("item_id,title\njust-added\n")
     time.sleep(1.0)
     assert client.get("/health")[1]["items"] == len(items) + 1 and proc.poll() is None
+
+
+def test_the_batcher_answers_each_request_its_own_k_and_passes_errors_to_every_waiter():
+    import threading
+
+    import numpy as np
+
+    from client.service import Batcher, Unavailable
+    from common.serve import Pick
+
+    calls = []
+    release = threading.Event()
+
+    def score(histories, k, repeats):
+        release.wait(5)
+        calls.append((len(histories), k, list(repeats)))
+        if any(len(h) == 0 for h in histories):
+            raise ValueError("empty history")
+        return [[Pick(f"{int(h[0])}-{j}", "", 0.0) for j in range(k)] for h in histories]
+
+    batcher = Batcher(score, timeout=10)
+    with pytest.raises(Unavailable):
+        batcher.ask(np.array([1]), 3, False)  # not started yet
+    batcher.start()
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        asks = [pool.submit(batcher.ask, np.array([i]), 1 + i % 3, bool(i % 2)) for i in range(6)]
+        time.sleep(0.3)  # all six are waiting while the first batch is held
+        release.set()
+        answers = [a.result() for a in asks]
+    assert [len(a) for a in answers] == [1 + i % 3 for i in range(6)]
+    assert all(a[0].item_id.startswith(f"{i}-") for i, a in enumerate(answers))
+    assert len(calls) < 6  # batched: fewer passes than requests
+    with pytest.raises(ValueError, match="empty history"):
+        batcher.ask(np.array([], dtype=np.int64), 2, False)
+    batcher.close()
+    with pytest.raises(Unavailable):
+        batcher.ask(np.array([1]), 3, False)
