@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -37,9 +38,11 @@ from common.encoder import attach_adapter, load_encoder
 from common.errors import SilorecError
 from common.logs import log
 from common.messages import SumSpec
+from common.model_config import ModelConfig
 from common.round import RoundConfig
 from common.score import PRIOR_WEIGHT, initial_calibration, trained_names
 from common.serve import best_scale, parse_scales, scale_prior_weight, scaled_key
+from common.storage import load_model_config, read_adapter
 from common.train import TrainConfig, default_delta
 from server import checkpoint, report, sealing
 from server.optimizer import GlobalOptimizer
@@ -680,7 +683,27 @@ def start_run(
     ckpt = checkpoint.load(out / "checkpoint") if settings.resume else None
     if ckpt is None and (out / "checkpoint" / checkpoint.STATE_FILE).exists():
         raise SilorecError(f"{out} holds an earlier run; resume it with --resume or choose another output folder")
+    if settings.init_from and ckpt is None:
+        initial = initial | earlier_adapter(Path(settings.init_from), model_cfg, initial)
     return tower, initial, shared, ckpt
+
+
+# what an adapter's tensors depend on: an earlier run must agree on these to be continued
+_SHAPING = ("base_model", "lora_r", "lora_alpha", "lora_targets", "ffa")
+
+
+def earlier_adapter(folder: Path, model_cfg: ModelConfig, initial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The shared tensors of an earlier run's adapter in `folder`, checked against this run's model."""
+    saved = load_model_config(folder)
+    for name in _SHAPING:
+        if getattr(saved, name) != getattr(model_cfg, name):
+            raise SilorecError(
+                f"init-from {folder}: its {name} is {getattr(saved, name)!r}, this run's is "
+                f"{getattr(model_cfg, name)!r}; continue a run with the model it trained"
+            )
+    expected = {k: torch.from_numpy(np.asarray(v)) for k, v in initial.items()}
+    state = read_adapter(folder, model_cfg, expected)
+    return {k: state[k].numpy().astype(initial[k].dtype) for k in initial if k in state}
 
 
 def finish_run(

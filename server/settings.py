@@ -59,6 +59,11 @@ class ServerSettings:
         "Validate every this many rounds, and after the last; 0: once per expected pass over the users "
         "(federation), every round (silo).",
     )
+    init_from: str = setting(
+        "",
+        "An earlier run's adapter folder to start from, to continue training on new events (the merchants' ledgers "
+        "go on adding up); '' starts from a fresh adapter.",
+    )
     round: RoundConfig = field(default_factory=RoundConfig)  # what merchants are told
 
     @property

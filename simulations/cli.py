@@ -317,6 +317,7 @@ def format_table(m: dict) -> str:
 @round_option("secure_aggregation")
 @round_option("max_update_norm", type=POSITIVE)
 @round_option("min_fit_clients", type=COUNT)
+@round_option("init_from", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option(
     "--gpu-fraction",
     type=FRACTION,
