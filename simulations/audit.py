@@ -148,13 +148,19 @@ def guess(scores: np.ndarray, per_side: int) -> dict[int, bool]:
 
 
 def claimed(metrics: dict[str, Any]) -> tuple[float, float]:
-    """(ε, δ) the trained run claims: the federation's, the largest silo's, or the central model's; ∞ without DP."""
+    """(ε, δ) the trained run claims: the federation's, the weakest silo's, or the central model's; ∞ without DP.
+
+    In silo mode each merchant has its own δ (below 1/its users): a canary is
+    protected by its merchant's, so the bound takes the largest ε and δ.
+    """
     privacy = metrics.get("privacy") or {}  # a federated run's; a central run reports ε and δ at the top
     if privacy.get("mode") == "silo":
         epsilon = metrics.get("epsilon_max")
+        deltas = [m["delta"] for m in metrics.get("merchants", []) if m.get("delta") is not None]
+        delta = max(deltas) if deltas else None
     else:
         epsilon = privacy.get("epsilon", metrics.get("epsilon"))
-    delta = privacy.get("delta", metrics.get("delta"))
+        delta = privacy.get("delta", metrics.get("delta"))
     return (math.inf if epsilon is None else float(epsilon)), (0.0 if delta is None else float(delta))
 
 

@@ -73,3 +73,17 @@ def test_a_tiny_audit_plants_trains_scores_and_bounds_from_the_released_model(tm
     )
     assert "## Privacy audit" in (out / "run" / "adapter" / "README.md").read_text()
     assert "empirical lower bound" in result.output
+
+
+def test_the_claim_of_a_silo_mode_run_is_its_weakest_merchants():
+    from simulations.audit import claimed
+
+    silo = {
+        "privacy": {"mode": "silo", "dp": True},
+        "epsilon_max": 7.9,
+        "merchants": [{"delta": 1e-3}, {"delta": 5e-3}],
+    }
+    assert claimed(silo) == (7.9, 5e-3)
+    federation = {"privacy": {"mode": "federation", "epsilon": 7.96, "delta": 1e-4}}
+    assert claimed(federation) == (7.96, 1e-4)
+    assert claimed({"privacy": {"mode": "federation", "dp": False}}) == (float("inf"), 0.0)
