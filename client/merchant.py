@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,7 +30,7 @@ from client.node_config import NodeConfig
 from common import atomic, distributed_dp
 from common.arrays import pack, to_numpy, to_torch, unpack
 from common.cooccurrence import pair_counts, release_top_cooccurrence
-from common.errors import SecureAggregationError
+from common.errors import SecureAggregationError, SilorecError
 from common.messages import SumSpec
 from common.metrics import metrics_from_ranks, most_pop
 from common.model_config import ModelConfig
@@ -361,7 +363,22 @@ def released_table(state_dir: Path) -> dict[str, np.ndarray] | None:
     return unpack(path.read_bytes()) if path.is_file() else None
 
 
-_MERCHANTS: dict[tuple, Merchant] = {}
+# Merchants built in this process, most recently used last. A simulation actor serves many silos in
+# turn and each Merchant holds its own encoder (~90 MB for MiniLM), so the cache is bounded: an
+# evicted merchant is rebuilt from its silo and state folder, which hold everything it needs.
+_MERCHANTS: OrderedDict[tuple, Merchant] = OrderedDict()
+
+
+def merchants_per_process() -> int:
+    """How many merchants one process keeps built ($SILOREC_MERCHANTS_PER_PROCESS, default 16)."""
+    raw = os.environ.get("SILOREC_MERCHANTS_PER_PROCESS", "16")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SilorecError(f"SILOREC_MERCHANTS_PER_PROCESS must be a whole number ≥ 1, not {raw!r}") from None
+    if value < 1:
+        raise SilorecError(f"SILOREC_MERCHANTS_PER_PROCESS must be a whole number ≥ 1, not {raw!r}")
+    return value
 
 
 def merchant_for_node(node: NodeConfig, cfg: RoundConfig) -> Merchant:
@@ -379,8 +396,14 @@ def state_path(node_config: Mapping, silo: Path) -> Path:
 
 
 def merchant_for(silo_dir: Path, state_dir: Path, model_cfg: ModelConfig, *, cache_dir: Path | None = None) -> Merchant:
-    """This process's Merchant for a silo (built once: loading BERT costs seconds)."""
+    """This process's Merchant for a silo: built once while it stays among the most recently used
+    (`merchants_per_process`), since loading BERT costs seconds."""
     key = (str(Path(silo_dir).resolve()), str(Path(state_dir).resolve()), repr(model_cfg))
-    if key not in _MERCHANTS:
-        _MERCHANTS[key] = Merchant(silo_dir, state_dir, model_cfg, cache_dir=cache_dir)
-    return _MERCHANTS[key]
+    if key in _MERCHANTS:
+        _MERCHANTS.move_to_end(key)
+        return _MERCHANTS[key]
+    merchant = Merchant(silo_dir, state_dir, model_cfg, cache_dir=cache_dir)
+    _MERCHANTS[key] = merchant
+    while len(_MERCHANTS) > merchants_per_process():
+        _MERCHANTS.popitem(last=False)
+    return merchant

@@ -339,3 +339,23 @@ def test_a_killed_run_resumes_from_its_last_round_with_the_same_accountant(tmp_p
     PeftModel.from_pretrained(load_encoder(str(tiny_bert))[1], str(out / "adapter"))
     assert "federated" in done.stdout and "MostPop" in done.stdout
     assert "federated − MostPop (each merchant) NDCG@10, test" in done.stdout and (out / "comparison.json").is_file()
+
+
+def test_a_process_keeps_only_its_most_recently_used_merchants(tmp_path, tiny_bert, monkeypatch):
+    """A simulation actor serves silo after silo: what it keeps built must not grow with the merchants."""
+    from client import merchant as m
+    from common.model_config import ModelConfig
+
+    monkeypatch.setattr(m, "_MERCHANTS", m.OrderedDict())
+    monkeypatch.setenv("SILOREC_MERCHANTS_PER_PROCESS", "2")
+    cfg = ModelConfig(base_model=str(tiny_bert), local_head="none")
+    silos = [make_synthetic_silo(tmp_path / f"s{i}", SyntheticSpec(users=12, seed=i)) for i in range(3)]
+    first = m.merchant_for(silos[0], silos[0] / "state", cfg)
+    m.merchant_for(silos[1], silos[1] / "state", cfg)
+    assert m.merchant_for(silos[0], silos[0] / "state", cfg) is first  # used again: now the most recent
+    m.merchant_for(silos[2], silos[2] / "state", cfg)
+    assert len(m._MERCHANTS) == 2 and m.merchant_for(silos[0], silos[0] / "state", cfg) is first
+    assert {Path(k[0]).name for k in m._MERCHANTS} == {"s0", "s2"}  # s1, least recently used, was dropped
+    monkeypatch.setenv("SILOREC_MERCHANTS_PER_PROCESS", "none")
+    with pytest.raises(SilorecError, match="SILOREC_MERCHANTS_PER_PROCESS"):
+        m.merchants_per_process()
