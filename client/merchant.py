@@ -48,7 +48,7 @@ from common.records import UserRecords
 from common.round import RoundConfig
 from common.serve import parse_scales, prior_scale_ranks, scaled_key
 from common.silo import Silo, load_silo
-from common.split import Split, leave_one_out
+from common.split import Split, split_silo
 from common.storage import LOCAL_FILE
 from common.text import item_texts
 from common.train import clipped_gradient_sum, default_delta, train
@@ -70,10 +70,19 @@ class Merchant:
     """A silo, its state folder, and a recommender over its catalog."""
 
     def __init__(
-        self, silo_dir: Path, state_dir: Path, model_cfg: ModelConfig, *, cache_dir: Path | None = None
+        self,
+        silo_dir: Path,
+        state_dir: Path,
+        model_cfg: ModelConfig,
+        *,
+        cache_dir: Path | None = None,
+        cutoff: str = "",
+        train_until: str = "",
     ) -> None:
         self.silo: Silo = load_silo(silo_dir)
-        self.split: Split = leave_one_out(self.silo.interactions, self.silo.n_items)
+        self.split: Split = split_silo(
+            self.silo.interactions, self.silo.n_items, cutoff=cutoff, train_until=train_until
+        )
         self.state_dir = Path(state_dir)
         self.model_cfg = model_cfg
         self.model: Recommender = build_recommender(
@@ -386,7 +395,12 @@ def merchant_for_node(node: NodeConfig, cfg: RoundConfig) -> Merchant:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return merchant_for(
-        node.silo(cfg.silos_dir), node.state(cfg.silos_dir), cfg.model(), cache_dir=node.cache(cfg.silos_dir)
+        node.silo(cfg.silos_dir),
+        node.state(cfg.silos_dir),
+        cfg.model(),
+        cache_dir=node.cache(cfg.silos_dir),
+        cutoff=cfg.cutoff,
+        train_until=cfg.train_until,
     )
 
 
@@ -395,14 +409,22 @@ def state_path(node_config: Mapping, silo: Path) -> Path:
     return NodeConfig.parse(node_config | {"data-path": str(silo)}).state()
 
 
-def merchant_for(silo_dir: Path, state_dir: Path, model_cfg: ModelConfig, *, cache_dir: Path | None = None) -> Merchant:
+def merchant_for(
+    silo_dir: Path,
+    state_dir: Path,
+    model_cfg: ModelConfig,
+    *,
+    cache_dir: Path | None = None,
+    cutoff: str = "",
+    train_until: str = "",
+) -> Merchant:
     """This process's Merchant for a silo: built once while it stays among the most recently used
     (`merchants_per_process`), since loading BERT costs seconds."""
-    key = (str(Path(silo_dir).resolve()), str(Path(state_dir).resolve()), repr(model_cfg))
+    key = (str(Path(silo_dir).resolve()), str(Path(state_dir).resolve()), repr(model_cfg), cutoff, train_until)
     if key in _MERCHANTS:
         _MERCHANTS.move_to_end(key)
         return _MERCHANTS[key]
-    merchant = Merchant(silo_dir, state_dir, model_cfg, cache_dir=cache_dir)
+    merchant = Merchant(silo_dir, state_dir, model_cfg, cache_dir=cache_dir, cutoff=cutoff, train_until=train_until)
     _MERCHANTS[key] = merchant
     while len(_MERCHANTS) > merchants_per_process():
         _MERCHANTS.popitem(last=False)

@@ -65,6 +65,11 @@ class RoundConfig:
     )
     seed: int = setting(0, "Seed of the adapter's init and the training records' cuts.")
     split: str = setting("valid", "Which targets an evaluate message scores: valid or test.")
+    cutoff: str = setting(
+        "",
+        "Time split: test each user's first event after this date (e.g. 1998-03-01, UTC); '' splits leave-one-out.",
+    )
+    train_until: str = setting("", "Time split: train only on events up to this date ('' is the cutoff).")
     score_scales: str = setting("", "Evaluate: also score with the prior's weight scaled by each of these.")
     silos_dir: str = setting("", "Simulation only: partition-id picks a silo folder under it.")
     threads: int = setting(0, "Torch threads per ClientApp; 0 keeps torch's default.")

@@ -53,6 +53,22 @@ def warn_no_dp() -> None:
     )
 
 
+def check_time_split(cutoff: str | None, train_until: str | None) -> None:
+    """--cutoff and --train-until as the time split reads them, or a usage error naming the option."""
+    from common.split import parse_time
+
+    if train_until and not cutoff:
+        raise click.BadParameter("needs --cutoff: it is the time split's", param_hint="--train-until")
+    for name, value in (("--cutoff", cutoff), ("--train-until", train_until)):
+        if value:
+            try:
+                parse_time(value)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint=name) from None
+    if cutoff and train_until and parse_time(train_until) > parse_time(cutoff):
+        raise click.BadParameter("must not be after --cutoff", param_hint="--train-until")
+
+
 def train_option(name: str, **click_kwargs):
     """The option of a TrainConfig setting for `central`: its default, and the DP preset's where that differs."""
     return option(TrainConfig, name, presets={"with --epsilon": CENTRAL_DP}, **click_kwargs)
@@ -318,6 +334,8 @@ def format_table(m: dict) -> str:
 @round_option("max_update_norm", type=POSITIVE)
 @round_option("min_fit_clients", type=COUNT)
 @round_option("init_from", type=click.Path(exists=True, file_okay=False), default=None)
+@round_option("cutoff", default=None)
+@round_option("train_until", default=None)
 @click.option(
     "--gpu-fraction",
     type=FRACTION,
@@ -383,6 +401,7 @@ def run(
         run_simulation,
     )
 
+    check_time_split(given["cutoff"], given["train_until"])
     atomic.check_apart(out, {"--data": data} | ({"--central": central_path} if central_path else {}))
     if resume and not (out / "checkpoint").is_dir():
         raise FileExistsError(f"{out} holds no run to resume (no checkpoint/); drop --resume to start one")
@@ -432,7 +451,7 @@ def run(
     fed_seconds = time.perf_counter() - started
     rows = {
         "federated": metrics["test"],
-        "MostPop (all data)": central_most_pop(data),
+        "MostPop (all data)": central_most_pop(data, settings.round),
         "MostPop (each merchant)": metrics["most_pop_local"],
     }
     alone = None

@@ -37,7 +37,7 @@ from common.recommender import Recommender, build_recommender
 from common.round import RoundConfig
 from common.serve import best_scale, prior_scale_ranks, scale_prior_weight, scorer
 from common.silo import load_silo
-from common.split import leave_one_out
+from common.split import Split, split_silo
 from common.storage import load_local, local_file
 from common.text import item_texts
 from common.train import default_delta, train
@@ -153,10 +153,17 @@ def local_only_settings(settings: ServerSettings) -> ServerSettings:
     return replace(settings, rounds=SILO["rounds"], round=replace(cfg, rounds=SILO["rounds"]))
 
 
-def central_most_pop(data: Path) -> dict[str, float]:
-    """MostPop with the whole data set's popularity, on the same split as the federated test sets."""
+def central_most_pop(data: Path, cfg: RoundConfig | None = None) -> dict[str, float]:
+    """MostPop with the whole data set's popularity, on the same split as the federated test sets (`cfg`'s)."""
     silo = load_silo(data)
-    return most_pop(leave_one_out(silo.interactions, silo.n_items))["test"]
+    return most_pop(split_of(silo, cfg))["test"]
+
+
+def split_of(silo, cfg: RoundConfig | None) -> Split:
+    """The silo's split as the run's merchants make it: leave-one-out, or its time split."""
+    if cfg is None:
+        return split_silo(silo.interactions, silo.n_items)
+    return split_silo(silo.interactions, silo.n_items, cutoff=cfg.cutoff, train_until=cfg.train_until)
 
 
 def merchant_silos(silos: Path) -> list[Path]:
@@ -177,7 +184,7 @@ def run_local_only(silos: Path, settings: ServerSettings, out: Path, *, log=prin
     results = []
     for folder in merchant_silos(silos):
         silo = load_silo(folder)
-        split = leave_one_out(silo.interactions, silo.n_items)
+        split = split_of(silo, cfg)
         model = build_recommender(cfg.model(), list(silo.items["item_id"]), item_texts(silo.items))
         epochs = settings.rounds * cfg.local_epochs
         tcfg = replace(cfg.train(noise_multiplier=None, delta=None), epochs=epochs, seed=cfg.seed)
@@ -293,7 +300,14 @@ def merchant_ranks(silos: Path, settings: ServerSettings, out: Path) -> dict[str
     chosen = json.loads((out / "metrics.json").read_text()).get("prior_weight")
     arrays = scale_prior_weight(final.global_arrays, chosen["scale"]) if chosen else final.global_arrays  # as exported
     for folder in merchant_silos(silos):  # state and cache where the simulated ClientApps keep them
-        merchant = Merchant(folder, state_path({}, folder), settings.round.model(), cache_dir=silos.parent / "cache")
+        merchant = Merchant(
+            folder,
+            state_path({}, folder),
+            settings.round.model(),
+            cache_dir=silos.parent / "cache",
+            cutoff=settings.round.cutoff,
+            train_until=settings.round.train_until,
+        )
         merchant.set_global(arrays)
         scores = {"federated": scorer(merchant.model), "MostPop (each merchant)": most_pop_scorer(merchant.split)}
         for split in SPLITS:
@@ -313,7 +327,7 @@ def paired_comparisons(
     names users by their pseudonym under `key` (common.pseudonym).
     """
     joined = _joined_ranks(silos, settings, out, local_only)
-    ids = user_ids(silos)
+    ids = user_ids(silos, settings.round)
     save_ranks(
         out,
         {split: dict(zip(pseudonyms(key, ids[split]), joined[split]["federated"].tolist())) for split in SPLITS},
@@ -324,12 +338,12 @@ def paired_comparisons(
     return report
 
 
-def user_ids(silos: Path) -> dict[str, list[str]]:
+def user_ids(silos: Path, cfg: RoundConfig | None = None) -> dict[str, list[str]]:
     """Every merchant's evaluated users by split, merchant after merchant in the order `_joined_ranks` joins them."""
     ids: dict[str, list[str]] = {split: [] for split in SPLITS}
     for folder in merchant_silos(silos):
         silo = load_silo(folder)
-        split = leave_one_out(silo.interactions, silo.n_items)
+        split = split_of(silo, cfg)
         for name in SPLITS:
             ids[name] += [c.user_id for c in getattr(split, name)]
     return ids
