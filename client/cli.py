@@ -189,10 +189,19 @@ def serve(
     state: Path | None,
     cache: Path,
 ) -> None:
-    """Serve recommendations, search and similar items over HTTP as JSON (see `client/service.py` for the routes).
+    """Serve recommendations, search and similar items over HTTP as JSON.
 
-    Loads the model once. Listens on 127.0.0.1 unless --host says otherwise;
-    put it behind your TLS proxy before exposing it.
+    \b
+      GET  /recommend?user=ID&k=10        a user of the silo, from their history
+      POST /recommend {"items": [...], "k": 10}   a live session's items
+      GET  /search?q=TEXT&k=10            the catalog ranked for a query
+      GET  /items/ID/similar?k=10         the items nearest one item
+      GET  /health
+
+    Answers are {"items": [{"id", "title", "score"}, ...]}; errors are
+    {"error", "field"} with a 4xx status. Loads the model once, re-reads the
+    silo when its files change. Listens on 127.0.0.1 unless --host says
+    otherwise; put it behind your TLS proxy before exposing it.
     """
 
     import uvicorn
