@@ -744,6 +744,24 @@ def audit(data, out, merchants, privacy, epsilon, no_dp, delta, canaries, guesse
     click.echo(f"wrote {out / 'audit.json'}")
 
 
+@main.command("audit-rescore")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def audit_rescore(out):
+    """Score the canaries of an earlier audit in OUT again, with this version's score, without training again.
+
+    The earlier audit.json is kept as audit.previous.json. Its coins are
+    already revealed, so a re-scored power check is to be confirmed by a
+    fresh audit.
+    """
+    from simulations.audit import rescore, summary_line
+
+    if not (out / "audit.json").is_file() or not (out / "run" / "adapter").is_dir():
+        raise click.UsageError(f"{out} holds no finished audit (audit.json and run/adapter/)")
+    report = rescore(out)
+    click.echo(summary_line(report))
+    click.echo(f"wrote {out / 'audit.json'} (the earlier one: audit.previous.json)")
+
+
 @main.command("cold-start")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder (all users pooled).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder: before/, run/, cold_start.json.")

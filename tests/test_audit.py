@@ -73,6 +73,40 @@ def test_a_tiny_audit_plants_trains_scores_and_bounds_from_the_released_model(tm
     )
     assert "## Privacy audit" in (out / "run" / "adapter" / "README.md").read_text()
     assert "empirical lower bound" in result.output
+    # re-scored from the same released model: the same figures, the earlier report kept, one card section
+    again = CliRunner().invoke(main, ["audit-rescore", str(out)])
+    assert again.exit_code == 0, again.output
+    rescored = json.loads((out / "audit.json").read_text())
+    assert [c["score"] for c in rescored["per_canary"]] == pytest.approx([c["score"] for c in canaries])
+    assert json.loads((out / "audit.previous.json").read_text()) == report
+    assert (out / "run" / "adapter" / "README.md").read_text().count("## Privacy audit") == 1
+
+
+def test_the_association_score_compares_a_target_under_its_own_history_with_the_others(tiny_bert, synthetic_silo):
+    import torch
+
+    from common.model_config import ModelConfig
+    from common.recommender import build_recommender
+    from common.serve import score_histories
+    from common.silo import load_silo
+    from common.text import item_texts
+    from simulations.audit import Canary, association
+
+    silo = load_silo(synthetic_silo)
+    model = build_recommender(
+        ModelConfig(base_model=str(tiny_bert), local_head="bias"), list(silo.items["item_id"]), item_texts(silo.items)
+    )
+    canaries = [Canary(f"c{i}", (i, i + 10, i + 20), 30 + i, True) for i in range(4)]
+    got = association(model, canaries)
+    log_p = torch.log_softmax(score_histories(model, [np.array(c.history) for c in canaries]).double(), dim=1)
+    by_hand = log_p[2, 32] - (log_p[0, 32] + log_p[1, 32] + log_p[3, 32]) / 3
+    assert got[2] == pytest.approx(float(by_hand))
+    # what training does to an item for everyone (its bias) all but cancels, where the plain log p moves with it
+    with torch.no_grad():
+        model.head.bias.weight[32] += 5.0
+    after = torch.log_softmax(score_histories(model, [np.array(c.history) for c in canaries]).double(), dim=1)
+    raw = float(after[2, 32] - log_p[2, 32])
+    assert raw > 3 and abs(association(model, canaries)[2] - got[2]) < 0.02 * raw
 
 
 def test_the_claim_of_a_silo_mode_run_is_its_weakest_merchants():
