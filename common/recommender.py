@@ -222,6 +222,17 @@ class Recommender(nn.Module):
         self.neighbour_slot[self.neighbour_items] = torch.arange(len(items), device=self.device)
         self._train_weights_of_releases()
 
+    def unreleased_prior(self, released: torch.Tensor | None = None) -> float:
+        """The prior of an item the popularity release did not cover (a product added since): the median of the
+        `released` priors (default: the whole catalog's), or 0 without a release.
+
+        0, log(1 + 0), would rank it below every item anyone bought, which is
+        what nobody knows of a new product; the median says "as popular as a
+        typical item" and leaves the rest to its text.
+        """
+        values = self.prior if released is None else released
+        return float(values.median()) if len(values) and bool(values.any()) else 0.0
+
     def _train_weights_of_releases(self) -> None:
         """A release's weight trains only once there is a release to weigh."""
         self.calibration.prior_weight.weight.requires_grad_(self.has_prior)
@@ -239,7 +250,8 @@ class Recommender(nn.Module):
         return {k: v.cpu().clone() for k, v in state.items()}
 
     def load_local_state(self, state: dict[str, torch.Tensor], item_ids: list[str]) -> None:
-        """Load local state saved for `item_ids`, aligned to this catalog (unknown items start at zero)."""
+        """Load local state saved for `item_ids`, aligned to this catalog: unknown items start at zero, but for the
+        prior, which gives them `unreleased_prior`."""
         with torch.no_grad():
             where = {item: i for i, item in enumerate(item_ids)}
             mine = [j for j, item in enumerate(self.item_ids) if item in where]
@@ -253,6 +265,10 @@ class Recommender(nn.Module):
                 param.zero_()
                 if key in state and mine:
                     param[torch.as_tensor(mine)] = shape(state[key])[torch.as_tensor(theirs)].to(param.device)
+            if "prior" in state and mine and len(mine) < len(self.item_ids):  # items the release did not cover
+                unknown = torch.ones(len(self.item_ids), dtype=torch.bool)
+                unknown[torch.as_tensor(mine)] = False
+                self.prior[unknown.to(self.device)] = self.unreleased_prior(self.prior[torch.as_tensor(mine)])
             # the co-occurrence keeps the saved items that are still in this catalog, by the same alignment
             ours = dict(zip(theirs, mine))  # saved index → index in this catalog
             saved = [int(i) for i in state.get("neighbour_items", torch.zeros(0)).tolist()]
@@ -286,9 +302,9 @@ class Recommender(nn.Module):
     def add_items(self, item_ids: Sequence[str], texts: Sequence[str], vectors: torch.Tensor | None = None) -> None:
         """Append new catalog items, scorable at once: `vectors` are the item tower's on `texts` (computed if not given).
 
-        A new item has no popularity in the release (prior log(1 + 0) = 0), no
-        co-occurrence row and a zero head: it is ranked by its text alone,
-        which is all anyone knows of it.
+        A new item is not in the popularity release: it gets the median prior
+        of the items that are (`unreleased_prior`), no co-occurrence row and a
+        zero head, so its text decides how it ranks against a typical item.
         """
         new = list(item_ids)
         clash = set(new) & set(self.item_ids)
@@ -304,7 +320,7 @@ class Recommender(nn.Module):
         self.item_ids += new
         self.item_tokens += item_tokens(self.tokenizer, list(texts), self.cfg.item_max_tokens)
         self.item_vectors = torch.cat([self.item_vectors, vectors.to(self.device).float()])
-        self.prior = torch.cat([self.prior, self.prior.new_zeros(len(new))])
+        self.prior = torch.cat([self.prior, self.prior.new_full((len(new),), self.unreleased_prior())])
         self.neighbour_slot = torch.cat([self.neighbour_slot, self.neighbour_slot.new_full((len(new),), -1)])
         if self.head is not None:
             for layer in (self.head.bias, self.head.weights):

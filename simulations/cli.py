@@ -776,8 +776,11 @@ def audit_rescore(out):
     "--cache", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=True, help="Cache of item vectors."
 )
 @click.option("--force", is_flag=True, help="Replace an earlier cold-start run in OUT.")
+@click.option(
+    "--rescore", is_flag=True, help="Score the run already in OUT again (this version's serving), no training."
+)
 @click.argument("options", nargs=-1, type=click.UNPROCESSED, metavar="[-- CENTRAL_OPTIONS]")
-def cold_start(data, out, share, cache, force, options):
+def cold_start(data, out, share, cache, force, rescore, options):
     """Recommend products the model never trained on: hold out the newest items, train, then add them back.
 
     Trains `silorec-sim central` (with any options after `--`, e.g. `--
@@ -786,8 +789,15 @@ def cold_start(data, out, share, cache, force, options):
     and scores the test targets that are new items, beside MostPop and
     ItemKNN (which cannot score them). Writes OUT/cold_start.json.
     """
-    from simulations.cold_start import run_cold_start, table
+    from simulations.cold_start import REPORT, rescore_cold_start, run_cold_start, table
 
+    if rescore:
+        if not (out / REPORT).is_file():
+            raise click.UsageError(f"--rescore: {out} holds no finished cold-start run ({REPORT})")
+        report = rescore_cold_start(data, out, cache_dir=cache / "items")
+        click.echo(table(report))
+        click.echo(f"wrote {out / REPORT} (the earlier one: cold_start.previous.json)")
+        return
     if force and out.exists():
         atomic.remove_ours(out)  # refuses a folder silorec did not make
     report = run_cold_start(data, out, share=share, options=options, cache_dir=cache / "items", log=click.echo)

@@ -4,8 +4,8 @@ The items first seen in the last `share` of the timeline are the "new"
 products. Training sees a silo without them: not in the items file, no
 interaction. The trained adapter is then served over the whole catalog, as
 `SiloRecommender` serves a catalog that grew: a new item's vector is
-computed from its text, its popularity prior is that of an item nobody has
-bought (0) and its head is zero. It is scored on the test cases (each user's
+computed from its text, its popularity prior is the median of the released
+items' (`Recommender.unreleased_prior`) and its head is zero. It is scored on the test cases (each user's
 last interaction, docs/eval.md) whose target is a new item, against MostPop and
 ItemKNN fitted on the same training interactions, which give a never-seen item
 no score (ties count against a model, so both rank it last: 0 by construction).
@@ -160,6 +160,21 @@ def run_cold_start(
         "epsilon": metrics.get("epsilon"),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
+    atomic.write_json(out / REPORT, report)
+    return report
+
+
+def rescore_cold_start(data: Path, out: Path, *, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Score an earlier cold-start run's adapter again with this version's serving (no training).
+
+    The earlier report is kept as cold_start.previous.json.
+    """
+    previous = json.loads((out / REPORT).read_text())
+    silo = load_silo(data)
+    new = new_items(silo, previous["share"])
+    report = cold_start_report(out / "run" / "adapter", silo, load_silo(out / "before"), new, cache_dir=cache_dir)
+    report |= {k: previous[k] for k in ("share", "training_command", "epsilon", "wall_seconds")}
+    atomic.write_json(out / "cold_start.previous.json", previous)
     atomic.write_json(out / REPORT, report)
     return report
 

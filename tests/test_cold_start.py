@@ -69,3 +69,7 @@ def test_cold_start_trains_without_the_new_items_and_scores_them(tmp_path, tiny_
     assert "new items (never trained on)" in done.output
     again = CliRunner().invoke(sim, args)
     assert again.exit_code != 0 and "not empty" in again.output
+    rescored = CliRunner().invoke(sim, [*args[: args.index("--")], "--rescore"])
+    assert rescored.exit_code == 0, rescored.output
+    assert json.loads((out / "cold_start.previous.json").read_text()) == report
+    assert json.loads((out / "cold_start.json").read_text())["new"]["MostPop"] == report["new"]["MostPop"]

@@ -150,6 +150,12 @@ def test_head_aligns_by_item_id_across_catalogs(tiny_bert, synthetic_silo):
     bias = reordered.head.bias.weight[:, 0]
     assert bias[0] == len(ids) - 1 and bias[1] == len(ids) - 2 and bias[-1] == 0
     assert np.allclose(reordered.head.weights.weight[1].detach(), state["weight"][len(ids) - 2])
+    # an item the popularity release never covered gets the released items' median prior, not the bottom
+    released = torch.linspace(0, 4, len(ids))
+    reordered.load_local_state({"prior": released}, ids)
+    assert reordered.prior[-1] == released.median() and torch.equal(reordered.prior[:-1], released.flip(0))
+    reordered.add_items(["newer"], ["newer"])
+    assert reordered.prior[-1] == reordered.prior[:-1].median()
 
 
 def test_many_writers_can_fill_the_same_item_cache_at_once(tmp_path, tiny_bert, synthetic_silo):
