@@ -160,10 +160,9 @@ def measure(spec: BenchSpec) -> Measure:
 
 
 def _worker(spec: BenchSpec, answers) -> None:
-    import warnings
+    from common.cli import quiet_libraries
 
-    # ghost clipping's second backward runs with no input requiring grad, which torch reports each step
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    quiet_libraries()  # a spawned process starts with the libraries' defaults: load bars, warnings every step
     try:
         answers.put(asdict(measure(spec)))
     except Exception as e:  # the parent reports it; a worker's traceback alone is easy to miss
