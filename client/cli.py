@@ -110,10 +110,8 @@ def recommend(
     served = SiloRecommender.load(adapter, data, cache_dir=cache, state_dir=state)
     if user_id is not None:
         history = served.history(user_id)
-        last = served.model.item_ids[history[-1]]
-        click.echo(
-            f"user {user_id}: {len(history)} interactions, most recent: {served.silo.items.set_index('item_id').at[last, 'title']}"
-        )
+        last = served.title(served.model.item_ids[history[-1]])
+        click.echo(f"user {user_id}: {len(history)} interactions, most recent: {last}")
         for rank, pick in enumerate(served.recommend_user(user_id, k, repeats=repeats), start=1):
             click.echo(f"{rank:>3}. {pick.score:8.3f}  {pick.title}  [{pick.item_id}]")
         return

@@ -22,13 +22,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from common import storage
-from common.encoder import (
-    attach_adapter,
-    cached_item_vectors,
-    default_device,
-    item_tokens,
-    load_encoder,
-)
+from common.encoder import attach_adapter, cached_item_vectors, default_device, item_tokens, load_encoder
 from common.history import pack_histories, pool_segments, segment_mask
 from common.model_config import ModelConfig
 from common.score import (

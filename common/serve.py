@@ -159,10 +159,10 @@ class SiloRecommender:
         self.model = model.eval()
         self._cache_dir = cache_dir
         self._lock = threading.RLock()
-        texts = dict(zip(silo.items["item_id"], item_texts(silo.items)))
+        reading = _Reading.of(silo, _stamp(silo.root))
+        texts = dict(zip(reading.ids, reading.texts))
         self._texts = {item: texts[item] for item in model.item_ids if item in texts}  # what the model encoded
-        self._state = _Catalog.empty()
-        self._use(_Reading.of(silo, _stamp(silo.root)))
+        self._use(reading)
 
     @classmethod
     def load(
@@ -215,15 +215,14 @@ class SiloRecommender:
                 self.model.add_items(
                     [ids[i] for i in new], [reading.texts[i] for i in new], torch.stack([vectors[i] for i in new])
                 )
-            if edited:
-                where = {item: j for j, item in enumerate(self.model.item_ids)}
-                self.model.update_items(
-                    [where[ids[i]] for i in edited],
-                    [reading.texts[i] for i in edited],
-                    torch.stack([vectors[i] for i in edited]),
-                )
-            self._texts |= {ids[i]: reading.texts[i] for i in changed}
         where = {item: j for j, item in enumerate(self.model.item_ids)}
+        if edited:
+            self.model.update_items(
+                [where[ids[i]] for i in edited],
+                [reading.texts[i] for i in edited],
+                torch.stack([vectors[i] for i in edited]),
+            )
+        self._texts |= {ids[i]: reading.texts[i] for i in changed}
         to_model = np.array([where[item] for item in ids], dtype=np.int64)
         active = torch.zeros(len(self.model.item_ids), dtype=torch.bool)
         active[torch.as_tensor(to_model)] = True
@@ -238,6 +237,9 @@ class SiloRecommender:
         return len(changed)
 
     # --- recommendations ----------------------------------------------------------
+
+    def title(self, item_id: str) -> str:
+        return self._state.titles[item_id]
 
     def history(self, user_id: str, *, field: str = "user") -> np.ndarray:
         """The user's catalog indices (the model's), oldest first."""
@@ -344,10 +346,6 @@ class _Catalog:
     titles: dict[str, str]
     active: torch.Tensor  # the model's items that the silo holds now
     histories: dict[str, np.ndarray]  # user → the model's catalog indices, oldest first
-
-    @classmethod
-    def empty(cls) -> _Catalog:
-        return cls(None, (), {}, {}, torch.zeros(0, dtype=torch.bool), {})  # type: ignore[arg-type]
 
 
 _DATA_FILES = ("items", "interactions", "users")

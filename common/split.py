@@ -51,13 +51,19 @@ class Split:
 
 def user_sequences(interactions: pd.DataFrame) -> tuple[list[str], list[np.ndarray]]:
     """Each user's catalog indices in time order (ties in file order); users in order of first appearance."""
+    users, sequences, _ = timed_sequences(interactions)
+    return users, sequences
+
+
+def timed_sequences(interactions: pd.DataFrame) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """`user_sequences` and, beside each sequence, its timestamps (int64 nanoseconds)."""
     codes, user_ids = pd.factorize(interactions["user_id"], sort=False)
     timestamps = interactions["timestamp"].to_numpy(dtype=np.int64)
     by_time = np.argsort(timestamps, kind="stable")
     order = by_time[np.argsort(codes[by_time], kind="stable")]
     items = interactions["item"].to_numpy(dtype=np.int64)[order]
     bounds = np.cumsum(np.bincount(codes, minlength=len(user_ids)))[:-1]
-    return [str(u) for u in user_ids], np.split(items, bounds)
+    return [str(u) for u in user_ids], np.split(items, bounds), np.split(timestamps[order], bounds)
 
 
 def leave_one_out(interactions: pd.DataFrame, n_items: int) -> Split:
@@ -100,26 +106,20 @@ def time_split(interactions: pd.DataFrame, n_items: int, *, cutoff: int, train_u
     train_until = cutoff if train_until is None else train_until
     if train_until > cutoff:
         raise ValueError("train_until must not be after the cutoff: the model would train on the test period")
-    codes, user_ids = pd.factorize(interactions["user_id"], sort=False)
-    stamps = interactions["timestamp"].to_numpy(dtype=np.int64)
-    by_time = np.argsort(stamps, kind="stable")
-    order = by_time[np.argsort(codes[by_time], kind="stable")]
-    items = interactions["item"].to_numpy(dtype=np.int64)[order]
-    times = stamps[order]
-    bounds = np.cumsum(np.bincount(codes, minlength=len(user_ids)))[:-1]
+    user_ids, sequences, times = timed_sequences(interactions)
     train, valid, test = [], [], []
-    for user_id, seq, when in zip(user_ids, np.split(items, bounds), np.split(times, bounds)):
+    for user_id, seq, when in zip(user_ids, sequences, times):
         before = seq[when <= cutoff]
         if len(before) >= 2:
-            valid.append(EvalCase(str(user_id), before[:-1], int(before[-1])))
+            valid.append(EvalCase(user_id, before[:-1], int(before[-1])))
             kept = len(before) - 1
         else:
             kept = len(before)
         train.append(seq[:kept][when[:kept] <= train_until])
         after = seq[when > cutoff]
         if len(before) and len(after):
-            test.append(EvalCase(str(user_id), before, int(after[0])))
-    return Split(user_ids=[str(u) for u in user_ids], train=train, valid=valid, test=test, n_items=n_items)
+            test.append(EvalCase(user_id, before, int(after[0])))
+    return Split(user_ids=user_ids, train=train, valid=valid, test=test, n_items=n_items)
 
 
 def split_silo(interactions: pd.DataFrame, n_items: int, *, cutoff: str = "", train_until: str = "") -> Split:

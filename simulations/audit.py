@@ -122,7 +122,6 @@ def canary_scores(adapter_dir: Path, silo: Silo, canaries: Sequence[Canary]) -> 
 
     `silo` gives the catalog, which planting leaves as it was.
     """
-
     from common.recommender import build_recommender
     from common.storage import load_model_config
     from common.text import item_texts

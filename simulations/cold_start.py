@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 
 from common import atomic
 from common.errors import SilorecError
-from common.metrics import ScoreFn, metrics_from_ranks, ranks_of
+from common.metrics import ScoreFn, metrics_from_ranks, most_pop_scorer, ranks_of
 from common.silo import Silo, load_silo, write_silo
 from common.split import EvalCase, leave_one_out
 
@@ -92,15 +93,12 @@ def cold_start_report(
     is_new[new] = True
     where = {item: i for i, item in enumerate(silo.items["item_id"])}
     to_full = np.array([where[item] for item in before.items["item_id"]], dtype=np.int64)
-    train = [to_full[h] for h in leave_one_out(before.interactions, before.n_items).train]
-    counts = np.zeros(silo.n_items)
-    for h in train:
-        np.add.at(counts, h, 1.0)
-    popularity = torch.as_tensor(counts)
+    trained = leave_one_out(before.interactions, before.n_items)
+    train = [to_full[h] for h in trained.train]
     model = load_for_silo(adapter_dir, silo, cache_dir=cache_dir)
     scorers: dict[str, ScoreFn] = {
         "silorec": scorer(model),
-        "MostPop": lambda batch: popularity.expand(len(batch), -1),
+        "MostPop": most_pop_scorer(replace(trained, train=train, n_items=silo.n_items)),
         "ItemKNN": item_knn_scorer(train, silo.n_items),
     }
     cases = {
