@@ -85,13 +85,13 @@ class RoundConfig:
     local_head: str = _model_setting("local_head")
     prior_noise: float = setting(
         2.0,
-        "Noise multiplier of the item-popularity release, paid from the ε budget (DP runs only): one release over "
-        "all merchants in federation mode, one per merchant in silo mode; 0: none.",
+        "Noise multiplier of the item-popularity release, paid from the ε budget: one release over all merchants in "
+        "federation mode (exact counts without DP), one per merchant in silo mode (DP runs only); 0: none.",
     )
     cooccurrence_noise: float = setting(
         1.0,
-        "Noise multiplier of the item co-occurrence release after the popularity, paid from the same budget (DP runs "
-        "only); 0: none.",
+        "Noise multiplier of the item co-occurrence release after the popularity, paid from the same budget "
+        "(exact without DP in federation mode, DP runs only in silo mode); 0: none.",
     )
     privacy: str = setting(
         "federation",

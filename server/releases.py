@@ -15,7 +15,9 @@
    is handed the rows and columns of its own items.
 
 Where the silo mode releases once per merchant, this releases once for all:
-the noise of one release instead of one per merchant, over every user.
+the noise of one release instead of one per merchant, over every user. A run
+without DP releases the same sums with no noise: the non-private federation
+is the same computation at σ = 0, pooled statistics included.
 """
 
 from __future__ import annotations
@@ -114,11 +116,13 @@ def release_statistics(
     entries: list[Entry] = []
     held = {"prior": False, "neighbours": False}
     summary: dict[str, Any] = {}
-    if not cfg.private or cfg.prior_noise <= 0:
+    if cfg.prior_noise <= 0:
         return entries, held, summary
     union = census.union()
-    counts, report = _secure_release(secure, cfg, census, "popularity", cfg.prior_noise, union, len(union), min_replies)
-    entries.append((float(cfg.prior_noise), 1.0, 1))  # every merchant that sent its share recorded it, unmasked or not
+    noise = _noise(cfg, cfg.prior_noise)
+    counts, report = _secure_release(secure, cfg, census, "popularity", noise, union, len(union), min_replies)
+    if cfg.private:  # every merchant that sent its share recorded it, unmasked or not
+        entries.append((noise, 1.0, 1))
     summary["popularity"] = report | {"item_texts": len(union)}
     if counts is None:
         return entries, held, summary
@@ -142,16 +146,18 @@ def release_statistics(
         len(census.silos),
         census.total_users,
         len(union),
-        cfg.prior_noise,
+        noise,
     )
     if cfg.cooccurrence_noise <= 0:
         return entries, held, summary
     top = np.sort(union[np.argsort(-counts, kind="stable")[:SIZE]])
     size = len(top)
+    noise = _noise(cfg, cfg.cooccurrence_noise)
     pairs, report = _secure_release(
-        secure, cfg, census, "cooccurrence", cfg.cooccurrence_noise, top, size * (size - 1) // 2, min_replies
+        secure, cfg, census, "cooccurrence", noise, top, size * (size - 1) // 2, min_replies
     )
-    entries.append((float(cfg.cooccurrence_noise), 1.0, 1))
+    if cfg.private:
+        entries.append((noise, 1.0, 1))
     summary["cooccurrence"] = report | {"items": size}
     if pairs is None:
         return entries, held, summary
@@ -174,9 +180,14 @@ def release_statistics(
         INFO,
         "co-occurrence: released once over the %d most popular item texts (noise multiplier %g)",
         size,
-        cfg.cooccurrence_noise,
+        noise,
     )
     return entries, held, summary
+
+
+def _noise(cfg: RoundConfig, noise_multiplier: float) -> float:
+    """A release's noise multiplier: the configured one under DP; without DP (`no-dp`) the sums are exact."""
+    return float(noise_multiplier) if cfg.private else 0.0
 
 
 def _secure_release(

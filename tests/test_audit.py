@@ -71,6 +71,7 @@ def test_a_tiny_audit_plants_trains_scores_and_bounds_from_the_released_model(tm
     assert (
         7.0 < report["claimed_epsilon"] <= 8.0 and report["empirical_epsilon_lower_bound"] <= report["claimed_epsilon"]
     )
+    assert report["score"].startswith("the released popularity prior")  # federation mode releases popularity
     assert "## Privacy audit" in (out / "run" / "adapter" / "README.md").read_text()
     assert "empirical lower bound" in result.output
     # re-scored from the same released model: the same figures, the earlier report kept, one card section
@@ -80,6 +81,29 @@ def test_a_tiny_audit_plants_trains_scores_and_bounds_from_the_released_model(tm
     assert [c["score"] for c in rescored["per_canary"]] == pytest.approx([c["score"] for c in canaries])
     assert json.loads((out / "audit.previous.json").read_text()) == report
     assert (out / "run" / "adapter" / "README.md").read_text().count("## Privacy audit") == 1
+
+
+def test_a_non_private_federation_is_caught_by_the_audit(tmp_path, tiny_bert):
+    """The power check: without DP the pooled popularity is exact, so every canary's product gives its coin away."""
+    data = make_synthetic_silo(tmp_path / "data", SyntheticSpec(users=60, seed=3))
+    out = tmp_path / "audit"
+    result = CliRunner().invoke(
+        main,
+        ["audit", "--data", str(data), "--out", str(out), "--merchants", "3", "--no-dp", "--canaries", "20"]
+        + ["--guesses", "4", "--", "--rounds", "1", "--batch-size", "16", "--base-model", str(tiny_bert)]
+        + ["--eval-every", "1"],
+    )
+    assert result.exit_code == 0, result.output + (out / "training.log").read_text()[-3000:]
+    report = json.loads((out / "audit.json").read_text())
+    assert report["claimed_epsilon"] is None and report["score"].startswith("the released popularity prior")
+    planted = pd.read_csv(out / "data" / "items.csv", dtype=str)
+    products = {c["target_id"] for c in report["per_canary"]}
+    assert len(products) == 20 and products <= set(planted["item_id"])  # every product is listed, planted or not
+    for c in report["per_canary"]:  # an unplanted canary's product has no buyer at all
+        assert (c["released_prior"] > 0) == c["included"], c
+    assert report["correct"] == report["guesses"] == 8 and report["release_auc"] == 1.0
+    assert report["empirical_epsilon_lower_bound"] == pytest.approx(epsilon_lower_bound(20, 8, 8, report["delta"]))
+    assert report["empirical_epsilon_lower_bound"] > 0.5
 
 
 def test_the_association_score_compares_a_target_under_its_own_history_with_the_others(tiny_bert, synthetic_silo):
