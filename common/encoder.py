@@ -43,7 +43,7 @@ def load_encoder(name: str) -> tuple[PreTrainedTokenizerBase, nn.Module]:
     from transformers.utils import logging as hf_logging
 
     path = resolve_base_model(name)
-    kwargs = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    kwargs = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **_float32()}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the unused pooler's weights are reported as unexpected: expected
     try:
@@ -62,6 +62,15 @@ def load_encoder(name: str) -> tuple[PreTrainedTokenizerBase, nn.Module]:
         hf_logging.set_verbosity(verbosity)
     encoder.requires_grad_(False)
     return tokenizer, encoder
+
+
+def _float32() -> dict[str, torch.dtype]:
+    """Load the weights as float32 whatever the checkpoint holds (an fp16 copy travels in half the bytes): the
+    master weights of training; CUDA computes in bf16 under autocast. transformers ≥ 4.56 calls it `dtype`."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
