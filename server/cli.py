@@ -249,3 +249,7 @@ def _parse_run_config(pairs: tuple[str, ...]) -> dict[str, object]:
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    main()
