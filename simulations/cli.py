@@ -715,12 +715,15 @@ def audit(data, out, merchants, privacy, epsilon, no_dp, delta, canaries, guesse
 
     Trains with the real command, `run` (or with --central, `central`), and any
     further options after `--`, e.g. `silorec-sim audit --data D --out A
-    --epsilon 8 -- --rounds 40`. Then scores every canary from the released
-    adapter and calibration alone, guesses "in" for the highest scores and
-    "out" for the lowest, and prints the claimed ε beside the empirical lower
-    bound the correct guesses prove (one-run audit, Steinke, Nasr and Jagielski
-    2023; 95% confidence). Writes OUT/audit.json and adds the result to the
-    adapter's model card.
+    --epsilon 8 -- --rounds 40`. Every canary buys a product of its own,
+    listed whether or not the canary is planted. Then scores every canary from
+    what the run released: in federation mode (and --central) the released
+    popularity prior of its product; in silo mode, where only the adapter
+    leaves a silo, the adapter's association of the product with the canary's
+    history. Guesses "in" for the highest scores and "out" for the lowest, and
+    prints the claimed ε beside the empirical lower bound the correct guesses
+    prove (one-run audit, Steinke, Nasr and Jagielski 2023; 95% confidence).
+    Writes OUT/audit.json and adds the result to the adapter's model card.
     """
     from simulations.audit import AuditSpec, run_audit, summary_line
 
@@ -760,6 +763,92 @@ def audit_rescore(out):
     report = rescore(out)
     click.echo(summary_line(report))
     click.echo(f"wrote {out / 'audit.json'} (the earlier one: audit.previous.json)")
+
+
+@main.command("localhost")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder to split into merchants.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder: silos/, pki/, run/, logs/, sent/.")
+@click.option("--merchants", type=COUNT, default=3, show_default=True, help="Merchants, one SuperNode process each.")
+@click.option("--scheme", type=click.Choice(["region", "dirichlet"]), default="region", show_default=True)
+@click.option("--no-dp", "no_dp", is_flag=True, help="A run without DP (the merchants join with --no-dp too).")
+@click.option("--timeout", type=POSITIVE, default=3600, show_default=True, help="Seconds the whole run may take.")
+@click.option("--force", is_flag=True, help="Replace an earlier localhost deployment in OUT.")
+@click.argument("run_config", nargs=-1, metavar="[-- K=V ...]")
+def localhost(data, out, merchants, scheme, no_dp, timeout, force, run_config):
+    """Deploy a federation on this machine and report where its rounds' time goes.
+
+    Splits DATA into merchant silos, makes a CA and one enrolled key per
+    merchant, starts the coordinator (`silorec-server start`) and one
+    `silorec-client start` per merchant on 127.0.0.1 over TLS, each its own
+    process, and waits for the run. Run-config overrides follow `--`, e.g.
+    `-- num-server-rounds=3 max-tokens=64`. Then prints each round's wall time
+    against its slowest merchant's own compute, SecAgg+'s stages and the bytes
+    each merchant sent, and writes OUT/overhead.json. Needs no Ray.
+    """
+    from simulations.federated import SimulationSpec, partition_for_run
+    from simulations.localhost import LocalSpec, run_localhost, table
+
+    atomic.check_apart(out, {"--data": data})
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} is not empty; choose another --out or pass --force to replace it")
+        atomic.remove_ours(out)  # refuses a folder silorec did not make
+    bad = [pair for pair in run_config if "=" not in pair]
+    if bad:
+        raise click.UsageError(f"run-config overrides are K=V pairs, not {', '.join(bad)}")
+    if no_dp:
+        warn_no_dp()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.mark(out, "silorec-sim localhost")
+    silos = partition_for_run(SimulationSpec(data=data, out=out, merchants=merchants, scheme=scheme))
+    spec = LocalSpec(
+        silos=sorted(p for p in silos.iterdir() if p.is_dir()),
+        out=out,
+        run_config=run_config,
+        no_dp=no_dp,
+        timeout=timeout,
+    )
+    report = run_localhost(spec, log=click.echo)
+    click.echo(table(report))
+    click.echo(f"wrote {out / 'overhead.json'} in {report['wall_seconds']:.0f} s")
+
+
+@main.command("scale")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Silo folder to split (dirichlet).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder: one run per size, scale.json.")
+@click.option(
+    "--merchants", "sizes", default="10,100,1000", show_default=True, help="Merchant counts, comma-separated."
+)
+@click.option("--rounds", type=COUNT, default=2, show_default=True, help="Rounds of each run.")
+@click.option("--force", is_flag=True, help="Replace an earlier scale benchmark in OUT.")
+@click.argument("options", nargs=-1, type=click.UNPROCESSED, metavar="[-- RUN_OPTIONS]")
+def scale(data, out, sizes, rounds, force, options):
+    """Measure how a simulation grows with its merchants, the users held fixed.
+
+    Runs `silorec-sim run` once per merchant count over a dirichlet split of
+    DATA (further `run` options after `--`, e.g. `-- --epsilon 8`), sampling
+    the resident memory of the driver and of every process it starts. Prints
+    the peaks and the seconds a round at each size, the per-merchant overhead
+    fitted to them, and the peak memory at the largest size over the smallest.
+    """
+    from simulations.scale import ScaleSpec, run_scale, table
+
+    try:
+        counts = [int(x) for x in sizes.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{sizes!r}: give merchant counts as 10,100,1000", param_hint="--merchants") from None
+    if not counts or min(counts) < 2:
+        raise click.BadParameter(f"{sizes!r}: a federation needs 2 merchants or more", param_hint="--merchants")
+    atomic.check_apart(out, {"--data": data})
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} is not empty; choose another --out or pass --force to replace it")
+        atomic.remove_ours(out)  # refuses a folder silorec did not make
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.mark(out, "silorec-sim scale")
+    report = run_scale(ScaleSpec(data, out, counts, rounds, options), log=click.echo)
+    click.echo(table(report))
+    click.echo(f"wrote {out / 'scale.json'}")
 
 
 @main.command("cold-start")
