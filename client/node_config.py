@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import SilorecError
-from common.silo import STATE_DIR
+from common.paths import STATE_DIR
 
 
 class NodeConfigError(SilorecError):

@@ -28,6 +28,7 @@ from common.errors import (
     SiloFormatError,
     UnknownItemError,
 )
+from common.paths import STATE_DIR  # noqa: F401  (re-exported: where a silo keeps silorec's state)
 
 ITEM_TEXT_FIELDS = ("title", "category", "brand", "description")
 MULTILINE_FIELDS = ("description", "category", "brand")  # free text that may hold a quoted line break
@@ -47,7 +48,6 @@ _ATOMIC_ALIASES = {
     "genre": "category",
 }
 _INT = re.compile(r"^[+-]?\d+$")
-STATE_DIR = ".silorec-state"  # inside a silo: what silorec keeps for it (ledger, keys, local state)
 _YEAR = re.compile(r"^\s*[+-]?(\d{4,})-")
 _FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)$")
 _NS_PER_S = 1_000_000_000

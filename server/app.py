@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.errors import SilorecError
 from server.federation import run_federation
+from server.grid import PromptGrid
 from server.sealing import STATE_KEY_ENV
 from server.settings import ServerSettings
 
@@ -27,7 +28,7 @@ def make_app(overrides: dict[str, Any] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         settings = ServerSettings.from_run_config({**dict(context.run_config), **(overrides or {})})
-        run_federation(grid, context, settings, state_key=state_key(settings))
+        run_federation(PromptGrid(grid), context, settings, state_key=state_key(settings))
 
     return app
 
