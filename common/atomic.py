@@ -64,6 +64,18 @@ def remove_ours(folder: Path) -> None:
         shutil.rmtree(folder)
 
 
+def start_folder(out: Path, made_by: str, *, force: bool = False) -> None:
+    """Make `out` a fresh output folder of `made_by`: FileExistsError if it holds anything, unless `force`, which
+    deletes it first if silorec made it (OutputError otherwise)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} is not empty; choose another --out or pass --force to replace it")
+        remove_ours(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mark(out, made_by)
+
+
 def check_apart(out: Path, inputs: dict[str, Path]) -> None:
     """OutputError if the output `out` is, holds or lies inside one of the `inputs` (option name → path)."""
     where = Path(out).resolve()

@@ -789,17 +789,12 @@ def localhost(data, out, merchants, scheme, no_dp, timeout, force, run_config):
     from simulations.localhost import LocalSpec, run_localhost, table
 
     atomic.check_apart(out, {"--data": data})
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise FileExistsError(f"{out} is not empty; choose another --out or pass --force to replace it")
-        atomic.remove_ours(out)  # refuses a folder silorec did not make
     bad = [pair for pair in run_config if "=" not in pair]
     if bad:
         raise click.UsageError(f"run-config overrides are K=V pairs, not {', '.join(bad)}")
+    atomic.start_folder(out, "silorec-sim localhost", force=force)
     if no_dp:
         warn_no_dp()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.mark(out, "silorec-sim localhost")
     silos = partition_for_run(SimulationSpec(data=data, out=out, merchants=merchants, scheme=scheme))
     spec = LocalSpec(
         silos=sorted(p for p in silos.iterdir() if p.is_dir()),
@@ -840,12 +835,7 @@ def scale(data, out, sizes, rounds, force, options):
     if not counts or min(counts) < 2:
         raise click.BadParameter(f"{sizes!r}: a federation needs 2 merchants or more", param_hint="--merchants")
     atomic.check_apart(out, {"--data": data})
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise FileExistsError(f"{out} is not empty; choose another --out or pass --force to replace it")
-        atomic.remove_ours(out)  # refuses a folder silorec did not make
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.mark(out, "silorec-sim scale")
+    atomic.start_folder(out, "silorec-sim scale", force=force)
     report = run_scale(ScaleSpec(data, out, counts, rounds, options), log=click.echo)
     click.echo(table(report))
     click.echo(f"wrote {out / 'scale.json'}")

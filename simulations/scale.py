@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from common import atomic
+
 INTERVAL = 0.5  # seconds between memory samples
 SCALE_FILE = "scale.json"
 
@@ -75,7 +77,6 @@ def run_size(spec: ScaleSpec, merchants: int) -> dict[str, Any]:
     out = spec.out / f"merchants-{merchants}"
     cmd = [sys.executable, "-m", "simulations.cli", "run", "--data", str(spec.data), "--out", str(out)]
     cmd += ["--merchants", str(merchants), "--scheme", "dirichlet", "--rounds", str(spec.rounds), *spec.options]
-    spec.out.mkdir(parents=True, exist_ok=True)
     peak, stop = Peak(), threading.Event()
     started = time.perf_counter()
     with open(spec.out / f"merchants-{merchants}.log", "wb") as log:
@@ -114,6 +115,7 @@ def per_merchant_ms(sizes: Sequence[dict[str, Any]]) -> float | None:
 
 
 def run_scale(spec: ScaleSpec, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    spec.out.mkdir(parents=True, exist_ok=True)
     sizes = []
     for merchants in spec.merchants:
         log(f"{merchants} merchants: running {spec.rounds} rounds...")
@@ -129,8 +131,6 @@ def run_scale(spec: ScaleSpec, *, log: Callable[[str], None] = print) -> dict[st
         "per_merchant_ms": per_merchant_ms(sizes),
         "memory_ratio": round(sizes[-1]["tree_peak_mb"] / base["tree_peak_mb"], 3) if base["tree_peak_mb"] else None,
     }
-    from common import atomic
-
     atomic.write_json(spec.out / SCALE_FILE, report)
     return report
 
